@@ -1,0 +1,165 @@
+"""LightningDataModule over the split manifest: cached arrays in, `{image, gt_mask, ...}` batches out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from mvtec_seg.data.cache import decoded_arrays
+from mvtec_seg.data.split import load_or_create_manifest, part_counts
+
+
+class ManifestDataset(Dataset):
+    """Rows of one split part, served from uint8 arrays held in memory (or memory-mapped)."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        gt_masks: np.ndarray,
+        target_masks: np.ndarray | None,
+        rows: list[dict],
+        indices: np.ndarray,
+        augment: bool = False,
+    ) -> None:
+        self.images, self.gt_masks, self.target_masks = images, gt_masks, target_masks
+        self.rows, self.indices, self.augment = rows, np.asarray(indices, dtype=np.int64), augment
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        j = int(self.indices[i])
+        image = torch.from_numpy(np.array(self.images[j])).permute(2, 0, 1).float().div_(255.0)
+        gt = torch.from_numpy(np.array(self.gt_masks[j])).float().unsqueeze(0)
+        target = gt if self.target_masks is None else torch.from_numpy(np.array(self.target_masks[j])).float()[None]
+        if self.augment:
+            dims = [d for d, flip in ((-1, torch.rand(()) < 0.5), (-2, torch.rand(()) < 0.5)) if flip]
+            if dims:
+                image, gt, target = (t.flip(dims) for t in (image, gt, target))
+        row = self.rows[j]
+        return {
+            "image": image,
+            "gt_mask": gt,
+            "target_mask": target,
+            "gt_label": torch.tensor(row["label"], dtype=torch.long),
+            "defect_type": row["defect_type"],
+            "path": row["image"],
+            "index": torch.tensor(j, dtype=torch.long),
+        }
+
+
+class MVTecDataModule(pl.LightningDataModule):
+    """Serves the train/val/test parts of one category's manifest.
+
+    `train_subset="normal"` keeps only normal training images (TransFusion is trained on normal data only).
+    Targets for train and val come from `target_masks` (pseudo masks) when given; test is always scored on GT.
+    """
+
+    def __init__(
+        self,
+        category_dir: str | Path,
+        cache_dir: str | Path,
+        category: str,
+        seed: int = 0,
+        image_size: int = 256,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        decode_workers: int = 2,
+        split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
+        augment: bool = True,
+        train_subset: str = "all",
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.category_dir, self.cache_dir = Path(category_dir), Path(cache_dir)
+        self.category, self.seed, self.image_size = category, seed, image_size
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.decode_workers, self.pin_memory = num_workers, decode_workers, pin_memory
+        self.split_ratios, self.augment = tuple(split_ratios), augment
+        if train_subset not in ("all", "normal"):
+            raise ValueError(f"data.train_subset must be 'all' or 'normal', got {train_subset!r}")
+        self.train_subset = train_subset
+        self.target_masks: np.ndarray | None = None
+        self.manifest: dict | None = None
+        self.manifest_path: Path | None = None
+
+    def prepare(self) -> dict:
+        """Scan, split and decode (once; cached). Safe to call repeatedly, and before the trainer exists."""
+        if self.manifest is None:
+            self.manifest_path, self.manifest = load_or_create_manifest(
+                self.category_dir, self.cache_dir, self.category, self.seed, self.split_ratios
+            )
+            self.images, self.gt_masks = decoded_arrays(
+                self.manifest, self.category_dir, self.cache_dir, self.image_size, self.decode_workers
+            )
+        return self.manifest
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    def set_target_masks(self, masks: np.ndarray) -> None:
+        """Use these masks ([N,H,W] in manifest order) as training/validation targets instead of GT."""
+        self.prepare()
+        if masks.shape != self.gt_masks.shape:
+            raise ValueError(f"target masks have shape {masks.shape}, expected {self.gt_masks.shape}")
+        self.target_masks = masks
+
+    def indices(self, part: str, normal_only: bool = False) -> np.ndarray:
+        rows = self.prepare()["samples"]
+        return np.array(
+            [i for i, r in enumerate(rows) if r["part"] == part and (not normal_only or r["label"] == 0)],
+            dtype=np.int64,
+        )
+
+    def dataset(self, part: str, augment: bool = False, normal_only: bool = False) -> ManifestDataset:
+        rows = self.prepare()["samples"]
+        target = self.target_masks if part in ("train", "val") else None
+        idx = self.indices(part, normal_only)
+        return ManifestDataset(self.images, self.gt_masks, target, rows, idx, augment)
+
+    def counts(self) -> dict[str, int]:
+        return part_counts(self.prepare())
+
+    def _sampler(self, ds: Dataset, shuffle: bool):
+        """Under DDP (with the trainer's `use_distributed_sampler=False`): shuffled shards for training, and
+        unpadded strided shards for evaluation, so every test image is scored exactly once."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1 or trainer._accelerator_connector.use_distributed_sampler:
+            return None
+        if shuffle:
+            return DistributedSampler(ds, num_replicas=trainer.world_size, rank=trainer.global_rank, seed=self.seed)
+        return list(range(trainer.global_rank, len(ds), trainer.world_size))
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        sampler = self._sampler(ds, shuffle)
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset("train", augment=self.augment, normal_only=self.train_subset == "normal")
+        return self._loader(ds, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every image of the manifest in order (for pseudo masks)."""
+        rows = self.prepare()["samples"]
+        ds = ManifestDataset(self.images, self.gt_masks, None, rows, np.arange(len(rows)))
+        return self._loader(ds, self.eval_batch_size, shuffle=False)

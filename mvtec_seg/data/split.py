@@ -1,0 +1,98 @@
+"""The one fixed, seeded 7:1:2 split of a category, saved once as a manifest every run shares.
+
+All test images plus the normal training images are pooled and split per stratum (each defect type, and
+the normal images as one stratum), so every part holds every defect type when there are enough images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mvtec_seg.data.mvtec import Sample, scan_category
+from mvtec_seg.errors import UserError
+from mvtec_seg.io_utils import atomic_write_json, file_lock
+
+PARTS: tuple[str, ...] = ("train", "val", "test")
+
+
+def allocate(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Split n items by ratios with largest remainders; give val and test one item each when n >= 3."""
+    total = sum(ratios)
+    exact = [n * r / total for r in ratios]
+    counts = [int(np.floor(e)) for e in exact]
+    order = sorted(range(3), key=lambda i: (exact[i] - counts[i], -i), reverse=True)
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    if n >= 3:
+        for i in (1, 2):
+            if counts[i] == 0:
+                counts[i] = 1
+                counts[0] -= 1
+    return counts[0], counts[1], counts[2]
+
+
+def make_split(samples: list[Sample], seed: int, ratios=(0.7, 0.1, 0.2)) -> list[dict]:
+    """Assign each sample a part, stratified by defect type; deterministic in (samples, seed)."""
+    rng = np.random.default_rng(seed)
+    strata: dict[str, list[Sample]] = {}
+    for s in sorted(samples, key=lambda s: s.image):
+        strata.setdefault(s.defect_type, []).append(s)
+    rows: list[dict] = []
+    for defect in sorted(strata):
+        group = strata[defect]
+        perm = rng.permutation(len(group))
+        n_train, n_val, _ = allocate(len(group), tuple(ratios))
+        for rank, idx in enumerate(perm):
+            part = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+            rows.append({**group[idx].as_dict(), "label": group[idx].label, "part": part})
+    rows.sort(key=lambda r: (PARTS.index(r["part"]), r["image"]))
+    return rows
+
+
+def _fingerprint(samples: list[Sample]) -> str:
+    text = "\n".join(f"{s.image}|{s.gt_mask}|{s.defect_type}" for s in sorted(samples, key=lambda s: s.image))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def manifest_path(cache_dir: Path, category: str, seed: int) -> Path:
+    return Path(cache_dir) / "splits" / category / f"seed{seed}.json"
+
+
+def load_or_create_manifest(
+    category_dir: Path, cache_dir: Path, category: str, seed: int, ratios=(0.7, 0.1, 0.2)
+) -> tuple[Path, dict]:
+    """Return (path, manifest). The manifest is written once per category and seed and reused by every job.
+
+    If the category's files changed since the manifest was written, stop: silently re-splitting would make
+    earlier results incomparable.
+    """
+    samples = scan_category(category_dir)
+    fp = _fingerprint(samples)
+    path = manifest_path(cache_dir, category, seed)
+    with file_lock(path):
+        if path.exists():
+            manifest = json.loads(path.read_text())
+            if manifest.get("fingerprint") != fp:
+                raise UserError(
+                    f"split manifest {path} was made from different files than {category_dir} now holds — "
+                    f"delete it to make a new split (earlier results used the old one)"
+                )
+            return path, manifest
+        manifest = {
+            "category": category,
+            "category_dir": str(Path(category_dir).resolve()),
+            "seed": seed,
+            "ratios": list(ratios),
+            "fingerprint": fp,
+            "samples": make_split(samples, seed, ratios),
+        }
+        atomic_write_json(path, manifest)
+    return path, manifest
+
+
+def part_counts(manifest: dict) -> dict[str, int]:
+    return {p: sum(r["part"] == p for r in manifest["samples"]) for p in PARTS}

@@ -1,0 +1,173 @@
+"""Atomic writes and inter-process build-once, shared by every stage.
+
+Sweeps start many jobs at once on a shared file system: a reader must never see a half-written file or folder,
+and a shared artefact (synthetic data, split manifest, decoded cache) must be computed by one job only.
+Everything is written to a temporary sibling and moved into place with ``os.replace``/``rename``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "atomic_save_npz",
+    "atomic_save_png",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "build_once",
+    "file_lock",
+]
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename: without it the new directory entry can be lost on a crash."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write bytes so that ``path`` holds either the old content or all of the new, never a prefix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: Path | str, text: str, encoding: str = "utf-8") -> Path:
+    """Atomic text write (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: Path | str, obj: Any, indent: int = 2) -> Path:
+    """Atomic JSON write, indented for humans, with a trailing newline; numpy values become plain JSON."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    """Let numpy scalars/arrays and paths pass through json.dumps (metrics are often numpy floats)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 (or bool / [0,1] float) image array as PNG bytes, deterministically."""
+    from PIL import Image
+
+    arr = np.asarray(array)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
+            arr = np.clip(arr, 0.0, 1.0) * 255.0
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def atomic_save_png(path: Path | str, array: np.ndarray) -> Path:
+    """Save an image array ([H,W] grey or [H,W,3|4] colour) as PNG atomically."""
+    return atomic_write_bytes(path, png_bytes(array))
+
+
+def atomic_save_npz(path: Path | str, /, **arrays: Any) -> Path:
+    """Save compressed arrays atomically (the name is kept as given: no ``.npz`` is appended)."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+@contextlib.contextmanager
+def file_lock(path: Path | str) -> Iterator[Path]:
+    """Exclusive inter-process lock on ``<path>.lock`` (blocks until free; released on exit or crash).
+
+    flock locks die with the process, so a killed job never leaves a stale lock behind.
+    """
+    path = Path(path)
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield lock_path
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def build_once(target: Path | str, build: Callable[[Path], None]) -> Path:
+    """Return ``target``, building it first if needed, exactly once across processes.
+
+    ``build(tmp)`` must create ``tmp`` (a file or a directory; ``tmp`` does not exist yet, its parent does).
+    It is then renamed onto ``target`` in one step, so readers see either nothing or the complete artefact.
+    If ``build`` raises, the temporary is removed and nothing is published.
+    """
+    target = Path(target)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target):
+        if target.exists():  # another job built it while we waited
+            return target
+        # Only the lock holder builds, so any temporary left here is from a killed job: remove it.
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):
+            _remove(stale)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            build(tmp)
+            if not tmp.exists():
+                raise RuntimeError(f"build_once: the build function did not create {tmp}")
+            os.replace(tmp, target)
+        except BaseException:
+            _remove(tmp)
+            raise
+        _fsync_dir(target.parent)
+    return target

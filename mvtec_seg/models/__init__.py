@@ -1,0 +1,1 @@
+"""Models: a shared evaluation base and one sub-package per method."""

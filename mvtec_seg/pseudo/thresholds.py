@@ -1,0 +1,30 @@
+"""Threshold strategies for pseudo masks. None of them looks at GT masks.
+
+- `fixed`: a constant (0.5 was the reference work's uncalibrated choice).
+- `quantile`: a high quantile of the map values on the normal images of the train part: the level that
+  normal pixels rarely exceed, so it adapts to the map's scale.
+- `otsu`: Otsu's threshold on the map values of the train part.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage.filters import threshold_otsu
+
+STRATEGIES = ("fixed", "quantile", "otsu")
+
+
+def choose_threshold(
+    maps: np.ndarray, train_idx: np.ndarray, normal_train_idx: np.ndarray, strategy: str, quantile: float = 0.99,
+    fixed: float = 0.5,
+) -> float:
+    """The binarisation threshold for `maps` ([N,H,W] over the manifest) under a strategy."""
+    if strategy == "fixed":
+        return float(fixed)
+    if strategy == "quantile":
+        if len(normal_train_idx) == 0:
+            raise ValueError("mask.threshold.strategy=quantile needs normal images in the train part")
+        return float(np.quantile(np.asarray(maps[normal_train_idx], dtype=np.float32), quantile))
+    if strategy == "otsu":
+        return float(threshold_otsu(np.asarray(maps[train_idx], dtype=np.float32).ravel()))
+    raise ValueError(f"mask.threshold.strategy={strategy!r} is not one of {STRATEGIES}")

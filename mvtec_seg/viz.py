@@ -1,0 +1,523 @@
+"""Figures for runs and reports: overlay panels, ROC/PR/PRO curves, loss curves and comparison grids.
+
+Matplotlib is imported inside the functions (importing the package stays fast) and only through its
+object API with the Agg canvas (no pyplot global state: safe in workers and threads, no display needed).
+Heatmaps use one fixed colour scale for a whole run: normalising each map by its own min/max would make a
+normal image's noise look as hot as a real defect. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "OVERLAY_DPI",
+    "OVERLAY_FIGSIZE",
+    "image_grid",
+    "overlay_panel",
+    "plot_curves",
+    "plot_loss_curves",
+    "save_overlays",
+]
+
+OVERLAY_FIGSIZE: tuple[float, float] = (10.0, 3.0)  # inches (w, h): overlay_panel returns [300, 1000, 3]
+OVERLAY_DPI: int = 100
+CURVE_FIGSIZE: tuple[float, float] = (5.0, 4.5)
+CURVE_DPI: int = 100
+GT_CONTOUR_COLOUR = "#00ff66"
+_MAX_PLOT_POINTS = 4000
+_trapz = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _figure(figsize: tuple[float, float], dpi: int) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _render(fig: Figure) -> np.ndarray:
+    """Figure -> uint8 RGB array of exactly figsize*dpi pixels."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _save_fig(fig: Figure, path: Path | str) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """Accept numpy arrays, lists and (CPU or GPU) torch tensors."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _as_rgb(image: Any) -> np.ndarray:
+    """Image as float RGB [H,W,3] in [0,1]; accepts uint8 or float, HWC, CHW or grey."""
+    img = _to_numpy(image)
+    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
+        img = np.moveaxis(img, 0, -1)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    if img.ndim != 3 or img.shape[-1] != 3:
+        raise ValueError(f"expected an image [H,W,3], [3,H,W] or [H,W], got shape {img.shape}")
+    img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
+    return np.clip(img, 0.0, 1.0)
+
+
+def _as_2d(x: Any, what: str) -> np.ndarray:
+    arr = _to_numpy(x)
+    arr = arr.reshape(arr.shape[-2:]) if arr.ndim == 3 and arr.shape[0] == 1 else arr
+    if arr.ndim != 2:
+        raise ValueError(f"expected {what} [H,W] (or [1,H,W]), got shape {arr.shape}")
+    return arr
+
+
+def _safe_name(name: str) -> str:
+    """'test/crack/000.png' -> 'test_crack_000' (one flat folder, no surprises in file names)."""
+    stem = re.sub(r"\.(png|jpe?g|bmp|tiff?)$", "", str(name), flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_.") or "image"
+
+
+def _thin(*curves: np.ndarray, n: int = _MAX_PLOT_POINTS) -> list[np.ndarray]:
+    """Keep at most n points per curve for plotting (the AUCs are computed on the full curves)."""
+    length = len(curves[0])
+    if length <= n:
+        return list(curves)
+    idx = np.unique(np.linspace(0, length - 1, n).round().astype(np.int64))
+    return [c[idx] for c in curves]
+
+
+# ------------------------------------------------------------------------------------------------ overlay
+def overlay_panel(
+    image: Any,
+    gt_mask: Any,
+    anomaly_map: Any,
+    threshold: float,
+    title: str = "",
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    alpha: float = 0.5,
+    dpi: int = OVERLAY_DPI,
+) -> np.ndarray:
+    """Four panels (image, GT, heatmap over the image, prediction >= threshold with the GT contour) as RGB.
+
+    The heatmap uses the fixed scale [vmin, vmax] (pass the run's global range, or 0..1 for probabilities),
+    never the map's own range, so panels of one run are comparable. Returns uint8 [h, w, 3] with
+    (h, w) = OVERLAY_FIGSIZE * dpi, ready to save or log to W&B.
+    """
+    img = _as_rgb(image)
+    gt = _as_2d(gt_mask, "gt_mask") > 0.5
+    amap = _as_2d(anomaly_map, "anomaly_map").astype(np.float32)
+    if gt.shape != img.shape[:2] or amap.shape != img.shape[:2]:
+        raise ValueError(
+            f"image {img.shape[:2]}, gt_mask {gt.shape} and anomaly_map {amap.shape} differ in size"
+        )
+    if not vmax > vmin:
+        vmax = vmin + 1e-6
+    fig = _figure(OVERLAY_FIGSIZE, dpi)
+    axes = fig.subplots(1, 4)
+    axes[0].imshow(img, interpolation="nearest")
+    axes[0].set_title("image", fontsize=9)
+    axes[1].imshow(gt, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axes[1].set_title(f"ground truth ({gt.mean() * 100:.1f}%)", fontsize=9)
+    axes[2].imshow(img, interpolation="nearest")
+    heat = axes[2].imshow(amap, cmap="jet", vmin=vmin, vmax=vmax, alpha=alpha, interpolation="nearest")
+    axes[2].set_title(f"anomaly map (max {np.nanmax(amap):.3g})", fontsize=9)
+    cbar = fig.colorbar(heat, ax=axes[2], fraction=0.046, pad=0.02)
+    cbar.ax.tick_params(labelsize=7)
+    pred = amap >= threshold
+    axes[3].imshow(pred, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    if gt.any() and not gt.all():
+        axes[3].contour(gt.astype(np.float32), levels=[0.5], colors=GT_CONTOUR_COLOUR, linewidths=1.0)
+    inter, union = np.logical_and(pred, gt).sum(), np.logical_or(pred, gt).sum()
+    iou = f", IoU {inter / union:.2f}" if union else ""
+    axes[3].set_title(f"pred >= {threshold:.3g}{iou}", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _render(fig)
+
+
+def save_overlays(
+    out_dir: Path | str,
+    images: Any,
+    gt_masks: Any,
+    anomaly_maps: Any,
+    names: Sequence[str],
+    threshold: float,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    max_images: int | None = None,
+) -> list[Path]:
+    """Write one overlay PNG per image (the first ``max_images``) into ``out_dir``; returns the paths.
+
+    vmin/vmax default to the global min/max over all given maps, so every panel shares one colour scale.
+    """
+    maps = _to_numpy(anomaly_maps).astype(np.float32)
+    if maps.ndim == 4 and maps.shape[1] == 1:
+        maps = maps[:, 0]
+    n = len(maps)
+    if not (len(images) == len(gt_masks) == len(names) == n):
+        raise ValueError(
+            f"save_overlays needs as many images ({len(images)}), masks ({len(gt_masks)}) and "
+            f"names ({len(names)}) as maps ({n})"
+        )
+    if n == 0:
+        return []
+    finite = maps[np.isfinite(maps)]
+    lo = float(finite.min()) if vmin is None and finite.size else (0.0 if vmin is None else float(vmin))
+    hi = float(finite.max()) if vmax is None and finite.size else (1.0 if vmax is None else float(vmax))
+    out = Path(out_dir)
+    count = n if max_images is None else max(0, min(int(max_images), n))
+    paths: list[Path] = []
+    used: set[str] = set()
+    for i in range(count):
+        stem = _safe_name(names[i])
+        if stem in used:  # keep every panel even if two names flatten to the same file name
+            stem = f"{stem}_{i}"
+        used.add(stem)
+        score = float(np.nanmax(maps[i])) if np.isfinite(maps[i]).any() else float("nan")
+        panel = overlay_panel(
+            images[i], gt_masks[i], maps[i], threshold, f"{names[i]}  (score {score:.3g})", vmin=lo, vmax=hi
+        )
+        paths.append(atomic_save_png(out / f"{stem}.png", panel))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------- curves
+def _functional() -> Any | None:
+    """The shared exact metrics module if present, so plotted curves and AUCs match summary.json."""
+    try:
+        from mvtec_seg.metrics import functional
+    except ImportError:
+        return None
+    return (
+        functional if hasattr(functional, "binary_clf_curve") and hasattr(functional, "pro_curve") else None
+    )
+
+
+def _clf_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fps, tps) counts at each distinct score, thresholds descending (sort + cumsum, exact with ties)."""
+    scores = np.ascontiguousarray(scores).ravel()
+    labels = np.asarray(labels).ravel().astype(bool)
+    F = _functional()
+    if F is not None:
+        fps, tps, _ = F.binary_clf_curve(scores, labels)
+        return _to_numpy(fps).astype(np.float64), _to_numpy(tps).astype(np.float64)
+    order = np.argsort(-scores, kind="stable")
+    s = scores[order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # last index of each run of equal scores
+    tps = np.cumsum(labels[order], dtype=np.int64)[last]
+    return (last + 1 - tps).astype(np.float64), tps.astype(np.float64)
+
+
+def _roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    fps, tps = _clf_curve(scores, labels)
+    fpr = np.r_[0.0, fps / max(fps[-1], 1.0)]
+    tpr = np.r_[0.0, tps / max(tps[-1], 1.0)]
+    return fpr, tpr, float(_trapz(tpr, fpr))
+
+
+def _pr(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    fps, tps = _clf_curve(scores, labels)
+    precision = tps / (tps + fps)
+    recall = tps / max(tps[-1], 1.0)
+    ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))  # step-wise AP, as sklearn
+    return np.r_[recall[0], recall], np.r_[1.0, precision], ap
+
+
+def _pro_full(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Full PRO-vs-FPR curve from (0,0) to (1,1), one point per distinct score.
+
+    Every connected GT region (8-connectivity, never across images) weighs equally: a pixel of region k adds
+    1/(|k| * K) to PRO once the threshold falls below its score; FPR counts normal pixels over all images.
+    """
+    F = _functional()
+    if F is not None:
+        fpr, pro = F.pro_curve(maps, masks)
+        return _to_numpy(fpr).astype(np.float64), _to_numpy(pro).astype(np.float64)
+    from scipy import ndimage
+
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True  # 8-connected within each image, no connection between images
+    labels, n_regions = ndimage.label(masks.astype(bool), structure=structure)
+    labels = labels.ravel()
+    sizes = np.bincount(labels, minlength=n_regions + 1).astype(np.float64)
+    n_normal = int(sizes[0])
+    weight = np.r_[0.0, 1.0 / (sizes[1:] * n_regions)]
+    scores = np.ascontiguousarray(maps, dtype=np.float32).ravel()
+    order = np.argsort(-scores, kind="stable")
+    s, region = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
+    fpr = np.cumsum(region == 0, dtype=np.int64)[last] / float(n_normal)
+    pro = np.minimum(np.cumsum(weight[region])[last], 1.0)
+    return np.r_[0.0, fpr, 1.0], np.r_[0.0, pro, 1.0]
+
+
+def _pro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """PRO curve cut exactly at fpr_limit (interpolated) and the area under it divided by fpr_limit."""
+    fpr, pro = _pro_full(maps, masks)
+    cut = int(np.searchsorted(fpr, fpr_limit, side="right"))
+    if cut < len(fpr):
+        f0, f1, p0, p1 = fpr[cut - 1], fpr[cut], pro[cut - 1], pro[cut]
+        p_lim = p0 + (p1 - p0) * (fpr_limit - f0) / (f1 - f0)
+        fpr, pro = np.r_[fpr[:cut], fpr_limit], np.r_[pro[:cut], p_lim]
+    return fpr, pro, float(_trapz(pro, fpr) / fpr_limit)
+
+
+def _curve_figure(
+    path: Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    label: str,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    diagonal: bool = False,
+    xlim: tuple[float, float] = (0.0, 1.0),
+) -> Path:
+    fig = _figure(CURVE_FIGSIZE, CURVE_DPI)
+    ax = fig.subplots()
+    x, y = _thin(x, y)
+    ax.plot(x, y, lw=1.8, label=label)
+    if diagonal:
+        ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
+    ax.set_xlim(*xlim)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save_fig(fig, path)
+
+
+def plot_curves(
+    anomaly_map: Any, gt_mask: Any, gt_label: Any, out_dir: Path | str, fpr_limit: float = 0.3
+) -> list[Path]:
+    """Pixel ROC, image ROC, pixel precision-recall and PRO-vs-FPR (up to fpr_limit) as PNGs in out_dir.
+
+    Curves are exact (sort + cumsum over all pixels). A curve that is undefined for the data (e.g. no
+    defect pixels, or only one image class) is skipped; the paths of the written files are returned.
+    """
+    maps = _to_numpy(anomaly_map).astype(np.float32)
+    masks = _to_numpy(gt_mask)
+    if maps.ndim == 4 and maps.shape[1] == 1:
+        maps = maps[:, 0]
+    if masks.ndim == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    masks = masks > 0.5 if masks.dtype.kind == "f" else masks > 0
+    labels = _to_numpy(gt_label).astype(np.int64).ravel()
+    if maps.shape != masks.shape or maps.ndim != 3 or len(labels) != len(maps):
+        raise ValueError(
+            f"plot_curves needs maps [N,H,W] {maps.shape}, masks {masks.shape}, labels [N] {labels.shape}"
+        )
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    out = Path(out_dir)
+    paths: list[Path] = []
+    n_pos, n_pix = int(masks.sum()), int(masks.size)
+    if 0 < n_pos < n_pix:
+        fpr, tpr, auc = _roc(maps, masks)
+        paths.append(
+            _curve_figure(
+                out / "roc_pixel.png",
+                fpr,
+                tpr,
+                f"pixel AUROC = {auc:.4f}",
+                "false positive rate",
+                "true positive rate",
+                "Pixel ROC",
+                diagonal=True,
+            )
+        )
+        rec, prec, ap = _pr(maps, masks)
+        base = n_pos / n_pix
+        paths.append(
+            _curve_figure(
+                out / "pr_pixel.png",
+                rec,
+                prec,
+                f"pixel AP = {ap:.4f} (chance {base:.3f})",
+                "recall",
+                "precision",
+                "Pixel precision-recall",
+            )
+        )
+        pfpr, pro, aupro = _pro(maps, masks, fpr_limit)
+        paths.append(
+            _curve_figure(
+                out / "pro_curve.png",
+                pfpr,
+                pro,
+                f"AUPRO@{fpr_limit:g} = {aupro:.4f}",
+                "false positive rate",
+                "per-region overlap",
+                f"PRO up to FPR {fpr_limit:g}",
+                xlim=(0.0, fpr_limit),
+            )
+        )
+    if 0 < labels.sum() < len(labels):
+        flat = maps.reshape(len(maps), -1)
+        scores = np.where(np.isfinite(flat), flat, -np.inf).max(axis=1)
+        fpr, tpr, auc = _roc(scores, labels > 0)
+        paths.append(
+            _curve_figure(
+                out / "roc_image.png",
+                fpr,
+                tpr,
+                f"image AUROC = {auc:.4f}",
+                "false positive rate",
+                "true positive rate",
+                "Image ROC (score = max of map)",
+                diagonal=True,
+            )
+        )
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _read_metrics_csv(path: Path) -> tuple[dict[str, list[tuple[float, float, float]]], bool]:
+    """{metric: [(step, epoch, value), ...]} from a Lightning CSVLogger file (empty cells skipped)."""
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    has_epoch = False
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            step = _float(row.get("step"))
+            epoch = _float(row.get("epoch"))
+            has_epoch |= not math.isnan(epoch)
+            for key, cell in row.items():
+                if key in (None, "step", "epoch"):
+                    continue
+                value = _float(cell)
+                if not math.isnan(value):
+                    series.setdefault(key, []).append((step, epoch, value))
+    return series, has_epoch
+
+
+def _float(cell: Any) -> float:
+    try:
+        return float(cell) if cell not in (None, "") else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def plot_loss_curves(metrics_csv: Path | str, out_path: Path | str) -> Path:
+    """Plot every metric of a Lightning CSVLogger ``metrics.csv`` against epoch (or step) into one PNG.
+
+    Losses share one panel, scores in [0, 1] (AUROC, AP, AUPRO, IoU) another, anything else (learning
+    rate, ...) a third on a log scale. Metrics logged at most once per epoch are drawn against the epoch;
+    if any metric is logged more often, everything is drawn against the global step so the axes agree.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    from mvtec_seg.errors import UserError
+
+    path = Path(metrics_csv)
+    if not path.is_file():
+        raise UserError(f"metrics file not found: {path} — it is written by the CSV logger during training")
+    series, has_epoch = _read_metrics_csv(path)
+    per_epoch = has_epoch and all(
+        len({e for _, e, _ in pts}) == len(pts) and not any(math.isnan(e) for _, e, _ in pts)
+        for pts in series.values()
+    )
+    xi, xlabel = (1, "epoch") if per_epoch else (0, "step")
+    groups: dict[str, list[str]] = {"loss": [], "score": [], "other": []}
+    for key, pts in series.items():
+        values = np.array([p[2] for p in pts])
+        name = key.lower().rsplit("/", 1)[-1]
+        if "loss" in name:
+            groups["loss"].append(key)
+        elif not name.startswith(("lr", "learning_rate")) and values.min() >= 0.0 and values.max() <= 1.0:
+            groups["score"].append(key)
+        else:
+            groups["other"].append(key)
+    panels = [(g, keys) for g, keys in groups.items() if keys]
+    fig = _figure((5.0 * max(len(panels), 1), 4.0), CURVE_DPI)
+    axes = np.atleast_1d(fig.subplots(1, max(len(panels), 1)))
+    if not panels:
+        axes[0].text(0.5, 0.5, f"no metrics logged yet in\n{path.name}", ha="center", va="center")
+        axes[0].set_axis_off()
+    for ax, (group, keys) in zip(axes, panels, strict=False):
+        for key in sorted(keys):
+            pts = sorted(series[key], key=lambda p: (p[xi], p[0]))
+            x = np.array([p[xi] for p in pts])
+            y = np.array([p[2] for p in pts])
+            ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3, lw=1.4, label=key)
+        if group == "other" and all(p[2] > 0 for k in keys for p in series[k]):
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title({"loss": "losses", "score": "scores", "other": "other"}[group], fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("/".join(path.parts[-3:]), fontsize=9)
+    return _save_fig(fig, out_path)
+
+
+# ------------------------------------------------------------------------------------------------- grids
+def image_grid(
+    rows: Sequence[Sequence[Any | None]],
+    row_titles: Sequence[str] | None,
+    col_titles: Sequence[str] | None,
+    out_path: Path | str,
+    panel_inches: float = 2.0,
+    dpi: int = 100,
+) -> Path:
+    """Save a grid of image panels (RGB/grey arrays; None leaves a cell blank), e.g. method x sample.
+
+    Grey float panels are drawn with a fixed 0..1 grey scale, not stretched, so they stay comparable.
+    """
+    n_rows = len(rows)
+    n_cols = max((len(r) for r in rows), default=0)
+    if n_rows == 0 or n_cols == 0:
+        raise ValueError("image_grid needs at least one row with one panel")
+    title_h = 0.3 if col_titles else 0.0
+    title_w = 0.35 if row_titles else 0.0
+    fig = _figure((n_cols * panel_inches + title_w, n_rows * panel_inches + title_h), dpi)
+    axes = np.array(fig.subplots(n_rows, n_cols, squeeze=False))
+    for i in range(n_rows):
+        for j in range(n_cols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            panel = rows[i][j] if j < len(rows[i]) else None
+            if panel is not None:
+                arr = _to_numpy(panel)
+                if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 1):
+                    grey = arr.reshape(arr.shape[:2])
+                    hi = 255 if grey.dtype == np.uint8 else 1.0
+                    ax.imshow(grey, cmap="gray", vmin=0, vmax=hi, interpolation="nearest")
+                else:
+                    ax.imshow(_as_rgb(arr), interpolation="nearest")
+            if col_titles and i == 0 and j < len(col_titles):
+                ax.set_title(str(col_titles[j]), fontsize=9)
+            if row_titles and j == 0 and i < len(row_titles):
+                ax.set_ylabel(str(row_titles[i]), fontsize=9)
+    return _save_fig(fig, out_path)

@@ -1,0 +1,63 @@
+"""Every config group composes, and the composed values are what the user asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import CONF_DIR, compose_cfg
+from omegaconf import OmegaConf
+
+from mvtec_seg.data.mvtec import MVTEC_CATEGORIES, TEXTURE_CATEGORIES
+
+CATEGORIES = sorted(p.stem for p in (Path(CONF_DIR) / "category").glob("*.yaml"))
+
+
+def test_every_mvtec_category_has_a_config():
+    assert set(MVTEC_CATEGORIES) <= set(CATEGORIES)
+    assert {"synthetic", "synthetic_texture", "custom"} <= set(CATEGORIES)
+
+
+@pytest.mark.parametrize("model", ["unet", "deeplab", "transfusion"])
+@pytest.mark.parametrize("mask", ["gt", "pseudo"])
+def test_model_mask_grid_composes(tmp_path, model, mask):
+    cfg = compose_cfg(tmp_path, [f"model={model}", f"mask={mask}"])
+    OmegaConf.resolve(cfg)
+    assert cfg.model.name == model and cfg.mask.name == mask
+    assert cfg.task_name == f"{model}_{mask}_synthetic"
+    if model != "transfusion":
+        assert cfg.model.params.net.encoder_weights is None  # nothing downloads by default
+        assert cfg.model.params.optimizer.lr == pytest.approx(1e-4)
+    if model == "unet":
+        assert cfg.model.params.net.encoder_name == "resnet18" and cfg.model.params.loss.dice_weight > 0
+    if model == "deeplab":
+        assert cfg.model.params.net.encoder_name == "resnet50" and cfg.model.params.loss.dice_weight == 0
+
+
+@pytest.mark.parametrize("category", [c for c in CATEGORIES if c != "custom"])
+def test_category_configs(tmp_path, category):
+    cfg = compose_cfg(tmp_path, [f"category={category}"])
+    assert cfg.category.name == category
+    if category in MVTEC_CATEGORIES:
+        assert cfg.category.kind == ("texture" if category in TEXTURE_CATEGORIES else "object")
+        assert cfg.category.generate is None
+    else:
+        assert cfg.category.generate.kind == cfg.category.kind
+
+
+def test_custom_category_needs_a_name(tmp_path):
+    cfg = compose_cfg(tmp_path, ["category=custom", "category.name=my_product"])
+    assert cfg.task_name == "unet_gt_my_product"
+
+
+@pytest.mark.parametrize("group", ["trainer=cpu", "trainer=gpu", "trainer=ddp", "trainer=ddp_cpu", "logger=csv",
+                                   "logger=wandb", "debug=fast", "experiment=transfusion_paper"])
+def test_other_groups_compose(tmp_path, group):
+    cfg = compose_cfg(tmp_path, [group])
+    OmegaConf.resolve(cfg)
+    if group == "logger=wandb":
+        assert cfg.logger.wandb.mode == "offline"
+    if group == "trainer=gpu":
+        assert cfg.trainer.precision == "bf16-mixed"
+    if group == "debug=fast":
+        assert cfg.trainer.max_epochs == 1 and cfg.trainer.limit_train_batches == 2

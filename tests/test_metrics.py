@@ -1,0 +1,487 @@
+"""The metrics are instruments: each is checked against an independent brute-force reference.
+
+The references below are written from the definitions with plain Python/numpy loops and share no
+code with ``mvtec_seg.metrics``: AUROC as the Mann-Whitney pairwise probability, AP by looping over
+thresholds, AUPRO with an own BFS flood fill and an explicit loop over every distinct threshold.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+from mvtec_seg.metrics import (
+    AUPRO,
+    METRIC_NAMES,
+    AnomalyMetrics,
+    ImageAUROC,
+    IoU,
+    PixelAP,
+    PixelAUROC,
+    UndefinedMetricWarning,
+    aupro,
+    auroc,
+    average_precision,
+    binary_clf_curve,
+    compute_all,
+    image_scores,
+    iou,
+    precision_recall_iou,
+    pro_curve,
+)
+
+TOL = 1e-6
+LIMITS = (0.3, 0.05, 1.0)
+
+# ---------------------------------------------------------------------------------------------
+# brute-force references (independent of the package)
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """P(score_pos > score_neg) + 1/2 P(tie), over all positive/negative pairs."""
+    pos = scores[labels]
+    neg = scores[~labels]
+    wins = 0.0
+    for p in pos:
+        wins += float(np.sum(p > neg)) + 0.5 * float(np.sum(p == neg))
+    return wins / (len(pos) * len(neg))
+
+
+def ref_ap(scores: np.ndarray, labels: np.ndarray) -> float:
+    """sum over distinct thresholds (descending) of (R_n - R_{n-1}) * P_n."""
+    n_pos = int(labels.sum())
+    ap, prev_recall = 0.0, 0.0
+    for t in sorted(set(scores.tolist()), reverse=True):
+        sel = scores >= t
+        tp = int(np.sum(sel & labels))
+        fp = int(np.sum(sel & ~labels))
+        recall = tp / n_pos
+        ap += (recall - prev_recall) * (tp / (tp + fp))
+        prev_recall = recall
+    return ap
+
+
+def ref_components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """8-connected components of one 2-D mask by breadth-first flood fill."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    comps = []
+    for y in range(h):
+        for x in range(w):
+            if not mask[y, x] or seen[y, x]:
+                continue
+            comp, queue = [], deque([(y, x)])
+            seen[y, x] = True
+            while queue:
+                cy, cx = queue.popleft()
+                comp.append((cy, cx))
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        ny, nx = cy + dy, cx + dx
+                        if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                            seen[ny, nx] = True
+                            queue.append((ny, nx))
+            comps.append(comp)
+    return comps
+
+
+def ref_pro_points(preds: np.ndarray, target: np.ndarray) -> list[tuple[float, float]]:
+    """(FPR, PRO) at every distinct threshold, with (0,0) first and (1,1) last."""
+    target = target.astype(bool)
+    regions = []
+    for i in range(preds.shape[0]):
+        for comp in ref_components(target[i]):
+            m = np.zeros_like(target[i])
+            for y, x in comp:
+                m[y, x] = True
+            regions.append((i, m))
+    normal = ~target
+    n_normal = int(normal.sum())
+    points = [(0.0, 0.0)]
+    for t in sorted(set(preds.ravel().tolist()), reverse=True):
+        pred = preds >= t
+        fpr = int(np.sum(pred & normal)) / n_normal
+        overlaps = [float(np.sum(pred[i] & m)) / float(np.sum(m)) for i, m in regions]
+        points.append((fpr, sum(overlaps) / len(overlaps)))
+    points.append((1.0, 1.0))
+    return points
+
+
+def ref_aupro_from_points(points: list[tuple[float, float]], limit: float) -> float:
+    """Cut the curve at exactly ``limit`` (linear interpolation), trapezoid area, / limit."""
+    xs, ys = [], []
+    for k, (x, y) in enumerate(points):
+        if x <= limit:
+            xs.append(x)
+            ys.append(y)
+        else:
+            x0, y0 = points[k - 1]
+            xs.append(limit)
+            ys.append(y0 + (y - y0) * (limit - x0) / (x - x0))
+            break
+    area = 0.0
+    for k in range(1, len(xs)):
+        area += (xs[k] - xs[k - 1]) * (ys[k] + ys[k - 1]) / 2.0
+    return area / limit
+
+
+# ---------------------------------------------------------------------------------------------
+# random cases
+# ---------------------------------------------------------------------------------------------
+
+
+def _random_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    kind = rng.integers(0, 6)
+    m = np.zeros((h, w), dtype=bool)
+    if kind == 0:  # normal image
+        return m
+    if kind == 1:  # one or two rectangles (possibly touching)
+        for _ in range(rng.integers(1, 3)):
+            y, x = rng.integers(0, h - 2), rng.integers(0, w - 2)
+            m[y : y + rng.integers(1, 5), x : x + rng.integers(1, 5)] = True
+    elif kind == 2:  # scattered single pixels
+        idx = rng.choice(h * w, size=rng.integers(1, 6), replace=False)
+        m.reshape(-1)[idx] = True
+    elif kind == 3:  # diagonal chains: only 8-connectivity joins them
+        y, x = rng.integers(0, h - 4), rng.integers(0, w - 4)
+        for k in range(rng.integers(2, 5)):
+            m[y + k, x + k] = True
+        m[rng.integers(0, h), rng.integers(0, w)] = True
+    else:  # random blobs with many diagonal contacts
+        m = rng.random((h, w)) < rng.uniform(0.05, 0.3)
+    return m
+
+
+def make_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """3-6 images of ~12x12 with a mix of mask shapes and score styles; at least one region."""
+    rng = np.random.default_rng(seed)
+    n, h, w = int(rng.integers(3, 7)), int(rng.integers(10, 14)), int(rng.integers(10, 14))
+    target = np.stack([_random_mask(rng, h, w) for _ in range(n)])
+    if not target.any():
+        target[0, rng.integers(0, h), rng.integers(0, w)] = True
+    style = seed % 4
+    preds = rng.random((n, h, w)) + rng.uniform(0.0, 0.8) * target
+    if style == 1:
+        preds = np.round(preds, 1)  # heavy ties
+    elif style == 2:
+        preds = np.round(preds, 2)
+    elif style == 3:
+        preds = (preds - 0.7) * 1e3  # outside [0, 1], negatives
+    return preds.astype(np.float64), target
+
+
+SEEDS = list(range(60))
+
+# ---------------------------------------------------------------------------------------------
+# exactness against the references
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_auroc_and_ap_match_bruteforce(seed: int) -> None:
+    preds, target = make_case(seed)
+    s, y = preds.ravel(), target.ravel()
+    assert auroc(torch.from_numpy(preds), torch.from_numpy(target)) == pytest.approx(ref_auroc(s, y), abs=TOL)
+    assert average_precision(torch.from_numpy(preds), torch.from_numpy(target)) == pytest.approx(
+        ref_ap(s, y), abs=TOL
+    )
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_aupro_matches_bruteforce(seed: int) -> None:
+    preds, target = make_case(seed)
+    points = ref_pro_points(preds, target)
+    for limit in LIMITS:
+        got = aupro(torch.from_numpy(preds), torch.from_numpy(target), fpr_limit=limit)
+        assert got == pytest.approx(ref_aupro_from_points(points, limit), abs=TOL), limit
+    fpr, pro = pro_curve(torch.from_numpy(preds), torch.from_numpy(target))
+    ref = np.array(points)
+    np.testing.assert_allclose(fpr.numpy(), ref[:, 0], atol=TOL)
+    np.testing.assert_allclose(pro.numpy(), ref[:, 1], atol=TOL)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:20])
+def test_compute_all_matches_bruteforce(seed: int) -> None:
+    preds, target = make_case(seed)
+    # one extra all-normal image guarantees both image classes
+    preds = np.concatenate([preds, np.full((1, *preds.shape[1:]), preds.min())])
+    target = np.concatenate([target, np.zeros((1, *target.shape[1:]), dtype=bool)])
+    threshold = float(np.median(preds))
+    got = compute_all(
+        torch.from_numpy(preds), torch.from_numpy(target), iou_threshold=threshold, fpr_limit=0.3
+    )
+    assert tuple(got) == METRIC_NAMES
+    img_scores = np.array([preds[i].max() for i in range(preds.shape[0])])
+    img_labels = np.array([target[i].any() for i in range(preds.shape[0])])
+    pred_bin = preds >= threshold
+    expected = {
+        "image_AUROC": ref_auroc(img_scores, img_labels),
+        "pixel_AUROC": ref_auroc(preds.ravel(), target.ravel()),
+        "pixel_AP": ref_ap(preds.ravel(), target.ravel()),
+        "pixel_AUPRO": ref_aupro_from_points(ref_pro_points(preds, target), 0.3),
+        "IoU": np.sum(pred_bin & target) / np.sum(pred_bin | target),
+    }
+    for name in METRIC_NAMES:
+        assert got[name] == pytest.approx(expected[name], abs=TOL), name
+        assert isinstance(got[name], float)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_agrees_with_torchmetrics_on_unit_interval_scores(seed: int) -> None:
+    """A second, external implementation (valid when no sigmoid is triggered: scores in [0, 1])."""
+    preds, target = make_case(seed * 4 + 1)  # tied scores in [0, 1]
+    p, t = torch.from_numpy(preds).clamp(0, 1), torch.from_numpy(target).long()
+    assert auroc(p, t) == pytest.approx(binary_auroc(p, t).item(), abs=1e-6)
+    assert average_precision(p, t) == pytest.approx(binary_average_precision(p, t).item(), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-checked cases
+# ---------------------------------------------------------------------------------------------
+
+
+def test_binary_clf_curve_one_point_per_distinct_score() -> None:
+    scores = torch.tensor([0.9, 0.5, 0.5, 0.5, 0.1, 0.9], dtype=torch.float64)
+    labels = torch.tensor([1, 0, 1, 1, 0, 0])
+    fps, tps, thr = binary_clf_curve(scores, labels)
+    assert thr.tolist() == [0.9, 0.5, 0.1]
+    assert tps.tolist() == [1, 3, 3]
+    assert fps.tolist() == [1, 2, 3]
+
+
+def test_auroc_hand_example_with_ties() -> None:
+    # pairs (pos, neg): (0.9 vs 0.9)=1/2, (0.9 vs 0.5)=1, (0.5 vs 0.9)=0, (0.5 vs 0.5)=1/2 -> 2/4
+    assert auroc(torch.tensor([0.9, 0.5, 0.9, 0.5]), torch.tensor([1, 1, 0, 0])) == pytest.approx(0.5)
+    assert auroc(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1, 0, 0])) == 1.0
+
+
+def test_aupro_hand_example() -> None:
+    # one 1x4 image; pixels 0 and 2 are separate regions, pixels 1 and 3 are normal.
+    # curve: (0,0) (0,.5) (.5,.5) (.5,1) (1,1) (1,1)
+    preds = torch.tensor([[[0.9, 0.8, 0.2, 0.1]]])
+    target = torch.tensor([[[1, 0, 1, 0]]])
+    assert aupro(preds, target, fpr_limit=1.0) == pytest.approx(0.75)
+    assert aupro(preds, target, fpr_limit=0.3) == pytest.approx(0.5)  # .3*.5 / .3
+    assert aupro(preds, target, fpr_limit=0.5) == pytest.approx(0.5)  # vertical jump at the limit
+    fpr, pro = pro_curve(preds, target)
+    assert fpr.tolist() == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
+    assert pro.tolist() == [0.0, 0.5, 0.5, 1.0, 1.0, 1.0]
+
+
+def test_aupro_diagonal_neighbours_form_one_region() -> None:
+    # a 2x2 block and a pixel touching it diagonally: one region of 5 pixels under 8-connectivity
+    target = torch.zeros(1, 5, 5, dtype=torch.bool)
+    target[0, 0:2, 0:2] = True
+    target[0, 2, 2] = True
+    preds = torch.zeros(1, 5, 5)
+    preds[0, 2, 2] = 1.0  # only the diagonal pixel is found
+    fpr, pro = pro_curve(preds, target)
+    assert pro[1].item() == pytest.approx(1 / 5)  # 4-connectivity would give mean(0, 1) = 0.5
+    assert fpr[1].item() == 0.0
+
+
+def test_regions_do_not_connect_across_images() -> None:
+    # same pixel set in two images = two regions; hitting one image only gives PRO 0.5, not 1
+    target = torch.ones(2, 2, 2, dtype=torch.bool)
+    target[:, 1, 1] = False
+    preds = torch.zeros(2, 2, 2)
+    preds[0, 0, :] = 1.0
+    preds[0, 1, 0] = 1.0
+    _, pro = pro_curve(preds, target)
+    assert pro[1].item() == pytest.approx(0.5)
+
+
+def test_aupro_divides_by_limit_not_last_fpr() -> None:
+    # perfect separation: PRO is 1 right from FPR 0, so the normalised area is exactly 1
+    target = torch.zeros(2, 6, 6, dtype=torch.bool)
+    target[0, 1:3, 1:4] = True
+    preds = target.float() + 0.01 * torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(0))
+    for limit in LIMITS:
+        assert aupro(preds, target, fpr_limit=limit) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
+def test_aupro_rejects_bad_limit(bad: float) -> None:
+    with pytest.raises(ValueError, match="fpr_limit"):
+        aupro(torch.rand(1, 4, 4), torch.ones(1, 4, 4), fpr_limit=bad)
+
+
+def test_scores_are_used_as_they_are_no_sigmoid() -> None:
+    preds, target = make_case(7)
+    p, t = torch.from_numpy(preds), torch.from_numpy(target)
+    unit = (p - p.min()) / (p.max() - p.min())
+    for transformed in (p * 1e3 + 5e3, p - 1e4, unit * 1e3 - 300.0, torch.exp(unit) - 2.0):
+        assert auroc(transformed, t) == pytest.approx(auroc(unit, t), abs=1e-12)
+        assert average_precision(transformed, t) == pytest.approx(average_precision(unit, t), abs=1e-12)
+        assert aupro(transformed, t) == pytest.approx(aupro(unit, t), abs=1e-9)
+    # large positive scores: a sigmoid would saturate them all to 1.0 (AUROC 0.5); exact gives 1.0
+    big = torch.tensor([1000.0, 2000.0, 3000.0, 4000.0], dtype=torch.float32)
+    assert auroc(big, torch.tensor([0, 0, 1, 1])) == 1.0
+
+
+def test_image_auroc_uses_the_max() -> None:
+    # image 0 (anomalous) has a single hot pixel but a low mean; image 1 (normal) a high flat map
+    amap = torch.zeros(2, 4, 4)
+    amap[0, 0, 0] = 1.0
+    amap[1] = 0.5
+    mask = torch.zeros(2, 4, 4)
+    mask[0, 0, 0] = 1
+    assert image_scores(amap).tolist() == [1.0, 0.5]
+    assert compute_all(amap, mask)["image_AUROC"] == 1.0  # the mean would rank them the other way
+
+
+def test_iou_and_precision_recall() -> None:
+    preds = torch.tensor([[[0.2, 0.5, 0.7, 0.9]]])  # >= 0.5 -> [0,1,1,1]
+    target = torch.tensor([[[1, 1, 0, 0]]])
+    assert iou(preds, target) == pytest.approx(1 / 4)
+    assert iou(preds, target, threshold=0.8) == pytest.approx(0 / 3)
+    res = precision_recall_iou(preds >= 0.5, target)
+    assert res == pytest.approx({"IoU": 1 / 4, "precision": 1 / 3, "recall": 1 / 2})
+
+
+def test_compute_all_accepts_channel_masks_float16_and_labels() -> None:
+    preds, target = make_case(3)
+    p = torch.from_numpy(preds).float()
+    t = torch.from_numpy(target)
+    ref = compute_all(p, t)
+    assert compute_all(p, t[:, None].float()) == ref
+    labels = torch.tensor([bool(m.any()) for m in t])
+    assert compute_all(p, t, labels) == ref
+    half = p.clamp(-60000, 60000).half()
+    assert compute_all(half, t) == compute_all(half.float(), t)
+
+
+def test_nan_scores_are_rejected() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        auroc(torch.tensor([0.1, float("nan")]), torch.tensor([0, 1]))
+
+
+def test_shape_mismatch_is_rejected() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        compute_all(torch.rand(2, 4, 4), torch.zeros(2, 4, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# undefined cases: NaN plus a warning that says why
+# ---------------------------------------------------------------------------------------------
+
+
+def test_auroc_one_class_is_nan_with_warning() -> None:
+    with pytest.warns(UndefinedMetricWarning, match="no anomalous"):
+        assert math.isnan(auroc(torch.rand(10), torch.zeros(10)))
+    with pytest.warns(UndefinedMetricWarning, match="no normal"):
+        assert math.isnan(auroc(torch.rand(10), torch.ones(10)))
+
+
+def test_ap_no_positive_is_nan_with_warning() -> None:
+    with pytest.warns(UndefinedMetricWarning, match="AP undefined"):
+        assert math.isnan(average_precision(torch.rand(10), torch.zeros(10)))
+
+
+def test_aupro_undefined_cases() -> None:
+    with pytest.warns(UndefinedMetricWarning, match="no anomalous region"):
+        assert math.isnan(aupro(torch.rand(2, 4, 4), torch.zeros(2, 4, 4)))
+    with pytest.warns(UndefinedMetricWarning, match="no normal pixel"):
+        assert math.isnan(aupro(torch.rand(2, 4, 4), torch.ones(2, 4, 4)))
+    with pytest.warns(UndefinedMetricWarning):
+        fpr, pro = pro_curve(torch.rand(2, 4, 4), torch.zeros(2, 4, 4))
+    assert fpr.numel() == 0 and pro.numel() == 0
+
+
+def test_iou_and_precision_recall_undefined() -> None:
+    with pytest.warns(UndefinedMetricWarning, match="IoU undefined"):
+        assert math.isnan(iou(torch.zeros(1, 3, 3), torch.zeros(1, 3, 3)))
+    with pytest.warns(UndefinedMetricWarning) as record:
+        res = precision_recall_iou(torch.zeros(3, 3), torch.zeros(3, 3))
+    assert all(math.isnan(v) for v in res.values())
+    assert len(record) == 3
+
+
+def test_compute_all_all_normal_images() -> None:
+    with pytest.warns(UndefinedMetricWarning) as record:
+        res = compute_all(torch.rand(3, 5, 5) * 0.4, torch.zeros(3, 5, 5))
+    assert all(math.isnan(v) for v in res.values())
+    messages = " ".join(str(r.message) for r in record)
+    for name in METRIC_NAMES:
+        assert f"{name} undefined" in messages
+
+
+def test_compute_all_is_fast() -> None:
+    """83 test images of 256x256 (a large MVTec category) must stay well within a second or two."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(83, 1, 256, 256)
+    for i in range(40):
+        y, x = torch.randint(0, 200, (2,), generator=g).tolist()
+        mask[i, 0, y : y + 30, x : x + 40] = 1
+    amap = torch.rand(83, 256, 256, generator=g) * 0.5 + 0.4 * mask[:, 0]
+    compute_all(amap[38:42], mask[38:42])  # warm-up
+    start = time.perf_counter()
+    res = compute_all(amap, mask)
+    elapsed = time.perf_counter() - start
+    assert all(0.0 <= v <= 1.0 for v in res.values())
+    assert elapsed < 10.0, f"compute_all took {elapsed:.2f} s"  # loose: shared CI cores
+
+
+# ---------------------------------------------------------------------------------------------
+# torchmetrics classes
+# ---------------------------------------------------------------------------------------------
+
+
+def _class_values(batches, iou_threshold: float = 0.5, fpr_limit: float = 0.3) -> dict[str, float]:
+    metrics = {
+        "all": AnomalyMetrics(iou_threshold=iou_threshold, fpr_limit=fpr_limit),
+        "image_AUROC": ImageAUROC(),
+        "pixel_AUROC": PixelAUROC(),
+        "pixel_AP": PixelAP(),
+        "pixel_AUPRO": AUPRO(fpr_limit=fpr_limit),
+        "IoU": IoU(threshold=iou_threshold),
+    }
+    for amap, mask in batches:
+        for m in metrics.values():
+            m.update(amap, mask)
+    out = {f"all/{k}": v.item() for k, v in metrics.pop("all").compute().items()}
+    out.update({k: m.compute().item() for k, m in metrics.items()})
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_metric_classes_equal_functional_and_accumulate(seed: int) -> None:
+    preds, target = make_case(seed)
+    preds = np.concatenate([preds, np.zeros((1, *preds.shape[1:]))])  # ensure a normal image
+    target = np.concatenate([target, np.zeros((1, *target.shape[1:]), dtype=bool)])
+    amap = torch.from_numpy(preds).float()
+    mask = torch.from_numpy(target).float()[:, None]  # [N,1,H,W] like the batches
+    threshold = float(amap.median())
+    expected = compute_all(amap, mask, iou_threshold=threshold, fpr_limit=0.05)
+    one_call = _class_values([(amap, mask)], threshold, 0.05)
+    splits = [(amap[:1], mask[:1]), (amap[1:3], mask[1:3]), (amap[3:], mask[3:])]
+    several = _class_values(splits, threshold, 0.05)
+    for name in METRIC_NAMES:
+        assert one_call[f"all/{name}"] == pytest.approx(expected[name], abs=1e-12), name
+        assert one_call[name] == pytest.approx(expected[name], abs=1e-12), name
+        assert several[f"all/{name}"] == pytest.approx(expected[name], abs=1e-12), name
+        assert several[name] == pytest.approx(expected[name], abs=1e-12), name
+
+
+def test_anomaly_metrics_states_and_reset() -> None:
+    m = AnomalyMetrics()
+    assert m.full_state_update is False and m.higher_is_better is True
+    amap = torch.rand(3, 6, 6)
+    mask = torch.zeros(3, 1, 6, 6)
+    mask[0, 0, 2:4, 2:4] = 1
+    m.update(amap, mask, torch.tensor([1, 0, 0]))
+    assert m.anomaly_maps[0].dtype == torch.float32
+    assert m.gt_masks[0].dtype == torch.uint8 and m.gt_masks[0].shape == (3, 6, 6)
+    first = {k: v.item() for k, v in m.compute().items()}
+    assert first == pytest.approx(compute_all(amap, mask), abs=1e-12)
+    m.reset()
+    assert m.anomaly_maps == []
+    m.update(amap, mask)
+    assert {k: v.item() for k, v in m.compute().items()} == pytest.approx(first, abs=1e-12)

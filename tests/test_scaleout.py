@@ -1,0 +1,76 @@
+"""Scale-out paths testable on CPU: DDP on gloo with 2 processes, W&B offline files, the SLURM launcher config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONF_DIR, compose_cfg
+from hydra import compose, initialize_config_dir
+
+from mvtec_seg.metrics import compute_all
+from mvtec_seg.train import train
+
+
+def test_ddp_two_cpu_processes_one_folder_exact_metrics(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    run_dir = tmp_path / "run"
+    args = ["trainer=ddp_cpu", "debug=fast", "trainer.limit_test_batches=null", f"hydra.run.dir={run_dir}",
+            f"paths.output_dir={tmp_path / 'out'}"]
+    proc = subprocess.run([sys.executable, "-m", "mvtec_seg", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train_ddp_process_1" in proc.stderr or (run_dir / "train_ddp_process_1.log").exists()
+    summaries = list(tmp_path.rglob("summary.json"))
+    assert summaries == [run_dir / "summary.json"]  # no duplicate output folders from rank 1
+    summary = json.loads(summaries[0].read_text())
+    pred = np.load(run_dir / "test_predictions.npz")
+    # every test image scored exactly once (no DistributedSampler padding), from both ranks
+    assert sorted(pred["index"].tolist()) == sorted(set(pred["index"].tolist()))
+    assert len(pred["index"]) == summary["split"]["n_test"]
+    again = compute_all(torch.from_numpy(pred["anomaly_map"].astype(np.float32)), torch.from_numpy(pred["gt_mask"]),
+                        torch.from_numpy(pred["gt_label"]))
+    for name, value in again.items():
+        assert value == pytest.approx(summary["metrics"][f"test/{name}"], abs=1e-6), name
+
+
+def test_wandb_offline_writes_run_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_cfg(tmp_path, ["debug=fast", "logger=wandb", "group=test_sweep"])
+    summary = train(cfg)
+    assert summary["status"] == "ok"
+    runs = list((Path(cfg.paths.run_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb")), "offline run file missing"
+    assert list((runs[0] / "files" / "media" / "images").rglob("*.png")), "overlay panels were not logged"
+    import wandb
+
+    assert wandb.run is None  # the run was finished
+
+
+def test_wandb_run_finished_when_job_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_cfg(tmp_path, ["debug=fast", "logger=wandb", f"ckpt_path={tmp_path / 'missing.ckpt'}"])
+    with pytest.raises(Exception):  # noqa: B017 - any failure inside the job
+        train(cfg)
+    import wandb
+
+    assert wandb.run is None
+    assert json.loads((Path(cfg.paths.run_dir) / "summary.json").read_text())["status"] == "failed"
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert "SlurmLauncher" in launcher._target_
+    assert launcher.gpus_per_node == 1 and launcher.timeout_min > 0
