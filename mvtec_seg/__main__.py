@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from mvtec_seg.errors import UserError
 
@@ -20,7 +21,11 @@ log = logging.getLogger("mvtec_seg")
 def _main(cfg: DictConfig) -> float | None:
     from mvtec_seg.train import train
 
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    if multirun and cfg.get("group") is None:  # W&B groups a sweep's runs by its folder
+        with open_dict(cfg):
+            cfg.group = Path(hc.sweep.dir).name
     try:
         summary = train(cfg)
     except UserError as err:

@@ -58,7 +58,10 @@ class RunOutputs:
         atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     def set_split(self, dm) -> None:
-        self.summary["split"] = {"manifest": str(dm.manifest_path), **{f"n_{k}": v for k, v in dm.counts().items()}}
+        self.summary["split"] = {
+            "manifest": str(dm.manifest_path),
+            **{f"n_{k}": v for k, v in dm.counts().items()},
+        }
 
     def record_test(self, trainer, model, dm, seconds: float) -> None:
         """Test metrics from the trainer, predictions and pictures from the model's gathered test maps."""
@@ -100,7 +103,9 @@ class RunOutputs:
             vmin=float(maps.min()),
             vmax=float(maps.max()),
         )
-        viz.plot_curves(maps, gt, labels, self.run_dir / "curves", fpr_limit=float(self.cfg.evaluation.fpr_limit))
+        viz.plot_curves(
+            maps, gt, labels, self.run_dir / "curves", fpr_limit=float(self.cfg.evaluation.fpr_limit)
+        )
 
     def finish(self, status: str, trainer=None, wandb_logger=None) -> dict[str, Any]:
         """Write summary.json (and loss curves), close W&B; returns the summary."""

@@ -31,7 +31,9 @@ def category_dir(cfg: DictConfig) -> Path:
     if gen:
         from mvtec_seg.data.synthetic import generate_category
 
-        return generate_category(root, name=name, seed=int(cfg.seed), **OmegaConf.to_container(gen, resolve=True))
+        return generate_category(
+            root, name=name, seed=int(cfg.seed), **OmegaConf.to_container(gen, resolve=True)
+        )
     path = root / name
     if not path.is_dir():
         known = "" if name in MVTEC_CATEGORIES else f" ('{name}' is not an MVTec AD category name)"
@@ -42,7 +44,9 @@ def category_dir(cfg: DictConfig) -> Path:
     return path
 
 
-def build_datamodule(cfg: DictConfig, train_subset: str = "all", batch_size: int | None = None) -> MVTecDataModule:
+def build_datamodule(
+    cfg: DictConfig, train_subset: str = "all", batch_size: int | None = None
+) -> MVTecDataModule:
     d = cfg.data
     return MVTecDataModule(
         category_dir=category_dir(cfg),
@@ -57,6 +61,7 @@ def build_datamodule(cfg: DictConfig, train_subset: str = "all", batch_size: int
         split_ratios=tuple(d.split_ratios),
         augment=bool(d.augment),
         train_subset=train_subset,
+        train_crop=d.get("train_crop"),
     )
 
 
@@ -158,4 +163,3 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except BaseException:
         out.finish(status="failed", trainer=trainer, wandb_logger=parts.get("wandb"))
         raise
-

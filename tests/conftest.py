@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
+
+from mvtec_seg.config import CONF_DIR as _CONF_DIR
+from mvtec_seg.config import compose_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(_CONF_DIR)
 REAL_BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec" / "bottle"
 
 
@@ -25,8 +27,7 @@ def compose_cfg(tmp_path: Path, overrides: list[str] | None = None):
         f"paths.run_dir={tmp_path / 'run'}",
         "trainer.enable_progress_bar=false",
     ]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=base + list(overrides or []))
+    return compose_config(base + list(overrides or []))
 
 
 def _save(path: Path, array: np.ndarray, mode: str | None = None) -> None:

@@ -50,8 +50,19 @@ def test_custom_category_needs_a_name(tmp_path):
     assert cfg.task_name == "unet_gt_my_product"
 
 
-@pytest.mark.parametrize("group", ["trainer=cpu", "trainer=gpu", "trainer=ddp", "trainer=ddp_cpu", "logger=csv",
-                                   "logger=wandb", "debug=fast", "experiment=transfusion_paper"])
+@pytest.mark.parametrize(
+    "group",
+    [
+        "trainer=cpu",
+        "trainer=gpu",
+        "trainer=ddp",
+        "trainer=ddp_cpu",
+        "logger=csv",
+        "logger=wandb",
+        "debug=fast",
+        "experiment=transfusion_paper",
+    ],
+)
 def test_other_groups_compose(tmp_path, group):
     cfg = compose_cfg(tmp_path, [group])
     OmegaConf.resolve(cfg)

@@ -113,7 +113,13 @@ def test_manifest_saved_once_and_guarded(tmp_path):
     mtime = path.stat().st_mtime_ns
     path2, m2 = load_or_create_manifest(cat, tmp_path / "cache", "fake", 0)
     assert path2 == path and path.stat().st_mtime_ns == mtime and m1 == m2
-    assert json.loads(path.read_text())["samples"][0].keys() >= {"image", "gt_mask", "defect_type", "part", "label"}
+    assert json.loads(path.read_text())["samples"][0].keys() >= {
+        "image",
+        "gt_mask",
+        "defect_type",
+        "part",
+        "label",
+    }
     _save(cat / "test" / "good" / "099.png", np.zeros((40, 40, 3), np.uint8))
     with pytest.raises(UserError, match="different files"):
         load_or_create_manifest(cat, tmp_path / "cache", "fake", 0)
@@ -125,7 +131,7 @@ def test_datamodule_batches(tmp_path):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
-    assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
+    assert float(batch["image"].min()) >= 0.0 and float(batch["image"].max()) <= 1.0
     assert batch["gt_mask"].shape == (4, 1, 32, 32)
     assert set(batch) >= {"image", "gt_mask", "target_mask", "gt_label", "defect_type", "path", "index"}
     test = [b for b in dm.test_dataloader()]

@@ -46,8 +46,11 @@ def test_summary_metrics_match_saved_predictions(fast_run):
     cfg, summary = fast_run
     pred = np.load(Path(cfg.paths.run_dir) / "test_predictions.npz")
     assert len(pred["index"]) == summary["split"]["n_test"]
-    again = compute_all(torch.from_numpy(pred["anomaly_map"].astype(np.float32)), torch.from_numpy(pred["gt_mask"]),
-                        torch.from_numpy(pred["gt_label"]))
+    again = compute_all(
+        torch.from_numpy(pred["anomaly_map"].astype(np.float32)),
+        torch.from_numpy(pred["gt_mask"]),
+        torch.from_numpy(pred["gt_label"]),
+    )
     for m in METRICS:
         assert again[m] == pytest.approx(summary["metrics"][f"test/{m}"], abs=1e-6), m
 
@@ -61,7 +64,7 @@ def test_load_from_checkpoint_safe(fast_run):
     with torch.no_grad():
         out = model(torch.rand(2, 3, 64, 64))
     assert out["anomaly_map"].shape == (2, 64, 64)
-    assert 0.0 <= float(out["anomaly_map"].min()) and float(out["anomaly_map"].max()) <= 1.0
+    assert float(out["anomaly_map"].min()) >= 0.0 and float(out["anomaly_map"].max()) <= 1.0
     assert torch.equal(out["pred_score"], out["anomaly_map"].flatten(1).amax(1))
 
 
@@ -75,15 +78,28 @@ def test_dry_run_builds_everything_and_trains_nothing(tmp_path):
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "mvtec_seg", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mvtec_seg", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("breakage", ["missing_root", "unknown_category", "missing_mask", "bad_image", "mask_size"])
+@pytest.mark.parametrize(
+    "breakage", ["missing_root", "unknown_category", "missing_mask", "bad_image", "mask_size"]
+)
 def test_cli_bad_input_is_one_clear_line(tmp_path, breakage):
     cat = make_fake_mvtec(tmp_path / "data", name="widget")
-    args = [f"data.root={tmp_path / 'data'}", "category=custom", "category.name=widget", "debug=fast",
-            f"paths.output_dir={tmp_path / 'out'}"]
+    args = [
+        f"data.root={tmp_path / 'data'}",
+        "category=custom",
+        "category.name=widget",
+        "debug=fast",
+        f"paths.output_dir={tmp_path / 'out'}",
+    ]
     if breakage == "missing_root":
         args[0] = f"data.root={tmp_path / 'nowhere'}"
     elif breakage == "unknown_category":
@@ -104,7 +120,11 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, breakage):
         return
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, proc.stderr[-2000:]
-    expected = {"missing_root": "nowhere", "missing_mask": "000_mask.png", "bad_image": "003.png",
-                "mask_size": "001_mask.png"}[breakage]
+    expected = {
+        "missing_root": "nowhere",
+        "missing_mask": "000_mask.png",
+        "bad_image": "003.png",
+        "mask_size": "001_mask.png",
+    }[breakage]
     assert expected in lines[0]
     assert not list((tmp_path / "out").rglob("best.ckpt"))  # stopped before training

@@ -21,10 +21,21 @@ from mvtec_seg.train import train
 def test_ddp_two_cpu_processes_one_folder_exact_metrics(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     run_dir = tmp_path / "run"
-    args = ["trainer=ddp_cpu", "debug=fast", "trainer.limit_test_batches=null", f"hydra.run.dir={run_dir}",
-            f"paths.output_dir={tmp_path / 'out'}"]
-    proc = subprocess.run([sys.executable, "-m", "mvtec_seg", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=500)
+    args = [
+        "trainer=ddp_cpu",
+        "debug=fast",
+        "trainer.limit_test_batches=null",
+        f"hydra.run.dir={run_dir}",
+        f"paths.output_dir={tmp_path / 'out'}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mvtec_seg", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train_ddp_process_1" in proc.stderr or (run_dir / "train_ddp_process_1.log").exists()
     summaries = list(tmp_path.rglob("summary.json"))
@@ -34,8 +45,11 @@ def test_ddp_two_cpu_processes_one_folder_exact_metrics(tmp_path):
     # every test image scored exactly once (no DistributedSampler padding), from both ranks
     assert sorted(pred["index"].tolist()) == sorted(set(pred["index"].tolist()))
     assert len(pred["index"]) == summary["split"]["n_test"]
-    again = compute_all(torch.from_numpy(pred["anomaly_map"].astype(np.float32)), torch.from_numpy(pred["gt_mask"]),
-                        torch.from_numpy(pred["gt_label"]))
+    again = compute_all(
+        torch.from_numpy(pred["anomaly_map"].astype(np.float32)),
+        torch.from_numpy(pred["gt_mask"]),
+        torch.from_numpy(pred["gt_label"]),
+    )
     for name, value in again.items():
         assert value == pytest.approx(summary["metrics"][f"test/{name}"], abs=1e-6), name
 

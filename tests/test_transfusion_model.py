@@ -161,11 +161,20 @@ def test_box_filter_matches_average_pooling():
 
 
 def test_autocast_bfloat16_cpu():
-    model = tiny_model().eval()
+    model = tiny_model()
+    batch = AnomalyGenerator(object_category=False, seed=0).generate(torch.rand(2, 3, 32, 32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(torch.rand(2, 3, 32, 32))
-    assert out["anomaly_map"].shape == (2, 32, 32)
-    assert torch.isfinite(out["anomaly_map"].float()).all()
+        out = model.training_forward(
+            batch["x0"], batch["mask"], batch["appearance"], batch["prev_mask"], torch.tensor([1, 5])
+        )
+        terms = TransFusionLoss()(out)
+    assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"])
+    terms["loss"].backward()
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = model(torch.rand(2, 3, 32, 32))
+    assert pred["anomaly_map"].shape == (2, 32, 32)
+    assert torch.isfinite(pred["anomaly_map"].float()).all()
 
 
 # -- synthetic anomalies -------------------------------------------------------------------------------------------
@@ -205,6 +214,27 @@ def test_texture_categories_use_the_whole_image_and_supplied_foreground_wins():
     fg[..., 8:24, 8:24] = 1
     out = AnomalyGenerator(seed=0, rotation_probability=0).generate(images, foreground=fg)
     assert (out["mask"] * (1 - fg)).sum() == 0 and out["mask"][0].sum() > 0
+    # a tiny foreground still gets a (tiny) anomaly; an empty one falls back to the whole image
+    fg = torch.zeros(2, 1, 32, 32)
+    fg[0, :, 5:7, 9:11] = 1
+    out = AnomalyGenerator(seed=0, rotation_probability=0).generate(images, foreground=fg)
+    assert 0 < out["mask"][0].sum() <= 4 and (out["mask"] * (1 - fg)).sum() == 0
+    out = AnomalyGenerator(seed=0, rotation_probability=0).generate(images[:1], foreground=fg[1:])
+    assert out["foreground"].min() == 1 and out["mask"].sum() > 0
+
+
+def test_foreground_dir_masks(tmp_path: Path):
+    masks = tmp_path / "fg" / "train" / "good"
+    masks.mkdir(parents=True)
+    m = np.zeros((64, 64), dtype=np.uint8)
+    m[:32] = 255
+    Image.fromarray(m).save(masks / "000.png")
+    gen = AnomalyGenerator(foreground_dir=tmp_path / "fg", seed=0, rotation_probability=0)
+    out = gen.generate(object_images(1, 32), paths=["train/good/000.png"])
+    assert out["foreground"][0, 0, :16].min() == 1 and out["foreground"][0, 0, 16:].max() == 0
+    assert (out["mask"] * (1 - out["foreground"])).sum() == 0
+    with pytest.raises(ValueError, match="001"):
+        gen.generate(object_images(1, 32), paths=["train/good/001.png"])
 
 
 def test_seed_reproducible():

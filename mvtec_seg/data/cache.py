@@ -46,4 +46,3 @@ def decoded_arrays(
     if len(images) != len(rows):
         raise RuntimeError(f"decoded cache {target} does not match its manifest; delete the folder and rerun")
     return images, masks
-

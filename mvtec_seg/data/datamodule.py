@@ -24,9 +24,11 @@ class ManifestDataset(Dataset):
         rows: list[dict],
         indices: np.ndarray,
         augment: bool = False,
+        crop: int | None = None,
     ) -> None:
         self.images, self.gt_masks, self.target_masks = images, gt_masks, target_masks
         self.rows, self.indices, self.augment = rows, np.asarray(indices, dtype=np.int64), augment
+        self.crop = crop
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -35,11 +37,20 @@ class ManifestDataset(Dataset):
         j = int(self.indices[i])
         image = torch.from_numpy(np.array(self.images[j])).permute(2, 0, 1).float().div_(255.0)
         gt = torch.from_numpy(np.array(self.gt_masks[j])).float().unsqueeze(0)
-        target = gt if self.target_masks is None else torch.from_numpy(np.array(self.target_masks[j])).float()[None]
+        target = (
+            gt
+            if self.target_masks is None
+            else torch.from_numpy(np.array(self.target_masks[j])).float()[None]
+        )
         if self.augment:
             dims = [d for d, flip in ((-1, torch.rand(()) < 0.5), (-2, torch.rand(()) < 0.5)) if flip]
             if dims:
                 image, gt, target = (t.flip(dims) for t in (image, gt, target))
+        if self.crop and self.crop < image.shape[-1]:
+            top, left = (int(v) for v in torch.randint(0, image.shape[-1] - self.crop + 1, (2,)))
+            image, gt, target = (
+                t[..., top : top + self.crop, left : left + self.crop] for t in (image, gt, target)
+            )
         row = self.rows[j]
         return {
             "image": image,
@@ -55,6 +66,8 @@ class ManifestDataset(Dataset):
 class MVTecDataModule(pl.LightningDataModule):
     """Serves the train/val/test parts of one category's manifest.
 
+    `train_crop` trains on random square crops (evaluation always sees whole images): a cheap way to
+    see more defects per CPU second with a fully convolutional network.
     `train_subset="normal"` keeps only normal training images (TransFusion is trained on normal data only).
     Targets for train and val come from `target_masks` (pseudo masks) when given; test is always scored on GT.
     """
@@ -74,6 +87,7 @@ class MVTecDataModule(pl.LightningDataModule):
         augment: bool = True,
         train_subset: str = "all",
         pin_memory: bool = False,
+        train_crop: int | None = None,
     ) -> None:
         super().__init__()
         self.category_dir, self.cache_dir = Path(category_dir), Path(cache_dir)
@@ -84,6 +98,7 @@ class MVTecDataModule(pl.LightningDataModule):
         if train_subset not in ("all", "normal"):
             raise ValueError(f"data.train_subset must be 'all' or 'normal', got {train_subset!r}")
         self.train_subset = train_subset
+        self.train_crop = train_crop
         self.target_masks: np.ndarray | None = None
         self.manifest: dict | None = None
         self.manifest_path: Path | None = None
@@ -116,11 +131,13 @@ class MVTecDataModule(pl.LightningDataModule):
             dtype=np.int64,
         )
 
-    def dataset(self, part: str, augment: bool = False, normal_only: bool = False) -> ManifestDataset:
+    def dataset(
+        self, part: str, augment: bool = False, normal_only: bool = False, crop: int | None = None
+    ) -> ManifestDataset:
         rows = self.prepare()["samples"]
         target = self.target_masks if part in ("train", "val") else None
         idx = self.indices(part, normal_only)
-        return ManifestDataset(self.images, self.gt_masks, target, rows, idx, augment)
+        return ManifestDataset(self.images, self.gt_masks, target, rows, idx, augment, crop)
 
     def counts(self) -> dict[str, int]:
         return part_counts(self.prepare())
@@ -129,10 +146,16 @@ class MVTecDataModule(pl.LightningDataModule):
         """Under DDP (with the trainer's `use_distributed_sampler=False`): shuffled shards for training, and
         unpadded strided shards for evaluation, so every test image is scored exactly once."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.world_size <= 1 or trainer._accelerator_connector.use_distributed_sampler:
+        if (
+            trainer is None
+            or trainer.world_size <= 1
+            or trainer._accelerator_connector.use_distributed_sampler
+        ):
             return None
         if shuffle:
-            return DistributedSampler(ds, num_replicas=trainer.world_size, rank=trainer.global_rank, seed=self.seed)
+            return DistributedSampler(
+                ds, num_replicas=trainer.world_size, rank=trainer.global_rank, seed=self.seed
+            )
         return list(range(trainer.global_rank, len(ds), trainer.world_size))
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
@@ -149,7 +172,9 @@ class MVTecDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        ds = self.dataset("train", augment=self.augment, normal_only=self.train_subset == "normal")
+        ds = self.dataset(
+            "train", augment=self.augment, normal_only=self.train_subset == "normal", crop=self.train_crop
+        )
         return self._loader(ds, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -66,10 +66,14 @@ def scan_category(category_dir: Path | str) -> list[Sample]:
         )
     train_good = root / "train" / "good"
     if not train_good.is_dir() or not _images_in(train_good):
-        raise UserError(f"{train_good} is missing or has no images — every category needs normal training images")
+        raise UserError(
+            f"{train_good} is missing or has no images — every category needs normal training images"
+        )
     test_dir = root / "test"
     if not test_dir.is_dir():
-        raise UserError(f"{test_dir} is missing — a category needs test/<defect_type>/ folders (test/good for normal)")
+        raise UserError(
+            f"{test_dir} is missing — a category needs test/<defect_type>/ folders (test/good for normal)"
+        )
     samples = [Sample(p.relative_to(root).as_posix(), None, "good", "train") for p in _images_in(train_good)]
     gt_root = root / "ground_truth"
     for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir()):
@@ -94,8 +98,12 @@ def scan_category(category_dir: Path | str) -> list[Sample]:
                 f"remove it or add the image"
             )
         samples += [
-            Sample(p.relative_to(root).as_posix(), (mask_dir / f"{p.stem}_mask.png").relative_to(root).as_posix(),
-                   defect, "test")
+            Sample(
+                p.relative_to(root).as_posix(),
+                (mask_dir / f"{p.stem}_mask.png").relative_to(root).as_posix(),
+                defect,
+                "test",
+            )
             for p in images
         ]
     if not any(s.source == "test" for s in samples):

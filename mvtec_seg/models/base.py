@@ -42,7 +42,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict | None) -> dict 
 class AnomalyModule(pl.LightningModule):
     """Base LightningModule: validation on `target_mask` (GT or pseudo), test always on `gt_mask`."""
 
-    def __init__(self, optimizer: dict, scheduler: dict | None = None, evaluation: dict | None = None) -> None:
+    def __init__(
+        self, optimizer: dict, scheduler: dict | None = None, evaluation: dict | None = None
+    ) -> None:
         super().__init__()
         ev = {"iou_threshold": 0.5, "fpr_limit": 0.3, **(evaluation or {})}
         self.val_metrics = AnomalyMetrics(iou_threshold=ev["iou_threshold"], fpr_limit=ev["fpr_limit"])

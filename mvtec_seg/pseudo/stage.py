@@ -23,6 +23,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from mvtec_seg.callbacks import Throughput
+from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import atomic_save_png, atomic_write_json, build_once, file_lock
 from mvtec_seg.metrics import precision_recall_iou
 from mvtec_seg.outputs import RunOutputs, parameter_count
@@ -36,7 +37,23 @@ def _key(obj: Any) -> str:
 
 
 def teacher_spec(cfg: DictConfig, dm) -> dict:
-    """Everything the teacher's weights depend on."""
+    """Everything the teacher's weights depend on (for a user-supplied checkpoint: that file)."""
+    ckpt = cfg.teacher.get("checkpoint")
+    if ckpt:
+        path = Path(ckpt).expanduser().resolve()
+        if not path.is_file():
+            raise UserError(
+                f"teacher.checkpoint {path} not found — point it at a TransFusion .ckpt, or null to train"
+            )
+        stat = path.stat()
+        return {
+            "checkpoint": str(path),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "net": OmegaConf.to_container(cfg.teacher.params.net, resolve=True),
+            "fingerprint": dm.manifest["fingerprint"],
+            "image_size": int(cfg.data.image_size),
+        }
     return {
         "category": cfg.category.name,
         "fingerprint": dm.manifest["fingerprint"],
@@ -82,17 +99,28 @@ def _train_teacher(cfg: DictConfig, final: Path) -> None:
     dm.augment = False  # TransFusion makes its own augmentations (rotation) with its anomalies
     module = get_class(tc.module)(**OmegaConf.to_container(tc.params, resolve=True))
     throughput = Throughput()
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=work, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
-                                        enable_version_counter=False)
+    ckpt = pl.callbacks.ModelCheckpoint(
+        dirpath=work,
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        every_n_epochs=1,
+        enable_version_counter=False,
+    )
     trainer = _teacher_trainer(
-        cfg, int(tc.max_epochs), [throughput, ckpt], pl.loggers.CSVLogger(str(work), name="", version=""),
+        cfg,
+        int(tc.max_epochs),
+        [throughput, ckpt],
+        pl.loggers.CSVLogger(str(work), name="", version=""),
         tc.get("limit_train_batches"),
     )
     resume = work / "last.ckpt"
     if resume.exists():
         log.info("resuming TransFusion training from %s", resume)
     t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=dm.train_dataloader(), ckpt_path=str(resume) if resume.exists() else None)
+    trainer.fit(
+        module, train_dataloaders=dm.train_dataloader(), ckpt_path=str(resume) if resume.exists() else None
+    )
     trainer.save_checkpoint(work / "model.ckpt", weights_only=False)
     atomic_write_json(
         work / "info.json",
@@ -107,13 +135,44 @@ def _train_teacher(cfg: DictConfig, final: Path) -> None:
     os.replace(work, final)
 
 
+def load_teacher_checkpoint(cfg: DictConfig, path: Path) -> pl.LightningModule:
+    """A user's TransFusion checkpoint loaded into the configured architecture (strictly)."""
+    module = get_class(cfg.teacher.module)(**OmegaConf.to_container(cfg.teacher.params, resolve=True))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise UserError(
+            f"checkpoint {path} does not match the TransFusion architecture in teacher.params.net ({detail}) — "
+            f"set teacher.params.net to the settings it was trained with"
+        ) from None
+    return module
+
+
 def ensure_teacher(cfg: DictConfig, dm) -> tuple[pl.LightningModule, dict, Path]:
     """The trained teacher for this category and config: loaded if it exists, trained (once) if not."""
     final = teacher_dir(cfg, dm)
+    if cfg.teacher.get("checkpoint"):
+        module = load_teacher_checkpoint(cfg, Path(cfg.teacher.checkpoint).expanduser())
+        info = {
+            "params": parameter_count(module),
+            "train_s": None,
+            "train_images_per_s": None,
+            "checkpoint": str(cfg.teacher.checkpoint),
+        }
+        final.mkdir(parents=True, exist_ok=True)
+        return module, info, final
     if not (final / "model.ckpt").exists():
         with file_lock(final):
             if not (final / "model.ckpt").exists():
-                log.warning("no TransFusion checkpoint for %s at %s: training it first", cfg.category.name, final)
+                log.warning(
+                    "no TransFusion checkpoint for %s at %s: training it first", cfg.category.name, final
+                )
                 _train_teacher(cfg, final)
     module = get_class(cfg.teacher.module).load_from_checkpoint(final / "model.ckpt", map_location="cpu")
     info = json.loads((final / "info.json").read_text())
@@ -150,7 +209,11 @@ def ensure_pseudo_masks(cfg: DictConfig, dm) -> tuple[np.ndarray, dict]:
         log.warning("building pseudo masks for %s (%s) in %s", cfg.category.name, th, pdir)
         train_idx = dm.indices("train")
         threshold = choose_threshold(
-            maps, train_idx, dm.indices("train", normal_only=True), th["strategy"], th.get("quantile", 0.99),
+            maps,
+            train_idx,
+            dm.indices("train", normal_only=True),
+            th["strategy"],
+            th.get("quantile", 0.99),
             th.get("fixed", 0.5),
         )
         masks = (np.asarray(maps, dtype=np.float32) >= threshold).astype(np.uint8)
@@ -165,7 +228,13 @@ def ensure_pseudo_masks(cfg: DictConfig, dm) -> tuple[np.ndarray, dict]:
         }
         atomic_write_json(
             tmp / "info.json",
-            {"threshold": threshold, "settings": th, "teacher": str(tdir), "quality": quality, "n": len(rows)},
+            {
+                "threshold": threshold,
+                "settings": th,
+                "teacher": str(tdir),
+                "quality": quality,
+                "n": len(rows),
+            },
         )
 
     build_once(pdir, build)
@@ -185,7 +254,7 @@ def evaluate_teacher(cfg: DictConfig, dm, out: RunOutputs) -> dict:
     out.summary["params"] = tinfo["params"]
     out.summary["time"]["train_s"] = tinfo["train_s"]
     out.summary["throughput"]["train_images_per_s"] = tinfo["train_images_per_s"]
-    out.summary["checkpoint"] = str(tdir / "model.ckpt")
+    out.summary["checkpoint"] = tinfo.get("checkpoint", str(tdir / "model.ckpt"))
     trainer, parts = build_trainer(cfg, out.run_dir, None, 1)
     try:
         t0 = time.perf_counter()

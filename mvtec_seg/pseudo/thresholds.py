@@ -15,7 +15,11 @@ STRATEGIES = ("fixed", "quantile", "otsu")
 
 
 def choose_threshold(
-    maps: np.ndarray, train_idx: np.ndarray, normal_train_idx: np.ndarray, strategy: str, quantile: float = 0.99,
+    maps: np.ndarray,
+    train_idx: np.ndarray,
+    normal_train_idx: np.ndarray,
+    strategy: str,
+    quantile: float = 0.99,
     fixed: float = 0.5,
 ) -> float:
     """The binarisation threshold for `maps` ([N,H,W] over the manifest) under a strategy."""

@@ -28,8 +28,14 @@ class Segmenter(AnomalyModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits = self.net(batch["image"])
         terms = self.criterion(logits, batch["target_mask"])
-        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False, on_epoch=True,
-                      on_step=False, batch_size=len(logits), sync_dist=True)
+        self.log_dict(
+            {f"train/{k}": v.detach() for k, v in terms.items()},
+            prog_bar=False,
+            on_epoch=True,
+            on_step=False,
+            batch_size=len(logits),
+            sync_dist=True,
+        )
         return terms["loss"]
 
     def anomaly_map(self, image: Tensor) -> Tensor:

@@ -419,7 +419,10 @@ class AnomalyGenerator:
         b, _, h, w = images.shape
         x0 = images.clone()
         fg = foreground.to(images).clone() if foreground is not None else self.foreground(images, paths)
-        n_anom = min(b, max(1, round(b * self.anomaly_fraction)))
+        fg = (fg > 0.5).to(images.dtype)
+        empty_fg = fg.flatten(1).amax(1) == 0  # nowhere to put an anomaly: use the whole image
+        fg[empty_fg] = 1
+        n_anom = min(b, max(1, math.floor(b * self.anomaly_fraction)))
 
         mask = images.new_zeros(b, 1, h, w)
         prev = images.new_zeros(b, 1, h, w)

@@ -86,7 +86,9 @@ class TimeEmbedding(nn.Module):
         self.act = nn.SiLU()
         self.fc2 = nn.Linear(dim, dim)
 
-    def forward(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+    def forward(self, t: Tensor) -> Tensor:
+        # sinusoids in the weights' dtype (float32 under autocast: bf16 would blur sin(19 * f))
+        dtype = self.fc1.weight.dtype
         half = self.dim // 8
         freqs = torch.exp(torch.arange(half, device=t.device, dtype=dtype) * (-math.log(10_000) / (half - 1)))
         angles = t.to(dtype)[:, None] * freqs[None, :]
@@ -217,7 +219,7 @@ class TransFusionUNet(nn.Module):
             )
         pos = positional_channel(h, w, x_t).expand(b, 1, h, w)
         x = self.stem(torch.cat((x_t, prev_mask.to(x_t.dtype), pos), dim=1))
-        temb = self.time_embed(t, x.dtype)
+        temb = self.time_embed(t)
 
         skips = [x]
         for m in self.down:

@@ -1,0 +1,85 @@
+"""LightningModule for TransFusion, built from plain dicts so `load_from_checkpoint` works with safe loading.
+
+Trained on normal images only: every batch gets synthetic anomalies from `AnomalyGenerator`, so no GT mask
+is ever seen in training. Evaluation goes through the shared `AnomalyModule` code like every other model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mvtec_seg.errors import UserError
+from mvtec_seg.models.base import AnomalyModule
+from mvtec_seg.models.transfusion.anomalies import AnomalyGenerator
+from mvtec_seg.models.transfusion.loss import TransFusionLoss
+from mvtec_seg.models.transfusion.torch_model import TransFusionModel
+
+
+class TransFusion(AnomalyModule):
+    """TransFusion (Fučka et al., ECCV 2024) as a LightningModule.
+
+    `anomalies` takes `AnomalyGenerator` arguments plus `kind` ("object": anomalies on the foreground only,
+    "texture": anywhere), which the configs fill from the category.
+    """
+
+    def __init__(
+        self,
+        net: dict,
+        anomalies: dict,
+        optimizer: dict,
+        loss: dict | None = None,
+        scheduler: dict | None = None,
+        evaluation: dict | None = None,
+    ) -> None:
+        super().__init__(optimizer, scheduler, evaluation)
+        self.save_hyperparameters()
+        self.model = TransFusionModel(**net)
+        self.criterion = TransFusionLoss(**(loss or {}))
+        self._generator: AnomalyGenerator | None = None
+
+    @property
+    def anomaly_generator(self) -> AnomalyGenerator:
+        """Built on first use (it checks texture folders, which a loaded checkpoint may not need)."""
+        if self._generator is None:
+            args = dict(self.hparams.anomalies)
+            kind = args.pop("kind", "object")
+            try:
+                self._generator = AnomalyGenerator(object_category=kind != "texture", **args)
+            except ValueError as err:
+                raise UserError(f"teacher.params.anomalies: {err}") from None
+        return self._generator
+
+    def on_fit_start(self) -> None:
+        _ = self.anomaly_generator  # fail before the first step on a bad texture folder
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        image = batch["image"]
+        material = self.anomaly_generator.generate(image, paths=batch["path"])
+        t = self.model.sample_timesteps(len(image), image.device)
+        out = self.model.training_forward(
+            material["x0"], material["mask"], material["appearance"], material["prev_mask"], t
+        )
+        terms = self.criterion(out)
+        if not torch.isfinite(terms["loss"]):
+            ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "none yet"
+            raise UserError(
+                f"TransFusion loss became non-finite at epoch {self.current_epoch}, step {self.global_step} "
+                f"(terms: { {k: float(v.detach()) for k, v in terms.items()} }); last good checkpoint: {ckpt} — lower "
+                f"teacher.params.optimizer.lr or use trainer.precision=32-true"
+            )
+        self.log_dict(
+            {f"train/{k}": v.detach() for k, v in terms.items()},
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(image),
+            sync_dist=True,
+        )
+        return terms["loss"]
+
+    def anomaly_map(self, image: Tensor) -> Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.predict(image)["anomaly_map"]
+        self.model.train(was_training)
+        return out

@@ -1,0 +1,143 @@
+"""TransFusion as a first-class model and the pseudo-mask stage, end to end in `debug=fast`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_cfg
+
+from mvtec_seg.errors import UserError
+from mvtec_seg.metrics import precision_recall_iou
+from mvtec_seg.models.transfusion.lightning_model import TransFusion
+from mvtec_seg.models.transfusion.loss import TransFusionLoss
+from mvtec_seg.pseudo.stage import ensure_pseudo_masks, teacher_dir
+from mvtec_seg.pseudo.thresholds import choose_threshold
+from mvtec_seg.train import build_datamodule, train
+
+FAST_TEACHER = ["debug=fast", "teacher.max_epochs=2", "teacher.limit_train_batches=2", "data.image_size=32"]
+
+
+@pytest.fixture(scope="module")
+def pseudo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pseudo")
+    cfg = compose_cfg(tmp, ["mask=pseudo", *FAST_TEACHER])
+    return tmp, cfg, train(cfg)
+
+
+def test_pseudo_run_builds_teacher_masks_and_reports_quality(pseudo_run):
+    tmp, cfg, summary = pseudo_run
+    assert summary["status"] == "ok" and summary["mask"] == "pseudo"
+    info = summary["pseudo"]
+    assert info["strategy"] == "quantile" and np.isfinite(info["threshold"])
+    assert set(info["quality"]["train"]) == {"IoU", "precision", "recall"}
+    pdir = Path(info["dir"])
+    masks = np.load(pdir / "masks.npy")
+    assert masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 1}
+    assert len(list((pdir / "png").glob("*.png"))) == len(masks)
+    # the recorded quality is what the stored masks give against GT on the train part
+    dm = build_datamodule(cfg)
+    idx = dm.indices("train")
+    q = precision_recall_iou(masks[idx], np.asarray(dm.gt_masks[idx]))
+    for k, v in q.items():
+        assert info["quality"]["train"][k] == pytest.approx(v, nan_ok=True)
+    # the threshold is the configured quantile of the maps on the train part's normal images
+    maps = np.load(Path(info["teacher"]) / "maps.npy")
+    expected = choose_threshold(maps, idx, dm.indices("train", normal_only=True), "quantile", 0.99)
+    assert info["threshold"] == pytest.approx(expected)
+    saved = json.loads((Path(cfg.paths.run_dir) / "summary.json").read_text())
+    assert saved["pseudo"]["threshold"] == pytest.approx(info["threshold"])
+
+
+def test_second_run_reuses_and_threshold_change_rebuilds(pseudo_run):
+    tmp, cfg, first = pseudo_run
+    tdir = Path(first["pseudo"]["teacher"])
+    ckpt_mtime = (tdir / "model.ckpt").stat().st_mtime_ns
+    dm = build_datamodule(cfg)
+    dm.prepare()
+    masks, info = ensure_pseudo_masks(cfg, dm)
+    assert info["dir"] == first["pseudo"]["dir"] and (tdir / "model.ckpt").stat().st_mtime_ns == ckpt_mtime
+    other = compose_cfg(tmp, ["mask=pseudo", *FAST_TEACHER, "mask.threshold.strategy=fixed"])
+    masks2, info2 = ensure_pseudo_masks(other, dm)
+    assert info2["dir"] != info["dir"] and info2["threshold"] == 0.5
+    assert info2["teacher"] == info["teacher"]  # same teacher, new masks
+    assert np.array_equal(masks2, (np.load(tdir / "maps.npy").astype(np.float32) >= 0.5).astype(np.uint8))
+    otsu = compose_cfg(tmp, ["mask=pseudo", *FAST_TEACHER, "mask.threshold.strategy=otsu"])
+    assert ensure_pseudo_masks(otsu, dm)[1]["dir"] not in (info["dir"], info2["dir"])
+    retrained = compose_cfg(tmp, ["mask=pseudo", *FAST_TEACHER, "teacher.params.optimizer.lr=0.001"])
+    assert teacher_dir(retrained, dm) != tdir  # a changed teacher setting never reuses stale weights
+
+
+def test_model_transfusion_is_scored_like_the_segmenters(pseudo_run):
+    tmp, _, first = pseudo_run
+    cfg = compose_cfg(tmp, ["model=transfusion", *FAST_TEACHER, f"paths.run_dir={tmp / 'tf_run'}"])
+    summary = train(cfg)
+    assert summary["model"] == "transfusion" and summary["mask"] == "none"
+    assert set(summary["metrics"]) == {f"test/{m}" for m in
+                                       ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")}
+    assert summary["checkpoint"] == str(Path(first["pseudo"]["teacher"]) / "model.ckpt")  # shared teacher
+    assert summary["split"] == first["split"]  # same manifest, same test part
+    assert (tmp / "tf_run" / "test_predictions.npz").exists()
+    module = TransFusion.load_from_checkpoint(summary["checkpoint"], map_location="cpu", weights_only=True)
+    assert module.hparams.net["base_channels"] == cfg.teacher.params.net.base_channels
+
+
+def test_user_checkpoint_must_match_architecture(pseudo_run):
+    tmp, _, first = pseudo_run
+    ckpt = Path(first["pseudo"]["teacher"]) / "model.ckpt"
+    good = compose_cfg(tmp, ["model=transfusion", *FAST_TEACHER, f"teacher.checkpoint={ckpt}",
+                             f"paths.run_dir={tmp / 'user_ckpt'}"])
+    assert train(good)["status"] == "ok"
+    bad = compose_cfg(tmp, ["model=transfusion", *FAST_TEACHER, f"teacher.checkpoint={ckpt}",
+                            "teacher.params.net.base_channels=8", f"paths.run_dir={tmp / 'bad_ckpt'}"])
+    with pytest.raises(UserError, match="does not match the TransFusion architecture"):
+        train(bad)
+    missing = compose_cfg(tmp, ["model=transfusion", *FAST_TEACHER, f"teacher.checkpoint={tmp / 'nope.ckpt'}",
+                                f"paths.run_dir={tmp / 'no_ckpt'}"])
+    with pytest.raises(UserError, match="nope.ckpt not found"):
+        train(missing)
+
+
+def test_missing_texture_folder_is_a_clear_error(tmp_path):
+    cfg = compose_cfg(tmp_path, ["model=transfusion", *FAST_TEACHER,
+                                 f"teacher.params.anomalies.texture_dir={tmp_path / 'dtd'}"])
+    with pytest.raises(UserError, match="dtd"):
+        train(cfg)
+    (tmp_path / "empty").mkdir()
+    cfg = compose_cfg(tmp_path, ["model=transfusion", *FAST_TEACHER,
+                                 f"teacher.params.anomalies.texture_dir={tmp_path / 'empty'}"])
+    with pytest.raises(UserError, match="empty"):
+        train(cfg)
+
+
+def test_non_finite_loss_stops_keeps_checkpoint_and_resumes(tmp_path, monkeypatch):
+    original = TransFusionLoss.forward
+    calls = {"n": 0}
+
+    def flaky(self, out):
+        calls["n"] += 1
+        terms = original(self, out)
+        if calls["n"] == 3:  # epoch 2 (of 2 batches per epoch)
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(TransFusionLoss, "forward", flaky)
+    overrides = ["model=transfusion", "debug=fast", "teacher.max_epochs=3", "teacher.limit_train_batches=2",
+                 "data.image_size=32"]
+    cfg = compose_cfg(tmp_path, overrides)
+    with pytest.raises(UserError, match="non-finite.*last good checkpoint: .*last.ckpt"):
+        train(cfg)
+    dm = build_datamodule(cfg)
+    dm.prepare()
+    final = teacher_dir(cfg, dm)
+    partial = final.with_name(final.name + ".partial")
+    assert (partial / "last.ckpt").exists() and not final.exists()
+    assert torch.load(partial / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 0
+    monkeypatch.setattr(TransFusionLoss, "forward", original)
+    summary = train(compose_cfg(tmp_path, overrides + [f"paths.run_dir={tmp_path / 'again'}"]))
+    assert summary["status"] == "ok"
+    info = json.loads((final / "info.json").read_text())
+    assert info["epochs"] == 3  # resumed at epoch 1 and finished, not restarted from scratch

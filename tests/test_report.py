@@ -1,0 +1,343 @@
+"""Report: numbers in report.csv equal the summaries, gaps stay gaps, seeds average, plots and CLI work.
+
+The run folders are fabricated (summary.json, a small test_predictions.npz, a split manifest and a tiny
+MVTec-layout category) so the test needs no training and runs in seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import make_fake_mvtec
+from PIL import Image
+
+from mvtec_seg import report
+from mvtec_seg.errors import UserError
+
+MAP = 16  # saved map size (the fake category's images are 40x40: the report resizes them)
+METRIC_KEYS = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")
+
+
+def _manifest(root: Path, cat_dir: Path) -> Path:
+    """A split manifest whose test part is every image of test/ (index = row)."""
+    images = sorted(p.relative_to(cat_dir).as_posix() for p in (cat_dir / "test").rglob("*.png"))
+    samples = [
+        {
+            "image": rel,
+            "defect_type": rel.split("/")[1],
+            "label": int(rel.split("/")[1] != "good"),
+            "part": "test",
+        }
+        for rel in images
+    ]
+    path = root / "splits" / f"{cat_dir.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"category": cat_dir.name, "category_dir": str(cat_dir), "samples": samples}))
+    return path
+
+
+def _predictions(run_dir: Path, manifest: Path, model: str, seed: int, drop: int | None = None) -> None:
+    rows = json.loads(manifest.read_text())["samples"]
+    idx = np.array([i for i in range(len(rows)) if i != drop], dtype=np.int64)
+    rng = np.random.default_rng(seed + 100 * len(model))
+    gt = np.zeros((len(idx), MAP, MAP), np.uint8)
+    labels = np.array([rows[i]["label"] for i in idx], dtype=np.uint8)
+    gt[labels == 1, 4:8, 4:8] = 1
+    scale = 5.0 if model == "transfusion" else 1.0  # TransFusion maps are not probabilities
+    maps = (scale * (0.6 * rng.random((len(idx), MAP, MAP)) + 0.4 * gt)).astype(np.float16)
+    np.savez_compressed(
+        run_dir / "test_predictions.npz",
+        index=idx,
+        path=np.array([rows[i]["image"] for i in idx]),
+        anomaly_map=maps,
+        gt_mask=gt,
+        gt_label=labels,
+    )
+
+
+def _pseudo(category: str) -> dict[str, Any]:
+    q = (
+        {"IoU": 0.41, "precision": 0.52, "recall": 0.63}
+        if category == "alpha"
+        else {
+            "IoU": 0.21,
+            "precision": 0.32,
+            "recall": 0.43,
+        }
+    )
+    return {
+        "threshold": 0.37 if category == "alpha" else 0.47,
+        "strategy": "normal_quantile",
+        "quality": {"train": q, "val": q, "test": q},
+        "dir": f"/teachers/{category}/pseudo/abc",  # U-Net and DeepLab share the set: counted once
+    }
+
+
+def _run(
+    root: Path,
+    manifest: Path,
+    category: str,
+    model: str,
+    mask: str,
+    seed: int,
+    metrics: dict[str, float | None],
+    status: str = "ok",
+    drop: int | None = None,
+) -> dict[str, Any]:
+    run_dir = root / "runs" / f"{category}_{model}_{mask}_s{seed}_{status}"
+    run_dir.mkdir(parents=True)
+    summary = {
+        "category": category,
+        "model": model,
+        "mask": mask,
+        "seed": seed,
+        "status": status,
+        "params": 1234567,
+        "metrics": {f"test/{k}": v for k, v in metrics.items()},
+        "time": {"train_s": 10.0 + seed + len(model), "test_s": 1.5},
+        "throughput": {"train_images_per_s": 3.0 + seed, "test_images_per_s": 20.0 + len(model)},
+        "split": {"manifest": str(manifest), "n_train": 10, "n_val": 2, "n_test": 10},
+        "pseudo": _pseudo(category) if mask == "pseudo" else None,
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    if status == "ok":
+        _predictions(run_dir, manifest, model, seed, drop)
+    return summary
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """2 categories x 5 cells: two seeds of alpha unet/gt, a NaN metric, a missing and a failed run."""
+    root = tmp_path_factory.mktemp("sweep")
+    data = root / "data"
+    rng = np.random.default_rng(0)
+    summaries: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+
+    def metrics() -> dict[str, float | None]:
+        return {k: float(np.round(rng.uniform(0.2, 0.95), 6)) for k in METRIC_KEYS}
+
+    for category in ("alpha", "beta"):
+        cat_dir = make_fake_mvtec(data, category, n_train=2, n_good=2, defects={"scratch": 3, "hole": 2})
+        manifest = _manifest(root, cat_dir)
+        cells = [
+            ("transfusion", "none", 0),
+            ("unet", "gt", 0),
+            ("unet", "pseudo", 0),
+            ("deeplab", "pseudo", 0),
+        ]
+        if category == "alpha":
+            cells += [("unet", "gt", 1), ("deeplab", "gt", 0)]
+        for model, mask, seed in cells:
+            m = metrics()
+            if (category, model, mask) == ("alpha", "deeplab", "gt"):
+                m["pixel_AP"] = None  # undefined metric -> null in summary.json
+            # one image missing from one run: the grid must only use images that every run has
+            drop = 0 if (category, model, mask) == ("alpha", "deeplab", "pseudo") else None
+            summaries[(category, model, mask, seed)] = _run(
+                root, manifest, category, model, mask, seed, m, drop=drop
+            )
+        if category == "beta":
+            # deeplab/gt is missing for beta: its only run failed (its numbers must be ignored)
+            _run(root, manifest, category, "deeplab", "gt", 0, metrics(), status="failed")
+    shutil.rmtree(data / "beta")  # beta's images are gone: grey placeholders, said in the markdown
+    result = report.build_report(root / "runs")
+    with open(result["report_csv"], newline="") as fh:
+        rows = {r["category"]: r for r in csv.DictReader(fh)}
+    return {"root": root, "summaries": summaries, "result": result, "rows": rows}
+
+
+def _f(cell: str) -> float:
+    return float(cell)
+
+
+def test_cells_equal_the_summaries(sweep: dict[str, Any]) -> None:
+    rows, summaries = sweep["rows"], sweep["summaries"]
+    assert list(rows) == ["alpha", "beta", "mean"]
+    for (cat, model, mask, seed), s in summaries.items():
+        if (cat, model, mask) == ("alpha", "unet", "gt"):
+            continue  # two seeds: checked below
+        for k in METRIC_KEYS:
+            value = s["metrics"][f"test/{k}"]
+            prefix = f"{model}/{mask}/{k}"
+            if value is None:
+                assert rows[cat][f"{prefix}.mean"] == "" and rows[cat][f"{prefix}.n"] == "0"
+            else:
+                assert _f(rows[cat][f"{prefix}.mean"]) == pytest.approx(value, abs=1e-12)
+                assert rows[cat][f"{prefix}.n"] == "1" and rows[cat][f"{prefix}.std"] == ""
+        assert _f(rows[cat][f"{model}/{mask}/train_s.mean"]) == pytest.approx(s["time"]["train_s"])
+        assert _f(rows[cat][f"{model}/{mask}/test_images_per_s.mean"]) == pytest.approx(
+            s["throughput"]["test_images_per_s"]
+        )
+        assert seed == 0
+
+
+def test_seeds_are_averaged_with_their_spread(sweep: dict[str, Any]) -> None:
+    rows, summaries = sweep["rows"], sweep["summaries"]
+    a, b = summaries[("alpha", "unet", "gt", 0)], summaries[("alpha", "unet", "gt", 1)]
+    for k in METRIC_KEYS:
+        values = [a["metrics"][f"test/{k}"], b["metrics"][f"test/{k}"]]
+        assert _f(rows["alpha"][f"unet/gt/{k}.mean"]) == pytest.approx(statistics.mean(values), abs=1e-12)
+        assert _f(rows["alpha"][f"unet/gt/{k}.std"]) == pytest.approx(statistics.stdev(values), abs=1e-12)
+        assert rows["alpha"][f"unet/gt/{k}.n"] == "2"
+    assert _f(rows["alpha"]["unet/gt/train_s.mean"]) == pytest.approx(
+        (a["time"]["train_s"] + b["time"]["train_s"]) / 2
+    )
+    md = sweep["result"]["report_md"].read_text()
+    v = [a["metrics"]["test/pixel_AUPRO"], b["metrics"]["test/pixel_AUPRO"]]
+    assert f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f} (n=2)" in md
+
+
+def test_missing_cells_and_failed_runs_are_gaps_not_zeros(sweep: dict[str, Any]) -> None:
+    rows, result = sweep["rows"], sweep["result"]
+    assert result["skipped"] == {"failed": 1} and result["n_runs"] == 10
+    beta = rows["beta"]
+    for k in (*METRIC_KEYS, "train_s", "train_images_per_s", "test_images_per_s"):
+        for stat in ("mean", "std", "n"):
+            assert beta[f"deeplab/gt/{k}.{stat}"] == "", (k, stat)
+    # no category has a defined deeplab/gt pixel AP (NaN in alpha, missing in beta): the mean is a gap too
+    assert rows["mean"]["deeplab/gt/pixel_AP.mean"] == ""
+    md = result["report_md"].read_text()
+    assert "| beta | " in md and "–†" in md and "undefined" in md
+    beta_line = next(line for line in md.splitlines() if line.startswith("| beta |"))
+    assert "0.000" not in beta_line and "| – |" in beta_line
+
+
+def test_mean_row_averages_over_categories_that_have_the_cell(sweep: dict[str, Any]) -> None:
+    rows, s = sweep["rows"], sweep["summaries"]
+    for k in METRIC_KEYS:
+        seeds = [s[("alpha", "unet", "gt", i)]["metrics"][f"test/{k}"] for i in (0, 1)]
+        expected = (statistics.mean(seeds) + s[("beta", "unet", "gt", 0)]["metrics"][f"test/{k}"]) / 2
+        assert _f(rows["mean"][f"unet/gt/{k}.mean"]) == pytest.approx(expected, abs=1e-12)
+        assert rows["mean"][f"unet/gt/{k}.n"] == "2"
+    only_alpha = s[("alpha", "deeplab", "gt", 0)]["metrics"]["test/pixel_AUPRO"]
+    assert _f(rows["mean"]["deeplab/gt/pixel_AUPRO.mean"]) == pytest.approx(only_alpha)
+    assert rows["mean"]["deeplab/gt/pixel_AUPRO.n"] == "1"
+
+
+def test_gap_is_pseudo_minus_gt(sweep: dict[str, Any]) -> None:
+    rows, s = sweep["rows"], sweep["summaries"]
+    gaps = []
+    for cat in ("alpha", "beta"):
+        for k in ("pixel_AUPRO", "pixel_AP"):
+            gt = statistics.mean(
+                s[(cat, "unet", "gt", i)]["metrics"][f"test/{k}"]
+                for i in (0, 1)
+                if (cat, "unet", "gt", i) in s
+            )
+            pseudo = s[(cat, "unet", "pseudo", 0)]["metrics"][f"test/{k}"]
+            assert _f(rows[cat][f"gap/unet/{k}"]) == pytest.approx(pseudo - gt, abs=1e-12)
+            if k == "pixel_AUPRO":
+                gaps.append(pseudo - gt)
+    assert _f(rows["mean"]["gap/unet/pixel_AUPRO"]) == pytest.approx(statistics.mean(gaps), abs=1e-12)
+    d_gt = s[("alpha", "deeplab", "gt", 0)]["metrics"]["test/pixel_AUPRO"]
+    d_ps = s[("alpha", "deeplab", "pseudo", 0)]["metrics"]["test/pixel_AUPRO"]
+    assert _f(rows["alpha"]["gap/deeplab/pixel_AUPRO"]) == pytest.approx(d_ps - d_gt, abs=1e-12)
+    assert rows["alpha"]["gap/deeplab/pixel_AP"] == ""  # gt's AP is undefined
+    assert rows["beta"]["gap/deeplab/pixel_AUPRO"] == ""  # gt run missing
+
+
+def test_pseudo_quality_and_column_order(sweep: dict[str, Any]) -> None:
+    rows, result = sweep["rows"], sweep["result"]
+    assert _f(rows["alpha"]["pseudo/train_IoU.mean"]) == pytest.approx(0.41)
+    assert rows["alpha"]["pseudo/train_IoU.n"] == "1"  # one shared set, not one per segmenter
+    assert _f(rows["beta"]["pseudo/train_recall.mean"]) == pytest.approx(0.43)
+    assert _f(rows["alpha"]["pseudo/threshold.mean"]) == pytest.approx(0.37)
+    assert _f(rows["mean"]["pseudo/train_precision.mean"]) == pytest.approx((0.52 + 0.32) / 2)
+    assert result["cells"] == [
+        ("transfusion", "none"),
+        ("unet", "gt"),
+        ("unet", "pseudo"),
+        ("deeplab", "gt"),
+        ("deeplab", "pseudo"),
+    ]
+    assert result["columns"][1] == "transfusion/none/pixel_AUPRO.mean"
+
+
+def test_markdown_tables_links_and_plots(sweep: dict[str, Any]) -> None:
+    result = sweep["result"]
+    out = result["report_md"].parent
+    md = result["report_md"].read_text()
+    for heading in (
+        "### pixel AUPRO",
+        "### pixel AP",
+        "### IoU",
+        "## GT vs pseudo masks",
+        "## Pseudo-mask quality",
+        "## Cost",
+        "## Test images across models",
+    ):
+        assert heading in md, heading
+    header = next(line for line in md.splitlines() if line.startswith("| category | transfusion"))
+    assert header.index("transfusion") < header.index("unet / gt") < header.index("deeplab / pseudo")
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert "report_plots/bars_pixel_AUPRO.png" in links and "report_plots/bars_pixel_AP.png" in links
+    assert "report_plots/grid_alpha.png" in links and "report_plots/grid_beta.png" in links
+    for link in links:
+        assert not Path(link).is_absolute()
+        path = out / link
+        assert path.is_file() and path.stat().st_size > 1000, link
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.width > 200
+    assert sorted(result["plots"]) == sorted(out / link for link in links)
+    assert "beta" in md and "grey placeholders" in md  # beta's category folder was removed
+    alpha_section = md.split("### alpha")[1].split("###")[0]
+    assert "placeholder" not in alpha_section
+    assert (out / "report.csv").is_file()
+
+
+def test_grid_images_are_shared_and_anomalous_first() -> None:
+    labels = {"test/good/000.png": 0, "test/good/001.png": 0, "test/hole/000.png": 1, "test/hole/001.png": 1}
+    chosen = report._choose_images(sorted(labels), labels, k=3)
+    assert chosen[:2] == ["test/hole/000.png", "test/hole/001.png"] and len(chosen) == 3
+    many = {f"test/d{i}/000.png": 1 for i in range(20)}
+    assert len(report._choose_images(sorted(many), many)) == report.MAX_GRID_IMAGES
+
+
+def test_heatmap_scale_is_fixed_not_per_image() -> None:
+    image = np.zeros((8, 8, 3), np.uint8)
+    gt = np.zeros((8, 8), np.uint8)
+    low, high = np.full((8, 8), 0.2, np.float32), np.full((8, 8), 0.8, np.float32)
+    a = report._heat_overlay(image, low, gt, 0.0, 1.0)
+    b = report._heat_overlay(image, high, gt, 0.0, 1.0)
+    assert not np.allclose(a, b)  # a constant map is not stretched to the full colour range
+
+
+def test_cli_writes_to_out_and_rejects_bad_folders(sweep: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "elsewhere"
+    assert report.main([str(sweep["root"] / "runs"), "--out", str(out)]) == 0
+    assert (out / "report.md").is_file() and (out / "report_plots" / "bars_pixel_AP.png").is_file()
+    # mean row in a second run is identical: the report is deterministic
+    assert (out / "report.csv").read_text() == sweep["result"]["report_csv"].read_text()
+
+    missing = tmp_path / "no_such_folder"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mvtec_seg.report", str(missing)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and str(missing) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report.main([str(empty)]) == 2
+    with pytest.raises(UserError, match="no summary.json"):
+        report.build_report(empty)
+
+
+def test_only_unfinished_runs_is_a_user_error(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"category": "a", "model": "unet", "status": "failed"}))
+    with pytest.raises(UserError, match=r"no finished run.*failed: 1"):
+        report.build_report(tmp_path)

@@ -1,0 +1,78 @@
+"""A 2 x 2 x 1 Hydra multirun on the synthetic categories, then the comparison report on it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mvtec_seg.report import build_report
+
+CATEGORIES = ("synthetic", "synthetic_texture")
+MODELS = ("unet", "deeplab")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    args = [
+        "-m",
+        f"category={','.join(CATEGORIES)}",
+        f"model={','.join(MODELS)}",
+        "mask=pseudo",
+        "debug=fast",
+        "data.image_size=32",
+        "teacher.max_epochs=1",
+        f"paths.output_dir={tmp / 'out'}",
+        f"hydra.sweep.dir={tmp / 'sweep'}",
+    ]
+    proc = subprocess.run([sys.executable, "-m", "mvtec_seg", *args], cwd=tmp, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+def test_each_job_has_its_own_folder_and_summary(sweep):
+    summaries = [json.loads(p.read_text()) for p in (sweep / "sweep").glob("*/summary.json")]
+    cells = sorted((s["category"], s["model"], s["mask"]) for s in summaries)
+    assert cells == sorted((c, m, "pseudo") for c in CATEGORIES for m in MODELS)
+    assert all(s["status"] == "ok" for s in summaries)
+    groups = {json.loads((Path(s["run_dir"]) / "summary.json").read_text())["run_dir"] for s in summaries}
+    assert len(groups) == 4
+
+
+def test_shared_stages_computed_once_per_category(sweep):
+    cache = sweep / "out" / "_cache"
+    for cat in CATEGORIES:
+        teachers = [p for p in (cache / "transfusion" / cat).iterdir() if p.is_dir()]
+        assert len(teachers) == 1, teachers  # trained once, reused by both segmenters
+        assert len([p for p in (teachers[0] / "pseudo").iterdir() if p.is_dir()]) == 1
+        assert len(list((cache / "splits" / cat).glob("*.json"))) == 1
+    summaries = [json.loads(p.read_text()) for p in (sweep / "sweep").glob("*/summary.json")]
+    for cat in CATEGORIES:
+        dirs = {s["pseudo"]["dir"] for s in summaries if s["category"] == cat}
+        manifests = {s["split"]["manifest"] for s in summaries if s["category"] == cat}
+        assert len(dirs) == 1 and len(manifests) == 1
+
+
+def test_report_on_the_sweep(sweep):
+    result = build_report(sweep / "sweep")
+    rows = {r["category"]: r for r in csv.DictReader(open(result["report_csv"]))}
+    assert set(rows) == {*CATEGORIES, "mean"}
+    for path in (sweep / "sweep").glob("*/summary.json"):
+        s = json.loads(path.read_text())
+        for metric, value in s["metrics"].items():
+            cell = rows[s["category"]][f"{s['model']}/pseudo/{metric.split('/')[1]}.mean"]
+            if value is None:
+                assert cell == ""
+            else:
+                assert float(cell) == pytest.approx(value, rel=1e-9, abs=1e-12)
+    md = Path(result["report_md"]).read_text()
+    assert "U-Net" in md or "unet" in md
+    assert len(result["plots"]) >= 3 and all(Path(p).stat().st_size > 0 for p in result["plots"])
