@@ -3,7 +3,9 @@
 Figure to beat (the reference work's recipe on these 2 cores): AUPRO 0.856 and pixel AP 0.641 in 34 min,
 so the target is better AUPRO and pixel AP in at most 34/3 = 11.3 min.
 
-    .venv/bin/python benchmarks/unet_bottle.py [--epochs 20] [--root ../shared/data/mvtec] [-- hydra overrides]
+    .venv/bin/python benchmarks/unet_bottle.py [--epochs 40] [--root ../shared/data/mvtec] [hydra overrides]
+
+Recipe: `experiment=unet_fast_cpu` (128 px training crops of the 256 px images, batch 8, Adam 1e-3, cosine).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from mvtec_seg.train import train
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=str(DEFAULT_MVTEC))
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args()
@@ -30,7 +32,7 @@ def main() -> None:
     overrides = [
         "category=bottle",
         f"data.root={args.root}",
-        "model=unet",
+        "experiment=unet_fast_cpu",
         "mask=gt",
         f"seed={args.seed}",
         f"model.max_epochs={args.epochs}",

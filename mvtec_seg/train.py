@@ -147,8 +147,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return out.finish(status="dry_run", trainer=trainer)
     try:
         if cfg.ckpt_path is None:
+            last = run_dir / "checkpoints" / "last.ckpt"
+            resume = str(last) if cfg.get("resume") and last.exists() else None
+            if resume:
+                log.warning("resuming training from %s", last)
             t0 = time.perf_counter()
-            trainer.fit(model, datamodule=dm)
+            trainer.fit(model, datamodule=dm, ckpt_path=resume)
             out.summary["time"]["train_s"] = time.perf_counter() - t0
             out.summary["throughput"]["train_images_per_s"] = parts["throughput"].images_per_s
             best = parts["checkpoint"].best_model_path

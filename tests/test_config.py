@@ -70,5 +70,13 @@ def test_other_groups_compose(tmp_path, group):
         assert cfg.logger.wandb.mode == "offline"
     if group == "trainer=gpu":
         assert cfg.trainer.precision == "bf16-mixed"
+    if group == "experiment=unet_fast_cpu":
+        assert cfg.model.params.scheduler.T_max == cfg.model.max_epochs == 40 and cfg.data.train_crop == 128
+    if group == "experiment=transfusion_paper":
+        assert cfg.model.name == "transfusion" and cfg.teacher.max_epochs == 1500
+        assert (
+            cfg.teacher.params.optimizer.lr == pytest.approx(1e-5)
+            and cfg.teacher.params.scheduler.step_size == 800
+        )
     if group == "debug=fast":
         assert cfg.trainer.max_epochs == 1 and cfg.trainer.limit_train_batches == 2

@@ -128,3 +128,15 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, breakage):
     }[breakage]
     assert expected in lines[0]
     assert not list((tmp_path / "out").rglob("best.ckpt"))  # stopped before training
+
+
+def test_interrupted_run_resumes(tmp_path, caplog):
+    first = train(compose_cfg(tmp_path, ["debug=fast", "trainer.max_epochs=1"]))
+    last = Path(first["run_dir"]) / "checkpoints" / "last.ckpt"
+    step_after_first = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    with caplog.at_level("WARNING", logger="mvtec_seg.train"):
+        again = train(compose_cfg(tmp_path, ["debug=fast", "trainer.max_epochs=2", "resume=true"]))
+    assert again["run_dir"] == first["run_dir"] and again["status"] == "ok"
+    assert f"resuming training from {last}" in caplog.text
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 * step_after_first  # continued from the first run's step count

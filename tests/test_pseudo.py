@@ -69,6 +69,8 @@ def test_second_run_reuses_and_threshold_change_rebuilds(pseudo_run):
     assert ensure_pseudo_masks(otsu, dm)[1]["dir"] not in (info["dir"], info2["dir"])
     retrained = compose_cfg(tmp, ["mask=pseudo", *FAST_TEACHER, "teacher.params.optimizer.lr=0.001"])
     assert teacher_dir(retrained, dm) != tdir  # a changed teacher setting never reuses stale weights
+    rescored = compose_cfg(tmp, ["mask=pseudo", *FAST_TEACHER, "evaluation.iou_threshold=0.3"])
+    assert teacher_dir(rescored, dm) == tdir  # a scoring setting does not retrain
 
 
 def test_model_transfusion_is_scored_like_the_segmenters(pseudo_run):
@@ -76,8 +78,9 @@ def test_model_transfusion_is_scored_like_the_segmenters(pseudo_run):
     cfg = compose_cfg(tmp, ["model=transfusion", *FAST_TEACHER, f"paths.run_dir={tmp / 'tf_run'}"])
     summary = train(cfg)
     assert summary["model"] == "transfusion" and summary["mask"] == "none"
-    assert set(summary["metrics"]) == {f"test/{m}" for m in
-                                       ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")}
+    assert set(summary["metrics"]) == {
+        f"test/{m}" for m in ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")
+    }
     assert summary["checkpoint"] == str(Path(first["pseudo"]["teacher"]) / "model.ckpt")  # shared teacher
     assert summary["split"] == first["split"]  # same manifest, same test part
     assert (tmp / "tf_run" / "test_predictions.npz").exists()
@@ -88,27 +91,53 @@ def test_model_transfusion_is_scored_like_the_segmenters(pseudo_run):
 def test_user_checkpoint_must_match_architecture(pseudo_run):
     tmp, _, first = pseudo_run
     ckpt = Path(first["pseudo"]["teacher"]) / "model.ckpt"
-    good = compose_cfg(tmp, ["model=transfusion", *FAST_TEACHER, f"teacher.checkpoint={ckpt}",
-                             f"paths.run_dir={tmp / 'user_ckpt'}"])
+    good = compose_cfg(
+        tmp,
+        [
+            "model=transfusion",
+            *FAST_TEACHER,
+            f"teacher.checkpoint={ckpt}",
+            f"paths.run_dir={tmp / 'user_ckpt'}",
+        ],
+    )
     assert train(good)["status"] == "ok"
-    bad = compose_cfg(tmp, ["model=transfusion", *FAST_TEACHER, f"teacher.checkpoint={ckpt}",
-                            "teacher.params.net.base_channels=8", f"paths.run_dir={tmp / 'bad_ckpt'}"])
+    bad = compose_cfg(
+        tmp,
+        [
+            "model=transfusion",
+            *FAST_TEACHER,
+            f"teacher.checkpoint={ckpt}",
+            "teacher.params.net.base_channels=8",
+            f"paths.run_dir={tmp / 'bad_ckpt'}",
+        ],
+    )
     with pytest.raises(UserError, match="does not match the TransFusion architecture"):
         train(bad)
-    missing = compose_cfg(tmp, ["model=transfusion", *FAST_TEACHER, f"teacher.checkpoint={tmp / 'nope.ckpt'}",
-                                f"paths.run_dir={tmp / 'no_ckpt'}"])
+    missing = compose_cfg(
+        tmp,
+        [
+            "model=transfusion",
+            *FAST_TEACHER,
+            f"teacher.checkpoint={tmp / 'nope.ckpt'}",
+            f"paths.run_dir={tmp / 'no_ckpt'}",
+        ],
+    )
     with pytest.raises(UserError, match="nope.ckpt not found"):
         train(missing)
 
 
 def test_missing_texture_folder_is_a_clear_error(tmp_path):
-    cfg = compose_cfg(tmp_path, ["model=transfusion", *FAST_TEACHER,
-                                 f"teacher.params.anomalies.texture_dir={tmp_path / 'dtd'}"])
+    cfg = compose_cfg(
+        tmp_path,
+        ["model=transfusion", *FAST_TEACHER, f"teacher.params.anomalies.texture_dir={tmp_path / 'dtd'}"],
+    )
     with pytest.raises(UserError, match="dtd"):
         train(cfg)
     (tmp_path / "empty").mkdir()
-    cfg = compose_cfg(tmp_path, ["model=transfusion", *FAST_TEACHER,
-                                 f"teacher.params.anomalies.texture_dir={tmp_path / 'empty'}"])
+    cfg = compose_cfg(
+        tmp_path,
+        ["model=transfusion", *FAST_TEACHER, f"teacher.params.anomalies.texture_dir={tmp_path / 'empty'}"],
+    )
     with pytest.raises(UserError, match="empty"):
         train(cfg)
 
@@ -125,8 +154,13 @@ def test_non_finite_loss_stops_keeps_checkpoint_and_resumes(tmp_path, monkeypatc
         return terms
 
     monkeypatch.setattr(TransFusionLoss, "forward", flaky)
-    overrides = ["model=transfusion", "debug=fast", "teacher.max_epochs=3", "teacher.limit_train_batches=2",
-                 "data.image_size=32"]
+    overrides = [
+        "model=transfusion",
+        "debug=fast",
+        "teacher.max_epochs=3",
+        "teacher.limit_train_batches=2",
+        "data.image_size=32",
+    ]
     cfg = compose_cfg(tmp_path, overrides)
     with pytest.raises(UserError, match="non-finite.*last good checkpoint: .*last.ckpt"):
         train(cfg)

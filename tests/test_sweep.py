@@ -32,8 +32,14 @@ def sweep(tmp_path_factory):
         f"paths.output_dir={tmp / 'out'}",
         f"hydra.sweep.dir={tmp / 'sweep'}",
     ]
-    proc = subprocess.run([sys.executable, "-m", "mvtec_seg", *args], cwd=tmp, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mvtec_seg", *args],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp
 
@@ -63,7 +69,8 @@ def test_shared_stages_computed_once_per_category(sweep):
 
 def test_report_on_the_sweep(sweep):
     result = build_report(sweep / "sweep")
-    rows = {r["category"]: r for r in csv.DictReader(open(result["report_csv"]))}
+    with open(result["report_csv"]) as fh:
+        rows = {r["category"]: r for r in csv.DictReader(fh)}
     assert set(rows) == {*CATEGORIES, "mean"}
     for path in (sweep / "sweep").glob("*/summary.json"):
         s = json.loads(path.read_text())
@@ -76,3 +83,37 @@ def test_report_on_the_sweep(sweep):
     md = Path(result["report_md"]).read_text()
     assert "U-Net" in md or "unet" in md
     assert len(result["plots"]) >= 3 and all(Path(p).stat().st_size > 0 for p in result["plots"])
+
+
+def test_glob_sweep_over_all_15_categories(tmp_path):
+    """`category=glob(...)` expands to the 15 MVTec categories; each job checks its data and stops (dry run)."""
+    from conftest import make_fake_mvtec
+
+    from mvtec_seg.data.mvtec import MVTEC_CATEGORIES
+
+    for name in MVTEC_CATEGORIES:
+        make_fake_mvtec(
+            tmp_path / "mvtec", name=name, n_train=4, n_good=3, defects={"crack": 3}, size=(24, 24)
+        )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    args = [
+        "-m",
+        "category=glob(*,exclude=[custom,synthetic*])",
+        "dry_run=true",
+        "data.image_size=32",
+        f"data.root={tmp_path / 'mvtec'}",
+        f"paths.output_dir={tmp_path / 'out'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mvtec_seg", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")]
+    assert sorted(s["category"] for s in summaries) == sorted(MVTEC_CATEGORIES)
+    assert all(s["status"] == "dry_run" and s["split"]["n_test"] > 0 for s in summaries)

@@ -46,13 +46,15 @@ class AnomalyModule(pl.LightningModule):
         self, optimizer: dict, scheduler: dict | None = None, evaluation: dict | None = None
     ) -> None:
         super().__init__()
-        ev = {"iou_threshold": 0.5, "fpr_limit": 0.3, **(evaluation or {})}
-        self.val_metrics = AnomalyMetrics(iou_threshold=ev["iou_threshold"], fpr_limit=ev["fpr_limit"])
-        self.test_metrics = AnomalyMetrics(iou_threshold=ev["iou_threshold"], fpr_limit=ev["fpr_limit"])
-        self.iou_threshold = float(ev["iou_threshold"])
+        self.configure_evaluation(**(evaluation or {}))
         self.test_predictions: dict[str, np.ndarray] | None = None
         self.computed_metrics: dict[str, dict[str, float]] = {}  # full-precision values, by stage
         self._test_store: list[tuple[Tensor, Tensor]] = []
+
+    def configure_evaluation(self, iou_threshold: float = 0.5, fpr_limit: float = 0.3) -> None:
+        """(Re)build the metric objects, e.g. for a loaded checkpoint scored under today's settings."""
+        self.val_metrics = AnomalyMetrics(iou_threshold=iou_threshold, fpr_limit=fpr_limit)
+        self.test_metrics = AnomalyMetrics(iou_threshold=iou_threshold, fpr_limit=fpr_limit)
 
     # -- to implement ------------------------------------------------------------------------------
     def anomaly_map(self, image: Tensor) -> Tensor:

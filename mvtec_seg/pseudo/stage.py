@@ -60,8 +60,15 @@ def teacher_spec(cfg: DictConfig, dm) -> dict:
         "seed": int(cfg.seed),
         "image_size": int(cfg.data.image_size),
         "split_ratios": list(cfg.data.split_ratios),
-        "teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
+        "teacher": _weights_config(cfg),
     }
+
+
+def _weights_config(cfg: DictConfig) -> dict:
+    """The teacher config minus what only affects scoring (so changing the IoU threshold never retrains)."""
+    spec = OmegaConf.to_container(cfg.teacher, resolve=True)
+    spec["params"].pop("evaluation", None)
+    return spec
 
 
 def teacher_dir(cfg: DictConfig, dm) -> Path:
@@ -175,6 +182,7 @@ def ensure_teacher(cfg: DictConfig, dm) -> tuple[pl.LightningModule, dict, Path]
                 )
                 _train_teacher(cfg, final)
     module = get_class(cfg.teacher.module).load_from_checkpoint(final / "model.ckpt", map_location="cpu")
+    module.configure_evaluation(**{k: cfg.evaluation[k] for k in ("iou_threshold", "fpr_limit")})
     info = json.loads((final / "info.json").read_text())
     return module, info, final
 
