@@ -46,7 +46,9 @@ def test_pseudo_run_builds_teacher_masks_and_reports_quality(pseudo_run):
         assert info["quality"]["train"][k] == pytest.approx(v, nan_ok=True)
     # the threshold is the configured quantile of the maps on the train part's normal images
     maps = np.load(Path(info["teacher"]) / "maps.npy")
-    expected = choose_threshold(maps, idx, dm.indices("train", normal_only=True), "quantile", 0.99)
+    expected = choose_threshold(
+        maps, idx, dm.indices("train", normal_only=True), "quantile", cfg.mask.threshold.quantile
+    )
     assert info["threshold"] == pytest.approx(expected)
     saved = json.loads((Path(cfg.paths.run_dir) / "summary.json").read_text())
     assert saved["pseudo"]["threshold"] == pytest.approx(info["threshold"])

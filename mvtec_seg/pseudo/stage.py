@@ -221,7 +221,7 @@ def ensure_pseudo_masks(cfg: DictConfig, dm) -> tuple[np.ndarray, dict]:
             train_idx,
             dm.indices("train", normal_only=True),
             th["strategy"],
-            th.get("quantile", 0.99),
+            th.get("quantile", 0.995),
             th.get("fixed", 0.5),
         )
         masks = (np.asarray(maps, dtype=np.float32) >= threshold).astype(np.uint8)

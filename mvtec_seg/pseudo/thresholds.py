@@ -19,7 +19,7 @@ def choose_threshold(
     train_idx: np.ndarray,
     normal_train_idx: np.ndarray,
     strategy: str,
-    quantile: float = 0.99,
+    quantile: float = 0.995,
     fixed: float = 0.5,
 ) -> float:
     """The binarisation threshold for `maps` ([N,H,W] over the manifest) under a strategy."""
