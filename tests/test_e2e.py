@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg, make_fake_mvtec
+from conftest import compose_cfg, make_fake_mvtec, run_cli
 
 from mvtec_seg.metrics import compute_all
 from mvtec_seg.models.segmenter import Segmenter
@@ -76,18 +73,6 @@ def test_dry_run_builds_everything_and_trains_nothing(tmp_path):
     assert json.loads((Path(cfg.paths.run_dir) / "summary.json").read_text())["status"] == "dry_run"
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run(
-        [sys.executable, "-m", "mvtec_seg", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.mark.parametrize(
     "breakage", ["missing_root", "unknown_category", "missing_mask", "bad_image", "mask_size"]
 )
@@ -112,7 +97,7 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, breakage):
         from PIL import Image
 
         Image.fromarray(np.zeros((10, 10), np.uint8)).save(cat / "ground_truth" / "scratch" / "001_mask.png")
-    proc = _cli(args, tmp_path)
+    proc = run_cli(args, tmp_path, timeout=300)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     if breakage == "unknown_category":

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CONF_DIR, compose_cfg
+from conftest import CONF_DIR, compose_cfg, run_cli
 from hydra import compose, initialize_config_dir
 
 from mvtec_seg.metrics import compute_all
@@ -19,7 +16,6 @@ from mvtec_seg.train import train
 
 
 def test_ddp_two_cpu_processes_one_folder_exact_metrics(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     run_dir = tmp_path / "run"
     args = [
         "trainer=ddp_cpu",
@@ -28,14 +24,7 @@ def test_ddp_two_cpu_processes_one_folder_exact_metrics(tmp_path):
         f"hydra.run.dir={run_dir}",
         f"paths.output_dir={tmp_path / 'out'}",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "mvtec_seg", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=500,
-    )
+    proc = run_cli(args, tmp_path, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train_ddp_process_1" in proc.stderr or (run_dir / "train_ddp_process_1.log").exists()
     summaries = list(tmp_path.rglob("summary.json"))

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from mvtec_seg.report import build_report
 
@@ -20,7 +18,6 @@ MODELS = ("unet", "deeplab")
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     args = [
         "-m",
         f"category={','.join(CATEGORIES)}",
@@ -32,14 +29,7 @@ def sweep(tmp_path_factory):
         f"paths.output_dir={tmp / 'out'}",
         f"hydra.sweep.dir={tmp / 'sweep'}",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "mvtec_seg", *args],
-        cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_cli(args, tmp, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp
 
@@ -95,7 +85,6 @@ def test_glob_sweep_over_all_15_categories(tmp_path):
         make_fake_mvtec(
             tmp_path / "mvtec", name=name, n_train=4, n_good=3, defects={"crack": 3}, size=(24, 24)
         )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     args = [
         "-m",
         "category=glob(*,exclude=[custom,synthetic*])",
@@ -105,14 +94,7 @@ def test_glob_sweep_over_all_15_categories(tmp_path):
         f"paths.output_dir={tmp_path / 'out'}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "mvtec_seg", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_cli(args, tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")]
     assert sorted(s["category"] for s in summaries) == sorted(MVTEC_CATEGORIES)
