@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: install
 
 test: install
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+
+test-fast: install   # the suite without the tests that start the CLI or several processes
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

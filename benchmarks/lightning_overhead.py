@@ -18,9 +18,9 @@ import pytorch_lightning as pl
 import torch
 from common import DEFAULT_MVTEC, emit
 
+from mvtec_seg.builders import build_datamodule, build_model
 from mvtec_seg.callbacks import Throughput
 from mvtec_seg.config import compose_config
-from mvtec_seg.train import build_datamodule, build_segmenter
 
 
 def plain_loop(model, loader, batches: int) -> float:
@@ -76,7 +76,7 @@ def main() -> None:
     pl.seed_everything(0)
     dm = build_datamodule(cfg)
     dm.prepare()
-    base = build_segmenter(cfg)
+    base = build_model(cfg)
     plain, light = [], []
     for _ in range(args.rounds):
         plain.append(plain_loop(copy.deepcopy(base), dm.train_dataloader(), args.batches))

@@ -16,9 +16,10 @@ import shutil
 
 from common import DEFAULT_MVTEC, ROOT, CpuClock, emit, require_category
 
+from mvtec_seg.builders import build_datamodule
 from mvtec_seg.config import compose_config
-from mvtec_seg.pseudo.stage import ensure_pseudo_masks
-from mvtec_seg.train import build_datamodule, train
+from mvtec_seg.pseudo.masks import ensure_pseudo_masks
+from mvtec_seg.train import train
 
 STRATEGIES = (
     ["mask.threshold.strategy=quantile", "mask.threshold.quantile=0.99"],

@@ -1,23 +1,37 @@
-"""Callbacks: training throughput measured inside the loop."""
+"""Run side effects as Lightning callbacks: throughput measured inside the loops, test artefacts written
+once the test loop has gathered every rank's maps."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from mvtec_seg.io_utils import atomic_save_npz
+
+PREDICTIONS_FILE = "test_predictions.npz"
 
 
 class Throughput(pl.Callback):
-    """Training images per second, everything included (data loading, forward, backward, optimiser, hooks).
+    """Training images per second, everything included (data loading, forward, backward, optimiser, hooks),
+    and the test loop's wall time.
 
-    Each epoch is timed from the end of its first batch (warm-up excluded) to the end of its last, so
-    validation between epochs does not count. An epoch of one batch counts that batch alone.
+    Each training epoch is timed from the end of its first batch (warm-up excluded) to the end of its last,
+    so validation between epochs does not count. An epoch of one batch counts that batch alone. The test
+    time runs from the start of the test loop to its end, before any artefact is written (callbacks placed
+    after this one run their `on_test_end` later).
     """
 
     def __init__(self) -> None:
         self.images = 0
         self.seconds = 0.0
         self._single: tuple[int, float] | None = None
+        self.test_s: float | None = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_t0 = self._t0 = time.perf_counter()
@@ -37,6 +51,12 @@ class Throughput(pl.Callback):
         self.seconds += now - self._mark
         self._mark = now
 
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._test_t0 = time.perf_counter()
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.test_s = time.perf_counter() - self._test_t0
+
     @property
     def images_per_s(self) -> float:
         if self.seconds > 0:
@@ -44,3 +64,72 @@ class Throughput(pl.Callback):
         if self._single is not None and self._single[1] > 0:
             return self._single[0] / self._single[1]
         return float("nan")
+
+
+class TestArtefacts(pl.Callback):
+    """Collects `test_step`'s `{index, anomaly_map}` outputs, gathers them from every rank, and writes
+    `test_predictions.npz`, overlay panels and curves into the run folder (global rank 0 only).
+
+    The saved maps are the exact tensors the metrics saw, so every number in `summary.json` can be
+    recomputed from the file. `metrics` (the module's full-precision test values) label the curves.
+    """
+
+    def __init__(
+        self, run_dir: Path | str, iou_threshold: float, fpr_limit: float, max_overlays: int
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.iou_threshold, self.fpr_limit = float(iou_threshold), float(fpr_limit)
+        self.max_overlays = int(max_overlays)
+        self._store: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.n_images = 0
+        self.overlay_paths: list[Path] = []
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._store = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs: Any, batch, batch_idx, dataloader_idx=0) -> None:
+        self._store.append((outputs["index"].detach().cpu(), outputs["anomaly_map"].detach().cpu()))
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        store, self._store = self._store, []
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, store)
+            store = [item for part in gathered for item in part]
+        if not store or not trainer.is_global_zero:
+            return
+        index = torch.cat([s[0] for s in store]).numpy()
+        maps = torch.cat([s[1] for s in store]).numpy()
+        order = np.argsort(index, kind="stable")
+        self.n_images = len(index)
+        self.write(trainer.datamodule, index[order], maps[order], pl_module.computed_metrics.get("test"))
+
+    def write(self, dm, index: np.ndarray, maps: np.ndarray, metrics: dict[str, float] | None) -> None:
+        from mvtec_seg import viz
+
+        rows = dm.manifest["samples"]
+        gt = np.asarray(dm.gt_masks[index])
+        labels = np.array([rows[i]["label"] for i in index], dtype=np.uint8)
+        paths = np.array([rows[i]["image"] for i in index])
+        atomic_save_npz(
+            self.run_dir / PREDICTIONS_FILE,
+            index=index,
+            path=paths,
+            anomaly_map=maps,
+            gt_mask=gt,
+            gt_label=labels,
+        )
+        maps = maps.astype(np.float32)
+        k = min(len(index), self.max_overlays)
+        names = [f"{rows[i]['defect_type']}_{Path(rows[i]['image']).stem}" for i in index[:k]]
+        self.overlay_paths = viz.save_overlays(
+            self.run_dir / "overlays",
+            np.asarray(dm.images[index[:k]]),
+            gt[:k],
+            maps[:k],
+            names,
+            threshold=self.iou_threshold,
+            vmin=float(maps.min()),
+            vmax=float(maps.max()),
+        )
+        viz.plot_curves(maps, gt, labels, self.run_dir / "curves", fpr_limit=self.fpr_limit, metrics=metrics)

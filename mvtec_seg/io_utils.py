@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -27,6 +28,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "build_once",
+    "content_key",
     "file_lock",
 ]
 
@@ -84,6 +86,11 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
+
+
+def content_key(obj: Any) -> str:
+    """A short, stable key for a JSON-able description of an artefact's inputs (its folder name)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def png_bytes(array: np.ndarray) -> bytes:

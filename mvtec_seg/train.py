@@ -1,5 +1,8 @@
-"""`train(cfg) -> metrics`: the whole job for one (category, model, mask), pure apart from its outputs.
+"""`train(cfg) -> summary`: the whole job for one (category, model, mask), pure apart from its outputs.
 
+One path through a run: check the data and split it; get the model (`model.source=fit`: train a segmenter
+on the mask source; `teacher`: the shared TransFusion teacher, trained once per category in the cache);
+test it on the test part; record and finish. `dry_run=true` stops after building the model and trainer.
 `__main__` is a thin Hydra wrapper around this, so tests compose configs and call it directly.
 """
 
@@ -7,120 +10,109 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mvtec_seg.callbacks import Throughput
+from mvtec_seg.builders import build_datamodule, build_model, build_trainer, max_epochs
+from mvtec_seg.callbacks import TestArtefacts, Throughput
 from mvtec_seg.data.datamodule import MVTecDataModule
-from mvtec_seg.data.mvtec import MVTEC_CATEGORIES
 from mvtec_seg.errors import UserError
-from mvtec_seg.outputs import RunOutputs, parameter_count
+from mvtec_seg.loggers import run_loggers
+from mvtec_seg.models.base import AnomalyModule, parameter_count
+from mvtec_seg.outputs import RunOutputs
+from mvtec_seg.pseudo.masks import ensure_pseudo_masks
+from mvtec_seg.teacher import ensure_teacher
 
 log = logging.getLogger(__name__)
+MODEL_SOURCES = ("fit", "teacher")
 
 
-def category_dir(cfg: DictConfig) -> Path:
-    """The category folder; the synthetic categories are generated here on first use."""
-    name = cfg.category.name
-    root = Path(cfg.data.root)
-    gen = cfg.category.get("generate")
-    if gen:
-        from mvtec_seg.data.synthetic import generate_category
+@dataclass
+class RunParts:
+    """The run trainer's callbacks and W&B logger, read after fitting and testing."""
 
-        return generate_category(
-            root, name=name, seed=int(cfg.seed), **OmegaConf.to_container(gen, resolve=True)
-        )
-    path = root / name
-    if not path.is_dir():
-        known = "" if name in MVTEC_CATEGORIES else f" ('{name}' is not an MVTec AD category name)"
-        raise UserError(
-            f"category folder not found: {path}{known} — set data.root=<folder holding {name}/> "
-            f"(or MVTEC_ROOT), or use category=synthetic for the built-in demo data"
-        )
-    return path
+    throughput: Throughput
+    artefacts: TestArtefacts
+    checkpoint: pl.callbacks.ModelCheckpoint
+    wandb: Any | None
 
 
-def build_datamodule(
-    cfg: DictConfig, train_subset: str = "all", batch_size: int | None = None
-) -> MVTecDataModule:
-    d = cfg.data
-    return MVTecDataModule(
-        category_dir=category_dir(cfg),
-        cache_dir=cfg.paths.cache_dir,
-        category=cfg.category.name,
-        seed=int(cfg.seed),
-        image_size=int(d.image_size),
-        batch_size=int(batch_size or d.batch_size),
-        eval_batch_size=int(d.eval_batch_size),
-        num_workers=int(d.num_workers),
-        decode_workers=int(d.decode_workers),
-        split_ratios=tuple(d.split_ratios),
-        augment=bool(d.augment),
-        train_subset=train_subset,
-        train_crop=d.get("train_crop"),
-    )
-
-
-def build_trainer(
-    cfg: DictConfig,
-    run_dir: Path | None,
-    monitor: str | None,
-    max_epochs: int,
-    extra_callbacks: list | None = None,
-    overrides: dict | None = None,
-) -> tuple[pl.Trainer, dict[str, Any]]:
-    """Trainer from the `trainer` group; `run_dir=None` gives a quiet trainer without logs or checkpoints."""
-    tcfg = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
-    tcfg.pop("max_epochs", None)
-    tcfg.update(overrides or {})
-    parts: dict[str, Any] = {"throughput": Throughput()}
-    callbacks: list = [parts["throughput"], *(extra_callbacks or [])]
-    loggers: list = []
-    if run_dir is not None:
-        ckpt = pl.callbacks.ModelCheckpoint(
+def run_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RunParts]:
+    """The run's Trainer: checkpoints (best by `checkpoint.monitor`), loggers, throughput, test artefacts."""
+    ev = cfg.evaluation
+    monitor = cfg.checkpoint.monitor
+    parts = RunParts(
+        throughput=Throughput(),
+        artefacts=TestArtefacts(run_dir, ev.iou_threshold, ev.fpr_limit, ev.max_overlays),
+        checkpoint=pl.callbacks.ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="best",
             monitor=monitor,
             mode=cfg.checkpoint.mode,
             save_last=monitor is not None,
             save_top_k=1,
-        )
-        parts["checkpoint"] = ckpt
-        callbacks.append(ckpt)
-        if cfg.logger.csv:
-            loggers.append(pl.loggers.CSVLogger(save_dir=str(run_dir), name="csv", version=""))
-        if cfg.logger.get("wandb"):
-            from mvtec_seg.wandb_utils import make_wandb_logger
-
-            parts["wandb"] = make_wandb_logger(cfg, run_dir)
-            loggers.append(parts["wandb"])
-    trainer = pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=loggers or False,
-        enable_checkpointing=run_dir is not None,
-        default_root_dir=str(run_dir) if run_dir else None,
-        **tcfg,
+        ),
+        wandb=None,
+    )
+    loggers, parts.wandb = run_loggers(cfg, run_dir)
+    trainer = build_trainer(
+        cfg,
+        max_epochs(cfg),
+        [parts.throughput, parts.artefacts, parts.checkpoint],
+        loggers or False,
+        enable_checkpointing=True,
+        default_root_dir=str(run_dir),
     )
     return trainer, parts
 
 
-def max_epochs_for(cfg: DictConfig, model_epochs: int) -> int:
-    return int(cfg.trainer.max_epochs) if cfg.trainer.get("max_epochs") is not None else int(model_epochs)
+def _fit(
+    cfg: DictConfig, model: AnomalyModule, dm, trainer: pl.Trainer, parts: RunParts, out: RunOutputs
+) -> str | None:
+    """Train (or resume) the segmenter; records and returns the checkpoint to test (`ckpt_path` if given,
+    else the best)."""
+    if cfg.ckpt_path is not None:
+        out.summary.checkpoint = str(cfg.ckpt_path)
+        return out.summary.checkpoint
+    last = out.run_dir / "checkpoints" / "last.ckpt"
+    resume = str(last) if cfg.get("resume") and last.exists() else None
+    if resume:
+        log.warning("resuming training from %s", last)
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=dm, ckpt_path=resume)
+    out.summary.time["train_s"] = time.perf_counter() - t0
+    out.summary.throughput["train_images_per_s"] = parts.throughput.images_per_s
+    out.summary.checkpoint = parts.checkpoint.best_model_path or None
+    return out.summary.checkpoint
 
 
-def build_segmenter(cfg: DictConfig) -> pl.LightningModule:
-    params = OmegaConf.to_container(cfg.model.params, resolve=True)
-    evaluation = {k: cfg.evaluation[k] for k in ("iou_threshold", "fpr_limit")}
-    return get_class(cfg.model.module)(**params, evaluation=evaluation)
+def _prepare_model(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> AnomalyModule:
+    """The model to test, recorded in the summary: the ensured teacher, or an untrained segmenter whose
+    targets (GT, or pseudo masks built on first use) are set on `dm`."""
+    if cfg.model.source == "teacher":
+        teacher = ensure_teacher(cfg, dm)
+        out.summary.params = teacher.info["params"]
+        out.summary.time["train_s"] = teacher.info["train_s"]
+        out.summary.throughput["train_images_per_s"] = teacher.info["train_images_per_s"]
+        out.summary.checkpoint = teacher.checkpoint
+        return teacher.module
+    if cfg.mask.name == "pseudo":
+        masks, info = ensure_pseudo_masks(cfg, dm)
+        dm.set_target_masks(masks)
+        out.summary.pseudo = info
+    model = build_model(cfg)
+    out.summary.params = parameter_count(model)
+    return model
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job and return its summary (also written to `<run_dir>/summary.json`)."""
+    if cfg.model.get("source") not in MODEL_SOURCES:
+        raise UserError(f"model.source={cfg.model.get('source')!r} must be one of {MODEL_SOURCES}")
     pl.seed_everything(int(cfg.seed), workers=True)
     run_dir = Path(cfg.paths.run_dir)
     out = RunOutputs(run_dir, cfg)
@@ -128,42 +120,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dm.prepare()  # scans, validates and splits: bad data stops here, before any training
     out.set_split(dm)
 
-    if cfg.model.name == "transfusion":
-        from mvtec_seg.pseudo.stage import evaluate_teacher
-
-        return evaluate_teacher(cfg, dm, out)
-
-    if cfg.mask.name == "pseudo" and not cfg.dry_run:
-        from mvtec_seg.pseudo.stage import ensure_pseudo_masks
-
-        masks, info = ensure_pseudo_masks(cfg, dm)
-        dm.set_target_masks(masks)
-        out.summary["pseudo"] = info
-
-    model = build_segmenter(cfg)
-    out.summary["params"] = parameter_count(model)
-    trainer, parts = build_trainer(cfg, run_dir, cfg.model.monitor, max_epochs_for(cfg, cfg.model.max_epochs))
-    if cfg.dry_run:
+    if cfg.dry_run:  # build the model the run would score and its trainer; train nothing
+        out.summary.params = parameter_count(build_model(cfg))
+        trainer, _ = run_trainer(cfg, run_dir)
         return out.finish(status="dry_run", trainer=trainer)
+
+    model = _prepare_model(cfg, dm, out)
+    trainer, parts = run_trainer(cfg, run_dir)
+    status = "failed"
     try:
-        if cfg.ckpt_path is None:
-            last = run_dir / "checkpoints" / "last.ckpt"
-            resume = str(last) if cfg.get("resume") and last.exists() else None
-            if resume:
-                log.warning("resuming training from %s", last)
-            t0 = time.perf_counter()
-            trainer.fit(model, datamodule=dm, ckpt_path=resume)
-            out.summary["time"]["train_s"] = time.perf_counter() - t0
-            out.summary["throughput"]["train_images_per_s"] = parts["throughput"].images_per_s
-            best = parts["checkpoint"].best_model_path
-            ckpt_path = best if best else None
-        else:
-            ckpt_path = str(cfg.ckpt_path)
-        out.summary["checkpoint"] = ckpt_path
-        t0 = time.perf_counter()
+        ckpt_path = _fit(cfg, model, dm, trainer, parts, out) if cfg.model.source == "fit" else None
         trainer.test(model, datamodule=dm, ckpt_path=ckpt_path, verbose=False)
-        out.record_test(trainer, model, dm, time.perf_counter() - t0)
-        return out.finish(status="ok", trainer=trainer, wandb_logger=parts.get("wandb"))
-    except BaseException:
-        out.finish(status="failed", trainer=trainer, wandb_logger=parts.get("wandb"))
-        raise
+        out.summary.metrics = dict(model.computed_metrics["test"])
+        test_s = parts.throughput.test_s
+        out.summary.time["test_s"] = test_s
+        if parts.artefacts.n_images and test_s:
+            out.summary.throughput["test_images_per_s"] = parts.artefacts.n_images / test_s
+        status = "ok"
+    finally:
+        out.finish(status, trainer, parts.wandb, parts.artefacts.overlay_paths)
+    return out.summary.to_dict()

@@ -26,10 +26,13 @@ if TYPE_CHECKING:
 __all__ = [
     "OVERLAY_DPI",
     "OVERLAY_FIGSIZE",
+    "figure",
+    "heat_overlay",
     "image_grid",
     "overlay_panel",
     "plot_curves",
     "plot_loss_curves",
+    "save_figure",
     "save_overlays",
 ]
 
@@ -38,12 +41,13 @@ OVERLAY_DPI: int = 100
 CURVE_FIGSIZE: tuple[float, float] = (5.0, 4.5)
 CURVE_DPI: int = 100
 GT_CONTOUR_COLOUR = "#00ff66"
+HEAT_CMAP = "jet"
 _MAX_PLOT_POINTS = 4000
-_trapz = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _figure(figsize: tuple[float, float], dpi: int) -> Figure:
+def figure(figsize: tuple[float, float], dpi: int = 100) -> Figure:
+    """A matplotlib Figure on the Agg canvas (no pyplot state), constrained layout."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -58,7 +62,8 @@ def _render(fig: Figure) -> np.ndarray:
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-def _save_fig(fig: Figure, path: Path | str) -> Path:
+def save_figure(fig: Figure, path: Path | str) -> Path:
+    """Write the figure as PNG atomically at its own dpi."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=fig.dpi)
     return atomic_write_bytes(path, buf.getvalue())
@@ -110,6 +115,32 @@ def _thin(*curves: np.ndarray, n: int = _MAX_PLOT_POINTS) -> list[np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------ overlay
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of the mask that touch a non-mask pixel (4-neighbourhood)."""
+    if not mask.any():
+        return mask
+    padded = np.pad(mask, 1, mode="edge")
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def heat_overlay(
+    image: Any, anomaly_map: Any, vmin: float, vmax: float, gt_mask: Any | None = None, alpha: float = 0.5
+) -> np.ndarray:
+    """The image with the map in 'jet' on the fixed scale [vmin, vmax] blended over it (``alpha``), and the
+    GT outline in green when given: float RGB [H,W,3] in [0,1]. The one heat renderer of the project."""
+    from matplotlib import colormaps
+
+    img = _as_rgb(image)
+    amap = _as_2d(anomaly_map, "anomaly_map").astype(np.float32)
+    span = vmax - vmin if vmax > vmin else 1e-6
+    norm = np.clip((np.nan_to_num(amap, nan=vmin) - vmin) / span, 0.0, 1.0)
+    out = (1 - alpha) * img + alpha * colormaps[HEAT_CMAP](norm)[..., :3]
+    if gt_mask is not None:
+        out[_outline(_as_2d(gt_mask, "gt_mask") > 0.5)] = (0.0, 1.0, 0.4)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
 def overlay_panel(
     image: Any,
     gt_mask: Any,
@@ -127,6 +158,9 @@ def overlay_panel(
     never the map's own range, so panels of one run are comparable. Returns uint8 [h, w, 3] with
     (h, w) = OVERLAY_FIGSIZE * dpi, ready to save or log to W&B.
     """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     img = _as_rgb(image)
     gt = _as_2d(gt_mask, "gt_mask") > 0.5
     amap = _as_2d(anomaly_map, "anomaly_map").astype(np.float32)
@@ -136,16 +170,16 @@ def overlay_panel(
         )
     if not vmax > vmin:
         vmax = vmin + 1e-6
-    fig = _figure(OVERLAY_FIGSIZE, dpi)
+    fig = figure(OVERLAY_FIGSIZE, dpi)
     axes = fig.subplots(1, 4)
     axes[0].imshow(img, interpolation="nearest")
     axes[0].set_title("image", fontsize=9)
     axes[1].imshow(gt, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     axes[1].set_title(f"ground truth ({gt.mean() * 100:.1f}%)", fontsize=9)
-    axes[2].imshow(img, interpolation="nearest")
-    heat = axes[2].imshow(amap, cmap="jet", vmin=vmin, vmax=vmax, alpha=alpha, interpolation="nearest")
+    axes[2].imshow(heat_overlay(img, amap, vmin, vmax, alpha=alpha), interpolation="nearest")
     axes[2].set_title(f"anomaly map (max {np.nanmax(amap):.3g})", fontsize=9)
-    cbar = fig.colorbar(heat, ax=axes[2], fraction=0.046, pad=0.02)
+    scale = ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax), cmap=HEAT_CMAP)
+    cbar = fig.colorbar(scale, ax=axes[2], fraction=0.046, pad=0.02)
     cbar.ax.tick_params(labelsize=7)
     pred = amap >= threshold
     axes[3].imshow(pred, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -209,84 +243,8 @@ def save_overlays(
 
 
 # ------------------------------------------------------------------------------------------------- curves
-def _functional() -> Any | None:
-    """The shared exact metrics module if present, so plotted curves and AUCs match summary.json."""
-    try:
-        from mvtec_seg.metrics import functional
-    except ImportError:
-        return None
-    return (
-        functional if hasattr(functional, "binary_clf_curve") and hasattr(functional, "pro_curve") else None
-    )
-
-
-def _clf_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fps, tps) counts at each distinct score, thresholds descending (sort + cumsum, exact with ties)."""
-    scores = np.ascontiguousarray(scores).ravel()
-    labels = np.asarray(labels).ravel().astype(bool)
-    F = _functional()
-    if F is not None:
-        fps, tps, _ = F.binary_clf_curve(scores, labels)
-        return _to_numpy(fps).astype(np.float64), _to_numpy(tps).astype(np.float64)
-    order = np.argsort(-scores, kind="stable")
-    s = scores[order]
-    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # last index of each run of equal scores
-    tps = np.cumsum(labels[order], dtype=np.int64)[last]
-    return (last + 1 - tps).astype(np.float64), tps.astype(np.float64)
-
-
-def _roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    fps, tps = _clf_curve(scores, labels)
-    fpr = np.r_[0.0, fps / max(fps[-1], 1.0)]
-    tpr = np.r_[0.0, tps / max(tps[-1], 1.0)]
-    return fpr, tpr, float(_trapz(tpr, fpr))
-
-
-def _pr(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    fps, tps = _clf_curve(scores, labels)
-    precision = tps / (tps + fps)
-    recall = tps / max(tps[-1], 1.0)
-    ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))  # step-wise AP, as sklearn
-    return np.r_[recall[0], recall], np.r_[1.0, precision], ap
-
-
-def _pro_full(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Full PRO-vs-FPR curve from (0,0) to (1,1), one point per distinct score.
-
-    Every connected GT region (8-connectivity, never across images) weighs equally: a pixel of region k adds
-    1/(|k| * K) to PRO once the threshold falls below its score; FPR counts normal pixels over all images.
-    """
-    F = _functional()
-    if F is not None:
-        fpr, pro = F.pro_curve(maps, masks)
-        return _to_numpy(fpr).astype(np.float64), _to_numpy(pro).astype(np.float64)
-    from scipy import ndimage
-
-    structure = np.zeros((3, 3, 3), dtype=bool)
-    structure[1] = True  # 8-connected within each image, no connection between images
-    labels, n_regions = ndimage.label(masks.astype(bool), structure=structure)
-    labels = labels.ravel()
-    sizes = np.bincount(labels, minlength=n_regions + 1).astype(np.float64)
-    n_normal = int(sizes[0])
-    weight = np.r_[0.0, 1.0 / (sizes[1:] * n_regions)]
-    scores = np.ascontiguousarray(maps, dtype=np.float32).ravel()
-    order = np.argsort(-scores, kind="stable")
-    s, region = scores[order], labels[order]
-    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
-    fpr = np.cumsum(region == 0, dtype=np.int64)[last] / float(n_normal)
-    pro = np.minimum(np.cumsum(weight[region])[last], 1.0)
-    return np.r_[0.0, fpr, 1.0], np.r_[0.0, pro, 1.0]
-
-
-def _pro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """PRO curve cut exactly at fpr_limit (interpolated) and the area under it divided by fpr_limit."""
-    fpr, pro = _pro_full(maps, masks)
-    cut = int(np.searchsorted(fpr, fpr_limit, side="right"))
-    if cut < len(fpr):
-        f0, f1, p0, p1 = fpr[cut - 1], fpr[cut], pro[cut - 1], pro[cut]
-        p_lim = p0 + (p1 - p0) * (fpr_limit - f0) / (f1 - f0)
-        fpr, pro = np.r_[fpr[:cut], fpr_limit], np.r_[pro[:cut], p_lim]
-    return fpr, pro, float(_trapz(pro, fpr) / fpr_limit)
+def _np(curve: tuple) -> list[np.ndarray]:
+    return [c.numpy() for c in curve]
 
 
 def _curve_figure(
@@ -300,7 +258,7 @@ def _curve_figure(
     diagonal: bool = False,
     xlim: tuple[float, float] = (0.0, 1.0),
 ) -> Path:
-    fig = _figure(CURVE_FIGSIZE, CURVE_DPI)
+    fig = figure(CURVE_FIGSIZE, CURVE_DPI)
     ax = fig.subplots()
     x, y = _thin(x, y)
     ax.plot(x, y, lw=1.8, label=label)
@@ -313,17 +271,28 @@ def _curve_figure(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    return _save_fig(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(
-    anomaly_map: Any, gt_mask: Any, gt_label: Any, out_dir: Path | str, fpr_limit: float = 0.3
+    anomaly_map: Any,
+    gt_mask: Any,
+    gt_label: Any,
+    out_dir: Path | str,
+    fpr_limit: float = 0.3,
+    metrics: dict[str, float] | None = None,
 ) -> list[Path]:
     """Pixel ROC, image ROC, pixel precision-recall and PRO-vs-FPR (up to fpr_limit) as PNGs in out_dir.
 
-    Curves are exact (sort + cumsum over all pixels). A curve that is undefined for the data (e.g. no
-    defect pixels, or only one image class) is skipped; the paths of the written files are returned.
+    The curves come from `mvtec_seg.metrics` (exact, one point per distinct score) and their legends give
+    the metric values: `metrics` (``test/<name>`` or ``<name>`` keys, e.g. a run's summary) when given, so a
+    figure shows exactly the number in `summary.json`, else computed here. A curve that is undefined for
+    the data (no defect pixel, or one image class) is skipped; the paths written are returned.
     """
+    import torch
+
+    from mvtec_seg.metrics import functional as F
+
     maps = _to_numpy(anomaly_map).astype(np.float32)
     masks = _to_numpy(gt_mask)
     if maps.ndim == 4 and maps.shape[1] == 1:
@@ -338,43 +307,45 @@ def plot_curves(
         )
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    values = {k.split("/")[-1]: float(v) for k, v in (metrics or {}).items()}
+    if not set(F.METRIC_NAMES) <= set(values):
+        values = F.compute_all(maps, masks, labels, fpr_limit=fpr_limit)
     out = Path(out_dir)
     paths: list[Path] = []
     n_pos, n_pix = int(masks.sum()), int(masks.size)
     if 0 < n_pos < n_pix:
-        fpr, tpr, auc = _roc(maps, masks)
+        fpr, tpr = _np(F.roc_curve(maps, masks))
         paths.append(
             _curve_figure(
                 out / "roc_pixel.png",
                 fpr,
                 tpr,
-                f"pixel AUROC = {auc:.4f}",
+                f"pixel AUROC = {values['pixel_AUROC']:.4f}",
                 "false positive rate",
                 "true positive rate",
                 "Pixel ROC",
                 diagonal=True,
             )
         )
-        rec, prec, ap = _pr(maps, masks)
-        base = n_pos / n_pix
+        precision, recall = _np(F.precision_recall_curve(maps, masks))
         paths.append(
             _curve_figure(
                 out / "pr_pixel.png",
-                rec,
-                prec,
-                f"pixel AP = {ap:.4f} (chance {base:.3f})",
+                np.r_[recall[0], recall],  # drawn from precision 1 at the first recall
+                np.r_[1.0, precision],
+                f"pixel AP = {values['pixel_AP']:.4f} (chance {n_pos / n_pix:.3f})",
                 "recall",
                 "precision",
                 "Pixel precision-recall",
             )
         )
-        pfpr, pro, aupro = _pro(maps, masks, fpr_limit)
+        pfpr, pro = _np(F.pro_curve(maps, masks, fpr_limit=fpr_limit))
         paths.append(
             _curve_figure(
                 out / "pro_curve.png",
                 pfpr,
                 pro,
-                f"AUPRO@{fpr_limit:g} = {aupro:.4f}",
+                f"AUPRO@{fpr_limit:g} = {values['pixel_AUPRO']:.4f}",
                 "false positive rate",
                 "per-region overlap",
                 f"PRO up to FPR {fpr_limit:g}",
@@ -382,15 +353,13 @@ def plot_curves(
             )
         )
     if 0 < labels.sum() < len(labels):
-        flat = maps.reshape(len(maps), -1)
-        scores = np.where(np.isfinite(flat), flat, -np.inf).max(axis=1)
-        fpr, tpr, auc = _roc(scores, labels > 0)
+        fpr, tpr = _np(F.roc_curve(F.image_scores(torch.from_numpy(maps)), labels > 0))
         paths.append(
             _curve_figure(
                 out / "roc_image.png",
                 fpr,
                 tpr,
-                f"image AUROC = {auc:.4f}",
+                f"image AUROC = {values['image_AUROC']:.4f}",
                 "false positive rate",
                 "true positive rate",
                 "Image ROC (score = max of map)",
@@ -457,7 +426,7 @@ def plot_loss_curves(metrics_csv: Path | str, out_path: Path | str) -> Path:
         else:
             groups["other"].append(key)
     panels = [(g, keys) for g, keys in groups.items() if keys]
-    fig = _figure((5.0 * max(len(panels), 1), 4.0), CURVE_DPI)
+    fig = figure((5.0 * max(len(panels), 1), 4.0), CURVE_DPI)
     axes = np.atleast_1d(fig.subplots(1, max(len(panels), 1)))
     if not panels:
         axes[0].text(0.5, 0.5, f"no metrics logged yet in\n{path.name}", ha="center", va="center")
@@ -476,7 +445,7 @@ def plot_loss_curves(metrics_csv: Path | str, out_path: Path | str) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("/".join(path.parts[-3:]), fontsize=9)
-    return _save_fig(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 # ------------------------------------------------------------------------------------------------- grids
@@ -498,7 +467,7 @@ def image_grid(
         raise ValueError("image_grid needs at least one row with one panel")
     title_h = 0.3 if col_titles else 0.0
     title_w = 0.35 if row_titles else 0.0
-    fig = _figure((n_cols * panel_inches + title_w, n_rows * panel_inches + title_h), dpi)
+    fig = figure((n_cols * panel_inches + title_w, n_rows * panel_inches + title_h), dpi)
     axes = np.array(fig.subplots(n_rows, n_cols, squeeze=False))
     for i in range(n_rows):
         for j in range(n_cols):
@@ -520,4 +489,4 @@ def image_grid(
                 ax.set_title(str(col_titles[j]), fontsize=9)
             if row_titles and j == 0 and i < len(row_titles):
                 ax.set_ylabel(str(row_titles[i]), fontsize=9)
-    return _save_fig(fig, out_path)
+    return save_figure(fig, out_path)

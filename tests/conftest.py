@@ -32,6 +32,12 @@ def compose_cfg(tmp_path: Path, overrides: list[str] | None = None):
     return compose_config(base + list(overrides or []))
 
 
+@pytest.fixture
+def cfg_fast(tmp_path: Path):
+    """The composed default config in `debug=fast`, outputs and caches under tmp_path."""
+    return compose_cfg(tmp_path, ["debug=fast"])
+
+
 def _save(path: Path, array: np.ndarray, mode: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array, mode=mode).save(path)

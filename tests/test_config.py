@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CONF_DIR, compose_cfg
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from mvtec_seg.data.mvtec import MVTEC_CATEGORIES, TEXTURE_CATEGORIES
 
@@ -61,6 +62,7 @@ def test_custom_category_needs_a_name(tmp_path):
         "logger=wandb",
         "debug=fast",
         "experiment=transfusion_paper",
+        "experiment=unet_fast_cpu",
     ],
 )
 def test_other_groups_compose(tmp_path, group):
@@ -72,11 +74,33 @@ def test_other_groups_compose(tmp_path, group):
         assert cfg.trainer.precision == "bf16-mixed"
     if group == "experiment=unet_fast_cpu":
         assert cfg.model.params.scheduler.T_max == cfg.model.max_epochs == 40 and cfg.data.train_crop == 128
+        assert cfg.model.params.optimizer.lr == pytest.approx(1e-3)
+        assert cfg.model.params.scheduler._target_.endswith("CosineAnnealingLR")
     if group == "experiment=transfusion_paper":
         assert cfg.model.name == "transfusion" and cfg.teacher.max_epochs == 1500
         assert (
             cfg.teacher.params.optimizer.lr == pytest.approx(1e-5)
             and cfg.teacher.params.scheduler.step_size == 800
         )
+        assert cfg.teacher.params.optimizer._target_ == "torch.optim.AdamW"
     if group == "debug=fast":
         assert cfg.trainer.max_epochs == 1 and cfg.trainer.limit_train_batches == 2
+
+
+def test_optimizer_and_scheduler_come_from_the_config(cfg_fast):
+    """Optimizers and schedulers are Hydra `_target_`s: another one is a config override, not code."""
+    from mvtec_seg.builders import build_model
+
+    assert isinstance(build_model(cfg_fast).configure_optimizers(), torch.optim.Adam)  # the default
+    with open_dict(cfg_fast):
+        cfg_fast.model.params.optimizer = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01}
+        cfg_fast.model.params.scheduler = {
+            "_target_": "torch.optim.lr_scheduler.StepLR",
+            "_partial_": True,
+            "step_size": 3,
+            "interval": "step",
+        }
+    out = build_model(cfg_fast).configure_optimizers()
+    assert isinstance(out["optimizer"], torch.optim.SGD)
+    assert out["optimizer"].param_groups[0]["lr"] == pytest.approx(0.01)
+    assert out["lr_scheduler"]["interval"] == "step" and out["lr_scheduler"]["scheduler"].step_size == 3

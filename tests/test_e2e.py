@@ -65,14 +65,19 @@ def test_load_from_checkpoint_safe(fast_run):
     assert torch.equal(out["pred_score"], out["anomaly_map"].flatten(1).amax(1))
 
 
-def test_dry_run_builds_everything_and_trains_nothing(tmp_path):
-    cfg = compose_cfg(tmp_path, ["dry_run=true", "model=deeplab"])
+@pytest.mark.parametrize("model", ["deeplab", "transfusion"])
+def test_dry_run_builds_the_model_and_trains_nothing(tmp_path, model):
+    """One meaning for every model: check the data, build the model and trainer, record the size, stop."""
+    cfg = compose_cfg(tmp_path, ["dry_run=true", f"model={model}"])
     summary = train(cfg)
-    assert summary["status"] == "dry_run" and summary["params"] > 10_000_000
+    expected = {"deeplab": 26_000_000, "transfusion": 2_000_000}[model]
+    assert summary["status"] == "dry_run" and summary["params"] > expected
     assert not (Path(cfg.paths.run_dir) / "checkpoints").exists()
+    assert not (Path(cfg.paths.cache_dir) / "transfusion").exists()  # no teacher trained
     assert json.loads((Path(cfg.paths.run_dir) / "summary.json").read_text())["status"] == "dry_run"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "breakage", ["missing_root", "unknown_category", "missing_mask", "bad_image", "mask_size"]
 )

@@ -1,29 +1,21 @@
-"""The metrics are instruments: each is checked against an independent brute-force reference.
-
-The references below are written from the definitions with plain Python/numpy loops and share no
-code with ``mvtec_seg.metrics``: AUROC as the Mann-Whitney pairwise probability, AP by looping over
-thresholds, AUPRO with an own BFS flood fill and an explicit loop over every distinct threshold.
-"""
+"""The metrics are instruments: each is checked against an independent brute-force reference
+(`references.py`, which shares no code with ``mvtec_seg.metrics``)."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
 
 import numpy as np
 import pytest
 import torch
+from references import ref_ap, ref_aupro_from_points, ref_auroc, ref_pro_points
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
 from mvtec_seg.metrics import (
-    AUPRO,
+    METRIC_LABELS,
     METRIC_NAMES,
     AnomalyMetrics,
-    ImageAUROC,
-    IoU,
-    PixelAP,
-    PixelAUROC,
     UndefinedMetricWarning,
     aupro,
     auroc,
@@ -32,105 +24,14 @@ from mvtec_seg.metrics import (
     compute_all,
     image_scores,
     iou,
+    precision_recall_curve,
     precision_recall_iou,
     pro_curve,
+    roc_curve,
 )
 
 TOL = 1e-6
 LIMITS = (0.3, 0.05, 1.0)
-
-# ---------------------------------------------------------------------------------------------
-# brute-force references (independent of the package)
-# ---------------------------------------------------------------------------------------------
-
-
-def ref_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """P(score_pos > score_neg) + 1/2 P(tie), over all positive/negative pairs."""
-    pos = scores[labels]
-    neg = scores[~labels]
-    wins = 0.0
-    for p in pos:
-        wins += float(np.sum(p > neg)) + 0.5 * float(np.sum(p == neg))
-    return wins / (len(pos) * len(neg))
-
-
-def ref_ap(scores: np.ndarray, labels: np.ndarray) -> float:
-    """sum over distinct thresholds (descending) of (R_n - R_{n-1}) * P_n."""
-    n_pos = int(labels.sum())
-    ap, prev_recall = 0.0, 0.0
-    for t in sorted(set(scores.tolist()), reverse=True):
-        sel = scores >= t
-        tp = int(np.sum(sel & labels))
-        fp = int(np.sum(sel & ~labels))
-        recall = tp / n_pos
-        ap += (recall - prev_recall) * (tp / (tp + fp))
-        prev_recall = recall
-    return ap
-
-
-def ref_components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
-    """8-connected components of one 2-D mask by breadth-first flood fill."""
-    h, w = mask.shape
-    seen = np.zeros_like(mask, dtype=bool)
-    comps = []
-    for y in range(h):
-        for x in range(w):
-            if not mask[y, x] or seen[y, x]:
-                continue
-            comp, queue = [], deque([(y, x)])
-            seen[y, x] = True
-            while queue:
-                cy, cx = queue.popleft()
-                comp.append((cy, cx))
-                for dy in (-1, 0, 1):
-                    for dx in (-1, 0, 1):
-                        ny, nx = cy + dy, cx + dx
-                        if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
-                            seen[ny, nx] = True
-                            queue.append((ny, nx))
-            comps.append(comp)
-    return comps
-
-
-def ref_pro_points(preds: np.ndarray, target: np.ndarray) -> list[tuple[float, float]]:
-    """(FPR, PRO) at every distinct threshold, with (0,0) first and (1,1) last."""
-    target = target.astype(bool)
-    regions = []
-    for i in range(preds.shape[0]):
-        for comp in ref_components(target[i]):
-            m = np.zeros_like(target[i])
-            for y, x in comp:
-                m[y, x] = True
-            regions.append((i, m))
-    normal = ~target
-    n_normal = int(normal.sum())
-    points = [(0.0, 0.0)]
-    for t in sorted(set(preds.ravel().tolist()), reverse=True):
-        pred = preds >= t
-        fpr = int(np.sum(pred & normal)) / n_normal
-        overlaps = [float(np.sum(pred[i] & m)) / float(np.sum(m)) for i, m in regions]
-        points.append((fpr, sum(overlaps) / len(overlaps)))
-    points.append((1.0, 1.0))
-    return points
-
-
-def ref_aupro_from_points(points: list[tuple[float, float]], limit: float) -> float:
-    """Cut the curve at exactly ``limit`` (linear interpolation), trapezoid area, / limit."""
-    xs, ys = [], []
-    for k, (x, y) in enumerate(points):
-        if x <= limit:
-            xs.append(x)
-            ys.append(y)
-        else:
-            x0, y0 = points[k - 1]
-            xs.append(limit)
-            ys.append(y0 + (y - y0) * (limit - x0) / (x - x0))
-            break
-    area = 0.0
-    for k in range(1, len(xs)):
-        area += (xs[k] - xs[k - 1]) * (ys[k] + ys[k - 1]) / 2.0
-    return area / limit
-
 
 # ---------------------------------------------------------------------------------------------
 # random cases
@@ -208,6 +109,29 @@ def test_aupro_matches_bruteforce(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS[:20])
+def test_curves_match_bruteforce(seed: int) -> None:
+    """The curves viz draws are the metrics' own: ROC/PR points and the PRO curve cut at the limit."""
+    preds, target = make_case(seed)
+    s, y = preds.ravel(), target.ravel()
+    thresholds = sorted(set(s.tolist()), reverse=True)
+    tpr_ref = [0.0] + [np.sum((s >= t) & y) / y.sum() for t in thresholds]
+    fpr_ref = [0.0] + [np.sum((s >= t) & ~y) / (~y).sum() for t in thresholds]
+    fpr, tpr = roc_curve(torch.from_numpy(preds), torch.from_numpy(target))
+    np.testing.assert_allclose(fpr.numpy(), fpr_ref, atol=TOL)
+    np.testing.assert_allclose(tpr.numpy(), tpr_ref, atol=TOL)
+    precision, recall = precision_recall_curve(torch.from_numpy(preds), torch.from_numpy(target))
+    assert float(np.sum(np.diff(np.r_[0.0, recall.numpy()]) * precision.numpy())) == pytest.approx(
+        ref_ap(s, y), abs=TOL
+    )
+    points = ref_pro_points(preds, target)
+    for limit in LIMITS:
+        fpr, pro = pro_curve(torch.from_numpy(preds), torch.from_numpy(target), fpr_limit=limit)
+        assert fpr[-1].item() == pytest.approx(limit) and bool(torch.all(fpr <= limit))
+        area = float(np.sum(np.diff(fpr.numpy()) * (pro.numpy()[1:] + pro.numpy()[:-1])) / 2) / limit
+        assert area == pytest.approx(ref_aupro_from_points(points, limit), abs=TOL)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:20])
 def test_compute_all_matches_bruteforce(seed: int) -> None:
     preds, target = make_case(seed)
     # one extra all-normal image guarantees both image classes
@@ -245,6 +169,10 @@ def test_agrees_with_torchmetrics_on_unit_interval_scores(seed: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # hand-checked cases
 # ---------------------------------------------------------------------------------------------
+
+
+def test_every_metric_has_one_label() -> None:
+    assert sorted(METRIC_LABELS) == sorted(METRIC_NAMES)
 
 
 def test_binary_clf_curve_one_point_per_distinct_score() -> None:
@@ -435,24 +363,14 @@ def test_compute_all_is_fast() -> None:
 
 
 def _class_values(batches, iou_threshold: float = 0.5, fpr_limit: float = 0.3) -> dict[str, float]:
-    metrics = {
-        "all": AnomalyMetrics(iou_threshold=iou_threshold, fpr_limit=fpr_limit),
-        "image_AUROC": ImageAUROC(),
-        "pixel_AUROC": PixelAUROC(),
-        "pixel_AP": PixelAP(),
-        "pixel_AUPRO": AUPRO(fpr_limit=fpr_limit),
-        "IoU": IoU(threshold=iou_threshold),
-    }
+    metric = AnomalyMetrics(iou_threshold=iou_threshold, fpr_limit=fpr_limit)
     for amap, mask in batches:
-        for m in metrics.values():
-            m.update(amap, mask)
-    out = {f"all/{k}": v.item() for k, v in metrics.pop("all").compute().items()}
-    out.update({k: m.compute().item() for k, m in metrics.items()})
-    return out
+        metric.update(amap, mask)
+    return {k: v.item() for k, v in metric.compute().items()}
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_metric_classes_equal_functional_and_accumulate(seed: int) -> None:
+def test_metric_class_equals_functional_and_accumulates(seed: int) -> None:
     preds, target = make_case(seed)
     preds = np.concatenate([preds, np.zeros((1, *preds.shape[1:]))])  # ensure a normal image
     target = np.concatenate([target, np.zeros((1, *target.shape[1:]), dtype=bool)])
@@ -464,9 +382,7 @@ def test_metric_classes_equal_functional_and_accumulate(seed: int) -> None:
     splits = [(amap[:1], mask[:1]), (amap[1:3], mask[1:3]), (amap[3:], mask[3:])]
     several = _class_values(splits, threshold, 0.05)
     for name in METRIC_NAMES:
-        assert one_call[f"all/{name}"] == pytest.approx(expected[name], abs=1e-12), name
         assert one_call[name] == pytest.approx(expected[name], abs=1e-12), name
-        assert several[f"all/{name}"] == pytest.approx(expected[name], abs=1e-12), name
         assert several[name] == pytest.approx(expected[name], abs=1e-12), name
 
 

@@ -10,13 +10,15 @@ import pytest
 import torch
 from conftest import compose_cfg
 
+from mvtec_seg.builders import build_datamodule
 from mvtec_seg.errors import UserError
 from mvtec_seg.metrics import precision_recall_iou
 from mvtec_seg.models.transfusion.lightning_model import TransFusion
 from mvtec_seg.models.transfusion.loss import TransFusionLoss
-from mvtec_seg.pseudo.stage import ensure_pseudo_masks, teacher_dir
+from mvtec_seg.pseudo.masks import ensure_pseudo_masks
 from mvtec_seg.pseudo.thresholds import choose_threshold
-from mvtec_seg.train import build_datamodule, train
+from mvtec_seg.teacher import teacher_dir
+from mvtec_seg.train import train
 
 FAST_TEACHER = ["debug=fast", "teacher.max_epochs=2", "teacher.limit_train_batches=2", "data.image_size=32"]
 

@@ -23,6 +23,7 @@ from PIL import Image
 
 from mvtec_seg import report
 from mvtec_seg.errors import UserError
+from mvtec_seg.report import plots
 
 MAP = 16  # saved map size (the fake category's images are 40x40: the report resizes them)
 METRIC_KEYS = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")
@@ -298,21 +299,13 @@ def test_markdown_tables_links_and_plots(sweep: dict[str, Any]) -> None:
 
 def test_grid_images_are_shared_and_anomalous_first() -> None:
     labels = {"test/good/000.png": 0, "test/good/001.png": 0, "test/hole/000.png": 1, "test/hole/001.png": 1}
-    chosen = report._choose_images(sorted(labels), labels, k=3)
+    chosen = plots._choose_images(sorted(labels), labels, k=3)
     assert chosen[:2] == ["test/hole/000.png", "test/hole/001.png"] and len(chosen) == 3
     many = {f"test/d{i}/000.png": 1 for i in range(20)}
-    assert len(report._choose_images(sorted(many), many)) == report.MAX_GRID_IMAGES
+    assert len(plots._choose_images(sorted(many), many)) == plots.MAX_GRID_IMAGES
 
 
-def test_heatmap_scale_is_fixed_not_per_image() -> None:
-    image = np.zeros((8, 8, 3), np.uint8)
-    gt = np.zeros((8, 8), np.uint8)
-    low, high = np.full((8, 8), 0.2, np.float32), np.full((8, 8), 0.8, np.float32)
-    a = report._heat_overlay(image, low, gt, 0.0, 1.0)
-    b = report._heat_overlay(image, high, gt, 0.0, 1.0)
-    assert not np.allclose(a, b)  # a constant map is not stretched to the full colour range
-
-
+@pytest.mark.slow
 def test_cli_writes_to_out_and_rejects_bad_folders(sweep: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "elsewhere"
     assert report.main([str(sweep["root"] / "runs"), "--out", str(out)]) == 0

@@ -15,6 +15,7 @@ from mvtec_seg.metrics import compute_all
 from mvtec_seg.train import train
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_one_folder_exact_metrics(tmp_path):
     run_dir = tmp_path / "run"
     args = [

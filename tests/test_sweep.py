@@ -13,6 +13,7 @@ from mvtec_seg.report import build_report
 
 CATEGORIES = ("synthetic", "synthetic_texture")
 MODELS = ("unet", "deeplab")
+pytestmark = pytest.mark.slow  # every test here runs a Hydra multirun through the CLI
 
 
 @pytest.fixture(scope="module")

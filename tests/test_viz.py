@@ -12,6 +12,7 @@ from PIL import Image
 
 from mvtec_seg import viz
 from mvtec_seg.errors import UserError
+from mvtec_seg.metrics import functional
 
 
 def _png(path: Path) -> np.ndarray:
@@ -82,64 +83,22 @@ def test_save_overlays(tmp_path: Path, sample: tuple[np.ndarray, np.ndarray, np.
     )
 
 
-def _brute_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    pos, neg = scores[labels], scores[~labels]
-    return float(
-        ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
-    )
+def test_heat_overlay_fixed_scale_and_outline() -> None:
+    """The one heat renderer: a constant map is not stretched to the full range, the GT is outlined."""
+    image = np.zeros((8, 8, 3), np.uint8)
+    gt = np.zeros((8, 8), np.uint8)
+    gt[2:6, 2:6] = 1
+    low, high = np.full((8, 8), 0.2, np.float32), np.full((8, 8), 0.8, np.float32)
+    a, b = viz.heat_overlay(image, low, 0.0, 1.0), viz.heat_overlay(image, high, 0.0, 1.0)
+    assert a.shape == (8, 8, 3) and a.dtype == np.float32 and not np.allclose(a, b)
+    outlined = viz.heat_overlay(image, low, 0.0, 1.0, gt_mask=gt)
+    edge = np.zeros((8, 8), bool)
+    edge[2:6, 2:6] = True
+    edge[3:5, 3:5] = False
+    assert np.allclose(outlined[edge], (0.0, 1.0, 0.4)) and np.allclose(outlined[~edge], a[~edge])
 
 
-def _brute_aupro(maps: np.ndarray, masks: np.ndarray, limit: float) -> float:
-    """Threshold at every distinct score, average region overlaps, integrate with interpolation at limit."""
-    from scipy import ndimage
-
-    regions = []
-    for m in masks:
-        lab, k = ndimage.label(m, structure=np.ones((3, 3)))
-        regions += [(len(regions), lab == i + 1) for i in range(k)]
-    pts = [(0.0, 0.0)]
-    for t in np.unique(maps)[::-1]:
-        pred = maps >= t
-        fpr = (pred & ~masks).sum() / (~masks).sum()
-        per_image = [pred[i] for i in range(len(maps))]
-        idx = np.repeat(np.arange(len(maps)), [ndimage.label(m, structure=np.ones((3, 3)))[1] for m in masks])
-        pro = np.mean([(per_image[i] & r).sum() / r.sum() for i, (_, r) in zip(idx, regions, strict=True)])
-        pts.append((fpr, pro))
-    fpr, pro = np.array(pts).T
-    keep = fpr <= limit
-    x, y = list(fpr[keep]), list(pro[keep])
-    j = int(np.argmax(~keep)) if (~keep).any() else None
-    if j is not None:
-        y.append(pro[j - 1] + (pro[j] - pro[j - 1]) * (limit - fpr[j - 1]) / (fpr[j] - fpr[j - 1]))
-        x.append(limit)
-    return float(np.sum(np.diff(x) * (np.array(y[1:]) + np.array(y[:-1])) / 2) / limit)
-
-
-@pytest.mark.parametrize("use_shared_metrics", [True, False])
-def test_curve_numbers_match_references(monkeypatch: pytest.MonkeyPatch, use_shared_metrics: bool) -> None:
-    if use_shared_metrics:
-        if viz._functional() is None:
-            pytest.skip("mvtec_seg.metrics.functional is not available")
-    else:
-        monkeypatch.setattr(viz, "_functional", lambda: None)
-    rng = np.random.default_rng(1)
-    masks = np.zeros((3, 12, 12), bool)
-    masks[0, 2:5, 2:6] = True
-    masks[0, 8:10, 8:11] = True
-    masks[1, 0:3, 9:12] = True
-    maps = (rng.integers(0, 6, masks.shape) + 3 * masks * rng.random(masks.shape)).astype(np.float32)
-    _, _, auc = viz._roc(maps, masks)
-    assert auc == pytest.approx(_brute_auroc(maps.ravel(), masks.ravel()), abs=1e-9)
-    recall, precision, ap = viz._pr(maps, masks)
-    assert 0 < ap <= 1 and recall[-1] == pytest.approx(1.0) and precision[0] == 1.0
-    fpr, pro, aupro = viz._pro(maps, masks, 0.3)
-    assert fpr[-1] == pytest.approx(0.3) and np.all(np.diff(fpr) >= 0)
-    assert aupro == pytest.approx(_brute_aupro(maps, masks, 0.3), abs=1e-9)
-    perfect = viz._pro(masks.astype(np.float32), masks, 0.3)[2]
-    assert perfect == pytest.approx(1.0)
-
-
-def test_plot_curves(tmp_path: Path) -> None:
+def test_plot_curves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     masks = np.zeros((6, 32, 32), np.uint8)
     masks[3:, 8:16, 8:20] = 1
@@ -155,6 +114,17 @@ def test_plot_curves(tmp_path: Path) -> None:
     w, h = viz.CURVE_FIGSIZE
     for p in paths:
         assert _png(p).shape == (int(h * viz.CURVE_DPI), int(w * viz.CURVE_DPI), 3)
+
+    # The legends carry the given metric values (a run passes its own), computed only when some are missing.
+    def recompute(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(functional, "compute_all", recompute)
+    given = {f"test/{m}": 0.5 for m in functional.METRIC_NAMES}
+    assert len(viz.plot_curves(maps, masks, labels, tmp_path / "given", 0.3, metrics=given)) == 4
+    with pytest.raises(AssertionError, match="recomputed"):
+        viz.plot_curves(maps, masks, labels, tmp_path / "partial", 0.3, metrics={"test/pixel_AP": 0.5})
+    monkeypatch.undo()
     # Undefined curves are skipped instead of failing: only normal images here.
     assert viz.plot_curves(maps[:3], masks[:3], labels[:3], tmp_path / "none") == []
 

@@ -70,6 +70,8 @@ class MVTecDataModule(pl.LightningDataModule):
     see more defects per CPU second with a fully convolutional network.
     `train_subset="normal"` keeps only normal training images (TransFusion is trained on normal data only).
     Targets for train and val come from `target_masks` (pseudo masks) when given; test is always scored on GT.
+    `shard_evaluation` (for a trainer with `use_distributed_sampler=False`): under DDP the module shards
+    the data itself, so evaluation sees every image exactly once (no padding).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class MVTecDataModule(pl.LightningDataModule):
         train_subset: str = "all",
         pin_memory: bool = False,
         train_crop: int | None = None,
+        shard_evaluation: bool = False,
     ) -> None:
         super().__init__()
         self.category_dir, self.cache_dir = Path(category_dir), Path(cache_dir)
@@ -99,6 +102,7 @@ class MVTecDataModule(pl.LightningDataModule):
             raise ValueError(f"data.train_subset must be 'all' or 'normal', got {train_subset!r}")
         self.train_subset = train_subset
         self.train_crop = train_crop
+        self.shard_evaluation = shard_evaluation
         self.target_masks: np.ndarray | None = None
         self.manifest: dict | None = None
         self.manifest_path: Path | None = None
@@ -143,14 +147,10 @@ class MVTecDataModule(pl.LightningDataModule):
         return part_counts(self.prepare())
 
     def _sampler(self, ds: Dataset, shuffle: bool):
-        """Under DDP (with the trainer's `use_distributed_sampler=False`): shuffled shards for training, and
-        unpadded strided shards for evaluation, so every test image is scored exactly once."""
+        """Under DDP with `shard_evaluation`: shuffled shards for training, and unpadded strided shards for
+        evaluation, so every test image is scored exactly once."""
         trainer = getattr(self, "trainer", None)
-        if (
-            trainer is None
-            or trainer.world_size <= 1
-            or trainer._accelerator_connector.use_distributed_sampler
-        ):
+        if not self.shard_evaluation or trainer is None or trainer.world_size <= 1:
             return None
         if shuffle:
             return DistributedSampler(

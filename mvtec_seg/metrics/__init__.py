@@ -1,7 +1,8 @@
-"""Exact anomaly-segmentation metrics: functional definitions and torchmetrics wrappers."""
+"""Exact anomaly-segmentation metrics: functional definitions and a torchmetrics component."""
 
-from mvtec_seg.metrics.classes import AUPRO, AnomalyMetrics, ImageAUROC, IoU, PixelAP, PixelAUROC
+from mvtec_seg.metrics.classes import AnomalyMetrics
 from mvtec_seg.metrics.functional import (
+    METRIC_LABELS,
     METRIC_NAMES,
     UndefinedMetricWarning,
     aupro,
@@ -11,18 +12,16 @@ from mvtec_seg.metrics.functional import (
     compute_all,
     image_scores,
     iou,
+    precision_recall_curve,
     precision_recall_iou,
     pro_curve,
+    roc_curve,
 )
 
 __all__ = [
-    "AUPRO",
+    "METRIC_LABELS",
     "METRIC_NAMES",
     "AnomalyMetrics",
-    "ImageAUROC",
-    "IoU",
-    "PixelAP",
-    "PixelAUROC",
     "UndefinedMetricWarning",
     "aupro",
     "auroc",
@@ -31,6 +30,8 @@ __all__ = [
     "compute_all",
     "image_scores",
     "iou",
+    "precision_recall_curve",
     "precision_recall_iou",
     "pro_curve",
+    "roc_curve",
 ]

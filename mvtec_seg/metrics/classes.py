@@ -1,9 +1,9 @@
-"""torchmetrics wrappers around :mod:`mvtec_seg.metrics.functional`.
+"""torchmetrics component around :mod:`mvtec_seg.metrics.functional`.
 
-Why: the curve metrics (AUROC, AP, AUPRO) are not decomposable into per-batch sums, so the raw maps
-are accumulated (``dist_reduce_fx="cat"``, gathered across DDP ranks) and the exact functional
-definition is applied once at ``compute()``. Every class takes the same
-``update(anomaly_map, gt_mask, gt_label=None)`` so they are interchangeable in a LightningModule.
+Why one class for all five metrics: the curve metrics (AUROC, AP, AUPRO) are not decomposable into
+per-batch sums, so the raw maps are accumulated (``dist_reduce_fx="cat"``, gathered across DDP ranks) and
+the exact functional definitions are applied once at ``compute()``; one stored copy of the maps serves
+every metric (one sort of the pixels, too).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from mvtec_seg.metrics import functional as F
 
-__all__ = ["AUPRO", "AnomalyMetrics", "IoU", "ImageAUROC", "PixelAP", "PixelAUROC"]
+__all__ = ["AnomalyMetrics"]
 
 
 def _batch(anomaly_map: Tensor, gt_mask: Tensor, gt_label: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -54,20 +54,16 @@ def _empty(state: list[Tensor] | Tensor) -> bool:
     return isinstance(state, list) and len(state) == 0
 
 
-class _ExactMetric(Metric):
-    """Shared flags and result conversion (a float64 scalar on the metric's device)."""
+class AnomalyMetrics(Metric):
+    """All five metrics of ``METRIC_NAMES`` from one stored copy of maps, masks and labels.
+
+    ``update(anomaly_map, gt_mask, gt_label=None)``; ``compute()`` returns float64 scalars (float32 on MPS)
+    keyed by ``METRIC_NAMES``, NaN (with a warning) where a metric is undefined for the data.
+    """
 
     full_state_update = False
     higher_is_better = True
     is_differentiable = False
-
-    def _result(self, value: float) -> Tensor:
-        dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        return torch.tensor(value, dtype=dtype, device=self.device)
-
-
-class AnomalyMetrics(_ExactMetric):
-    """All five metrics of ``METRIC_NAMES`` from one stored copy of maps, masks and labels."""
 
     anomaly_maps: list[Tensor]
     gt_masks: list[Tensor]
@@ -88,6 +84,10 @@ class AnomalyMetrics(_ExactMetric):
         self.gt_masks.append(mask)
         self.gt_labels.append(label)
 
+    def _result(self, value: float) -> Tensor:
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        return torch.tensor(value, dtype=dtype, device=self.device)
+
     def compute(self) -> dict[str, Tensor]:
         """Exact metrics on everything stored (all ranks after sync), keyed by METRIC_NAMES."""
         if _empty(self.anomaly_maps):
@@ -103,120 +103,3 @@ class AnomalyMetrics(_ExactMetric):
             fpr_limit=self.fpr_limit,
         )
         return {name: self._result(v) for name, v in values.items()}
-
-
-class ImageAUROC(_ExactMetric):
-    """Image-level AUROC of the map maxima; stores only one score and one label per image."""
-
-    scores: list[Tensor]
-    labels: list[Tensor]
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("scores", default=[], dist_reduce_fx="cat")
-        self.add_state("labels", default=[], dist_reduce_fx="cat")
-
-    def update(self, anomaly_map: Tensor, gt_mask: Tensor, gt_label: Tensor | None = None) -> None:
-        amap, _, label = _batch(anomaly_map, gt_mask, gt_label)
-        self.scores.append(F.image_scores(amap))
-        self.labels.append(label)
-
-    def compute(self) -> Tensor:
-        if _empty(self.scores):
-            return self._result(F._undefined("image_AUROC", "no data was passed to update()"))
-        value = F.auroc(
-            dim_zero_cat(self.scores), dim_zero_cat(self.labels), name="image_AUROC", unit="images"
-        )
-        return self._result(value)
-
-
-class _PixelMetric(_ExactMetric):
-    """Stores flattened pixel scores and labels (so image sizes may differ between batches)."""
-
-    scores: list[Tensor]
-    labels: list[Tensor]
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("scores", default=[], dist_reduce_fx="cat")
-        self.add_state("labels", default=[], dist_reduce_fx="cat")
-
-    def update(self, anomaly_map: Tensor, gt_mask: Tensor, gt_label: Tensor | None = None) -> None:
-        amap, mask, _ = _batch(anomaly_map, gt_mask, gt_label)
-        self.scores.append(amap.reshape(-1))
-        self.labels.append(mask.reshape(-1))
-
-
-class PixelAUROC(_PixelMetric):
-    """Pixel-level exact ROC AUC."""
-
-    def compute(self) -> Tensor:
-        if _empty(self.scores):
-            return self._result(F._undefined("pixel_AUROC", "no data was passed to update()"))
-        value = F.auroc(
-            dim_zero_cat(self.scores), dim_zero_cat(self.labels), name="pixel_AUROC", unit="pixels"
-        )
-        return self._result(value)
-
-
-class PixelAP(_PixelMetric):
-    """Pixel-level step-wise average precision."""
-
-    def compute(self) -> Tensor:
-        if _empty(self.scores):
-            return self._result(F._undefined("pixel_AP", "no data was passed to update()"))
-        value = F.average_precision(
-            dim_zero_cat(self.scores), dim_zero_cat(self.labels), name="pixel_AP", unit="pixels"
-        )
-        return self._result(value)
-
-
-class AUPRO(_ExactMetric):
-    """Pixel AUPRO up to ``fpr_limit``; keeps the [N,H,W] layout because regions are 2-D components."""
-
-    anomaly_maps: list[Tensor]
-    gt_masks: list[Tensor]
-
-    def __init__(self, fpr_limit: float = 0.3, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.fpr_limit = F._check_fpr_limit(fpr_limit)
-        self.add_state("anomaly_maps", default=[], dist_reduce_fx="cat")
-        self.add_state("gt_masks", default=[], dist_reduce_fx="cat")
-
-    def update(self, anomaly_map: Tensor, gt_mask: Tensor, gt_label: Tensor | None = None) -> None:
-        amap, mask, _ = _batch(anomaly_map, gt_mask, gt_label)
-        self.anomaly_maps.append(amap)
-        self.gt_masks.append(mask)
-
-    def compute(self) -> Tensor:
-        if _empty(self.anomaly_maps):
-            return self._result(F._undefined("pixel_AUPRO", "no data was passed to update()"))
-        value = F.aupro(
-            dim_zero_cat(self.anomaly_maps), dim_zero_cat(self.gt_masks), self.fpr_limit, name="pixel_AUPRO"
-        )
-        return self._result(value)
-
-
-class IoU(_ExactMetric):
-    """Pooled IoU of ``anomaly_map >= threshold``; only two integer sums are kept (cheap to sync)."""
-
-    intersection: Tensor
-    union: Tensor
-
-    def __init__(self, threshold: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.threshold = float(threshold)
-        self.add_state("intersection", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("union", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-
-    def update(self, anomaly_map: Tensor, gt_mask: Tensor, gt_label: Tensor | None = None) -> None:
-        amap, mask, _ = _batch(anomaly_map, gt_mask, gt_label)
-        pred = amap >= self.threshold
-        target = mask.bool()
-        self.intersection += (pred & target).sum()
-        self.union += (pred | target).sum()
-
-    def compute(self) -> Tensor:
-        union = int(self.union)
-        why = "empty prediction and empty ground truth (union is 0)"
-        return self._result(F._ratio(int(self.intersection), union, "IoU", why))

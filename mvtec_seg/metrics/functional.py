@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "METRIC_LABELS",
     "METRIC_NAMES",
     "UndefinedMetricWarning",
     "aupro",
@@ -30,10 +31,20 @@ __all__ = [
     "image_scores",
     "iou",
     "precision_recall_iou",
+    "precision_recall_curve",
     "pro_curve",
+    "roc_curve",
 ]
 
 METRIC_NAMES: tuple[str, ...] = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")
+METRIC_LABELS: dict[str, str] = {
+    "pixel_AUPRO": "pixel AUPRO",
+    "pixel_AP": "pixel AP",
+    "IoU": "IoU",
+    "pixel_AUROC": "pixel AUROC",
+    "image_AUROC": "image AUROC",
+}
+"""How tables and plots name each metric, in the order they show them: localisation first."""
 
 ArrayLike = Tensor | np.ndarray
 
@@ -195,8 +206,8 @@ def _pro_curve_sorted(
     return np.concatenate(([0.0], fpr, [1.0])), np.concatenate(([0.0], pro, [1.0]))
 
 
-def _area_to_limit(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
-    """Trapezoid area of the curve cut at exactly fpr_limit (interpolated), divided by fpr_limit."""
+def _cut_at(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """The curve's points with fpr <= fpr_limit, ending exactly at the limit (linear interpolation)."""
     k = int(np.searchsorted(fpr, fpr_limit, side="right"))  # points with fpr <= limit (fpr is sorted)
     x, y = fpr[:k], pro[:k]
     if k < fpr.size:
@@ -204,6 +215,12 @@ def _area_to_limit(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
         y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
         x = np.append(x, fpr_limit)
         y = np.append(y, y_lim)
+    return x, y
+
+
+def _area_to_limit(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
+    """Trapezoid area of the curve cut at exactly fpr_limit (interpolated), divided by fpr_limit."""
+    x, y = _cut_at(fpr, pro, fpr_limit)
     area = float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0)
     return area / fpr_limit
 
@@ -254,12 +271,37 @@ def average_precision(
     return _ap_curve(fps.numpy(), tps.numpy(), name, unit)
 
 
-def pro_curve(preds: ArrayLike, target: ArrayLike) -> tuple[Tensor, Tensor]:
-    """Full (FPR, PRO) curve, float64, from (0,0) to (1,1), one point per distinct score.
+def roc_curve(scores: ArrayLike, labels: ArrayLike) -> tuple[Tensor, Tensor]:
+    """Exact ROC curve (FPR, TPR), float64, from (0,0), one point per distinct score.
 
-    Regions are the 8-connected components of each image's mask; FPR counts the normal pixels of
-    all images. Returns two empty tensors (and warns) when the curve is undefined.
+    Two empty tensors (and a warning) when only one class is present.
     """
+    fps, tps, _ = binary_clf_curve(scores, labels)
+    n_pos = int(tps[-1]) if tps.numel() else 0
+    n_neg = int(fps[-1]) if fps.numel() else 0
+    if n_pos == 0 or n_neg == 0:
+        _undefined("ROC curve", "only one class present")
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    return torch.cat((zero, fps.double() / n_neg)), torch.cat((zero, tps.double() / n_pos))
+
+
+def precision_recall_curve(scores: ArrayLike, labels: ArrayLike) -> tuple[Tensor, Tensor]:
+    """(precision, recall), float64, one point per distinct score from the highest down (recall rising).
+
+    The step-wise AP is ``sum(diff([0, *recall]) * precision)``. Two empty tensors (and a warning) when
+    there is no positive.
+    """
+    fps, tps, _ = binary_clf_curve(scores, labels)
+    n_pos = int(tps[-1]) if tps.numel() else 0
+    if n_pos == 0:
+        _undefined("precision-recall curve", "no positive sample")
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    return tps.double() / (tps + fps).double(), tps.double() / n_pos
+
+
+def _full_pro_curve(preds: ArrayLike, target: ArrayLike) -> tuple[np.ndarray, np.ndarray] | str:
+    """The whole (FPR, PRO) curve from (0,0) to (1,1), or the reason it is undefined."""
     p = _stack_3d(preds, "preds")
     t = _stack_3d(target, "target") != 0
     _check_same_shape(p, t, "preds", "target")
@@ -267,10 +309,24 @@ def pro_curve(preds: ArrayLike, target: ArrayLike) -> tuple[Tensor, Tensor]:
     region, sizes, n_regions, n_normal = _regions(t)
     reason = _pro_undefined_reason(n_regions, n_normal)
     if reason is not None:
-        _undefined("PRO curve", reason)
-        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        return reason
     sorted_s, order = _sort_desc(s)
-    fpr, pro = _pro_curve_sorted(sorted_s, region[order], sizes, n_regions, n_normal)
+    return _pro_curve_sorted(sorted_s, region[order], sizes, n_regions, n_normal)
+
+
+def pro_curve(preds: ArrayLike, target: ArrayLike, fpr_limit: float | None = None) -> tuple[Tensor, Tensor]:
+    """(FPR, PRO) curve, float64, from (0,0), one point per distinct score; to (1,1) when ``fpr_limit`` is
+    None, else cut at exactly ``fpr_limit`` (interpolated): the curve whose area `aupro` integrates.
+
+    Regions are the 8-connected components of each image's mask; FPR counts the normal pixels of
+    all images. Returns two empty tensors (and warns) when the curve is undefined.
+    """
+    limit = None if fpr_limit is None else _check_fpr_limit(fpr_limit)
+    curve = _full_pro_curve(preds, target)
+    if isinstance(curve, str):
+        _undefined("PRO curve", curve)
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    fpr, pro = curve if limit is None else _cut_at(*curve, limit)
     return torch.from_numpy(fpr), torch.from_numpy(pro)
 
 
@@ -281,17 +337,10 @@ def aupro(preds: ArrayLike, target: ArrayLike, fpr_limit: float = 0.3, *, name: 
     no GT region or no normal pixel.
     """
     fpr_limit = _check_fpr_limit(fpr_limit)
-    p = _stack_3d(preds, "preds")
-    t = _stack_3d(target, "target") != 0
-    _check_same_shape(p, t, "preds", "target")
-    s = _scores_np(p, "preds")
-    region, sizes, n_regions, n_normal = _regions(t)
-    reason = _pro_undefined_reason(n_regions, n_normal)
-    if reason is not None:
-        return _undefined(name, reason)
-    sorted_s, order = _sort_desc(s)
-    fpr, pro = _pro_curve_sorted(sorted_s, region[order], sizes, n_regions, n_normal)
-    return _area_to_limit(fpr, pro, fpr_limit)
+    curve = _full_pro_curve(preds, target)
+    if isinstance(curve, str):
+        return _undefined(name, curve)
+    return _area_to_limit(*curve, fpr_limit)
 
 
 def iou(preds: ArrayLike, target: ArrayLike, threshold: float = 0.5, *, name: str = "IoU") -> float:

@@ -8,48 +8,47 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
-import torch
-import torch.distributed as dist
-from torch import Tensor
+from hydra.utils import instantiate
+from torch import Tensor, nn
 
 from mvtec_seg.metrics import METRIC_NAMES, AnomalyMetrics
 
 
-def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
-    """Optimizer from a plain dict such as {name: adam, lr: 1e-4, weight_decay: 0}."""
-    cfg = dict(cfg)
-    name = cfg.pop("name").lower()
-    classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-    if name not in classes:
-        raise ValueError(f"model.optimizer.name={name!r} is not one of {sorted(classes)}")
-    return classes[name](params, **cfg)
+def parameter_count(module: nn.Module) -> int:
+    """Number of parameters (works on meta-device modules)."""
+    return int(sum(p.numel() for p in module.parameters()))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict | None) -> dict | None:
-    """LR scheduler from a plain dict such as {name: step, step_size: 800, gamma: 0.1, interval: epoch}."""
-    if not cfg:
-        return None
-    cfg = dict(cfg)
-    name, interval = cfg.pop("name").lower(), cfg.pop("interval", "epoch")
-    classes = {"step": torch.optim.lr_scheduler.StepLR, "cosine": torch.optim.lr_scheduler.CosineAnnealingLR}
-    if name not in classes:
-        raise ValueError(f"model.scheduler.name={name!r} is not one of {sorted(classes)}")
-    return {"scheduler": classes[name](optimizer, **cfg), "interval": interval}
+def build_optimizers(parameters, optimizer: dict, scheduler: dict | None = None) -> Any:
+    """Optimizer and LR scheduler from Hydra `_target_` dicts with `_partial_: true`, the form
+    `configure_optimizers` returns. `scheduler` may carry Lightning's `interval` (default "epoch").
+
+    The dicts are kept as plain hyperparameters (not instantiated objects) so checkpoints load with
+    `weights_only=True`; a new optimizer is a config file, not a code change.
+    """
+    opt = instantiate(optimizer, _convert_="all")(params=parameters)
+    if not scheduler:
+        return opt
+    scheduler = dict(scheduler)
+    interval = scheduler.pop("interval", "epoch")
+    sched = instantiate(scheduler, _convert_="all")(optimizer=opt)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
 
 
 class AnomalyModule(pl.LightningModule):
-    """Base LightningModule: validation on `target_mask` (GT or pseudo), test always on `gt_mask`."""
+    """Base LightningModule: validation on `target_mask` (GT or pseudo), test always on `gt_mask`.
+
+    `test_step` returns `{index, anomaly_map}` for callbacks (`callbacks.TestArtefacts` saves them);
+    `computed_metrics[stage]` holds the full-precision values of the last validation/test epoch.
+    """
 
     def __init__(
         self, optimizer: dict, scheduler: dict | None = None, evaluation: dict | None = None
     ) -> None:
         super().__init__()
         self.configure_evaluation(**(evaluation or {}))
-        self.test_predictions: dict[str, np.ndarray] | None = None
-        self.computed_metrics: dict[str, dict[str, float]] = {}  # full-precision values, by stage
-        self._test_store: list[tuple[Tensor, Tensor]] = []
+        self.computed_metrics: dict[str, dict[str, float]] = {}
 
     def configure_evaluation(self, iou_threshold: float = 0.5, fpr_limit: float = 0.3) -> None:
         """(Re)build the metric objects, e.g. for a loaded checkpoint scored under today's settings."""
@@ -67,9 +66,7 @@ class AnomalyModule(pl.LightningModule):
         return {"anomaly_map": amap, "pred_score": amap.flatten(1).amax(1)}
 
     def configure_optimizers(self) -> Any:
-        opt = build_optimizer(self.parameters(), self.hparams.optimizer)
-        sched = build_scheduler(opt, self.hparams.get("scheduler"))
-        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+        return build_optimizers(self.parameters(), self.hparams.optimizer, self.hparams.get("scheduler"))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         amap = self.anomaly_map(batch["image"]).float()
@@ -78,24 +75,13 @@ class AnomalyModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         amap = self.anomaly_map(batch["image"]).float()
         self.test_metrics.update(amap, batch["gt_mask"][:, 0] > 0.5, batch["gt_label"])
-        self._test_store.append((batch["index"].detach().cpu(), amap.detach().cpu()))
+        return {"index": batch["index"], "anomaly_map": amap}
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)
-        store = self._test_store
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, store)
-            store = [item for part in gathered for item in part]
-        if store:
-            index = torch.cat([s[0] for s in store]).numpy()
-            maps = torch.cat([s[1] for s in store]).numpy()
-            order = np.argsort(index, kind="stable")
-            self.test_predictions = {"index": index[order], "anomaly_map": maps[order]}
-        self._test_store = []
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         return {"index": batch["index"], "anomaly_map": self.anomaly_map(batch["image"]).float()}

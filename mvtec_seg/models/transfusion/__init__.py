@@ -1,30 +1,20 @@
-"""TransFusion (ECCV 2024): transparency-based diffusion for anomaly detection and localisation."""
+"""TransFusion (ECCV 2024): transparency-based diffusion for anomaly detection and localisation.
 
-from mvtec_seg.models.transfusion.anomalies import (
-    TEXTURE_CATEGORIES,
-    AnomalyGenerator,
-    estimate_foreground,
-    is_texture_category,
-    perlin_noise,
-)
+`torch_model` (network, schedule, reverse process), `loss`, `anomalies` (the synthetic-anomaly generator),
+`lightning_model` (``TransFusion``, imported lazily so the pure parts never need Lightning).
+"""
+
+from mvtec_seg.models.transfusion.anomalies import AnomalyGenerator, estimate_foreground, perlin_noise
 from mvtec_seg.models.transfusion.loss import TransFusionLoss
-from mvtec_seg.models.transfusion.torch_model import (
-    PAPER_CONFIG,
-    TransFusionModel,
-    TransFusionUNet,
-    count_parameters,
-)
+from mvtec_seg.models.transfusion.torch_model import PAPER_CONFIG, TransFusionModel, TransFusionUNet
 
 __all__ = [
     "PAPER_CONFIG",
-    "TEXTURE_CATEGORIES",
     "AnomalyGenerator",
     "TransFusionLoss",
     "TransFusionModel",
     "TransFusionUNet",
-    "count_parameters",
     "estimate_foreground",
-    "is_texture_category",
     "perlin_noise",
 ]
 

@@ -36,15 +36,7 @@ from PIL import Image
 from scipy import ndimage
 from torch import Tensor
 
-TEXTURE_CATEGORIES = frozenset({"carpet", "grid", "leather", "tile", "wood", "zipper"})
-"""MVTec AD categories trained without a foreground restriction (the published setting counts zipper in)."""
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def is_texture_category(name: str) -> bool:
-    """Whether anomalies may cover the whole image for this MVTec AD category."""
-    return name.lower() in TEXTURE_CATEGORIES
 
 
 # -- noise -----------------------------------------------------------------------------------------------------

@@ -236,9 +236,8 @@ class TransFusionUNet(nn.Module):
 class TransFusionModel(nn.Module):
     """Pure nn.Module: the U-Net, the transparency schedule and the reverse-process inference.
 
-    ``forward(image)`` (images in [0,1]) returns ``{"anomaly_map": [B,H,W], "pred_score": [B]}``; with
-    ``prev_mask`` and ``t`` it returns the raw training predictions instead (so DDP wrappers see the training
-    computation as a forward call). Nothing is hard-coded to a device or dtype: buffers move with ``.to()``,
+    ``forward(image)`` (images in [0,1]) returns ``{"anomaly_map": [B,H,W], "pred_score": [B]}``; training
+    goes through `training_forward`. Nothing is hard-coded to a device or dtype: buffers move with ``.to()``,
     intermediate tensors follow their inputs, so ``model.double()`` and autocast both work.
     """
 
@@ -343,15 +342,8 @@ class TransFusionModel(nn.Module):
         return out
 
     # -- inference --------------------------------------------------------------------------------------
-    def forward(
-        self, image: Tensor, prev_mask: Tensor | None = None, t: Tensor | None = None
-    ) -> dict[str, Tensor]:
-        """Inference on ``image`` [B,3,H,W] in [0,1]; with ``prev_mask`` and ``t``, training predictions for
-        ``image`` taken as ``x_t`` in [-1,1] (see `training_outputs`)."""
-        if t is not None:
-            if prev_mask is None:
-                raise ValueError("TransFusionModel.forward: pass prev_mask together with t")
-            return self.training_outputs(image, prev_mask, t)
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        """Inference on ``image`` [B,3,H,W] in [0,1] (see `predict`)."""
         return self.predict(image)
 
     @torch.no_grad()
@@ -390,43 +382,3 @@ class TransFusionModel(nn.Module):
         mean_mask, final = self.reverse_process(image)
         amap = self.combine(image.to(final.dtype), mean_mask, final)
         return {"anomaly_map": amap, "pred_score": amap.flatten(1).amax(1)}
-
-    @torch.no_grad()
-    def predict_sequential(self, image: Tensor) -> dict[str, Tensor]:
-        """One image at a time, written out step by step as the published evaluation loop does.
-
-        Kept deliberately independent of `reverse_process`/`combine` (its own loop, accumulation and
-        smoothing via ``avg_pool2d``) so tests can use it as the reference for the batched path.
-        """
-        maps = []
-        k = self.smoothing_kernel
-        for i in range(image.shape[0]):
-            img = image[i : i + 1]
-            x = img * 2 - 1
-            mask = torch.zeros_like(x[:, :1])
-            probs = []
-            for step in reversed(range(1, self.num_steps)):
-                t = torch.tensor([step], device=x.device)
-                noise, mean, logits = self.net(x, mask, t)
-                p = torch.sigmoid(logits).to(x.dtype)
-                probs.append(p)
-                mask = torch.where(p > 0.5, torch.ones_like(p), torch.zeros_like(p))
-                b_t, b_prev = self.betas[step].to(x.dtype), self.betas[step - 1].to(x.dtype)
-                x = (
-                    x
-                    - (b_t - b_prev) / b_t * mask * noise.to(x.dtype)
-                    + (b_t - b_prev) * mask * mean.to(x.dtype)
-                )
-            disc = torch.stack(probs).mean(0)[:, 0]
-            recon = ((img.clamp(0, 1) - ((x + 1) / 2).clamp(0, 1)) ** 2).mean(1)
-            if k > 1:
-                disc = F.avg_pool2d(disc[None], k, stride=1, padding=k // 2, count_include_pad=True)[0]
-                recon = F.avg_pool2d(recon[None], k, stride=1, padding=k // 2, count_include_pad=True)[0]
-            maps.append(self.map_weight * disc + (1 - self.map_weight) * recon)
-        amap = torch.cat(maps)
-        return {"anomaly_map": amap, "pred_score": amap.flatten(1).amax(1)}
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters (works on meta-device modules)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

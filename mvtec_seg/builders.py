@@ -1,0 +1,123 @@
+"""Objects built from the composed config: the category folder, the datamodule, models and the Trainer.
+
+Every stage (a run, the shared teacher, its maps) builds through here, so one setting means the same
+thing everywhere: there is one Trainer factory and one model factory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from mvtec_seg.data.datamodule import MVTecDataModule
+from mvtec_seg.data.mvtec import MVTEC_CATEGORIES
+from mvtec_seg.errors import UserError
+from mvtec_seg.models.base import AnomalyModule
+
+SINGLE_DEVICE_KEYS: tuple[str, ...] = (
+    "accelerator",
+    "precision",
+    "deterministic",
+    "log_every_n_steps",
+    "enable_progress_bar",
+)
+"""Trainer-group settings a single-device stage (teacher training, maps) takes from the run's trainer."""
+
+
+def category_dir(cfg: DictConfig) -> Path:
+    """The category folder; the synthetic categories are generated here on first use."""
+    name = cfg.category.name
+    root = Path(cfg.data.root)
+    gen = cfg.category.get("generate")
+    if gen:
+        from mvtec_seg.data.synthetic import generate_category
+
+        return generate_category(
+            root, name=name, seed=int(cfg.seed), **OmegaConf.to_container(gen, resolve=True)
+        )
+    path = root / name
+    if not path.is_dir():
+        known = "" if name in MVTEC_CATEGORIES else f" ('{name}' is not an MVTec AD category name)"
+        raise UserError(
+            f"category folder not found: {path}{known} — set data.root=<folder holding {name}/> "
+            f"(or MVTEC_ROOT), or use category=synthetic for the built-in demo data"
+        )
+    return path
+
+
+def build_datamodule(
+    cfg: DictConfig, train_subset: str = "all", batch_size: int | None = None, augment: bool | None = None
+) -> MVTecDataModule:
+    d = cfg.data
+    return MVTecDataModule(
+        category_dir=category_dir(cfg),
+        cache_dir=cfg.paths.cache_dir,
+        category=cfg.category.name,
+        seed=int(cfg.seed),
+        image_size=int(d.image_size),
+        batch_size=int(batch_size or d.batch_size),
+        eval_batch_size=int(d.eval_batch_size),
+        num_workers=int(d.num_workers),
+        decode_workers=int(d.decode_workers),
+        split_ratios=tuple(d.split_ratios),
+        augment=bool(d.augment) if augment is None else augment,
+        train_subset=train_subset,
+        pin_memory=bool(d.pin_memory),
+        train_crop=d.get("train_crop"),
+        shard_evaluation=not cfg.trainer.get("use_distributed_sampler", True),
+    )
+
+
+def evaluation_settings(cfg: DictConfig) -> dict[str, float]:
+    """The scoring settings a model's metrics take (never part of what its weights depend on)."""
+    return {k: float(cfg.evaluation[k]) for k in ("iou_threshold", "fpr_limit")}
+
+
+def build_module(target: str, params: DictConfig, cfg: DictConfig) -> AnomalyModule:
+    """An `AnomalyModule` from a class path and plain-dict parameters, scored under `cfg.evaluation`.
+
+    Parameters stay plain dicts (optimizer and scheduler included, as Hydra `_target_` dicts instantiated
+    in `configure_optimizers`) so checkpoints load with `weights_only=True`.
+    """
+    kwargs = OmegaConf.to_container(params, resolve=True)
+    return get_class(target)(**kwargs, evaluation=evaluation_settings(cfg))
+
+
+def build_model(cfg: DictConfig) -> AnomalyModule:
+    """The run's model as configured, untrained (`model.module` with `model.params`)."""
+    return build_module(cfg.model.module, cfg.model.params, cfg)
+
+
+def max_epochs(cfg: DictConfig) -> int:
+    """`trainer.max_epochs` when set, else the model's own."""
+    return (
+        int(cfg.trainer.max_epochs)
+        if cfg.trainer.get("max_epochs") is not None
+        else int(cfg.model.max_epochs)
+    )
+
+
+def build_trainer(
+    cfg: DictConfig,
+    max_epochs: int,
+    callbacks: Sequence[pl.Callback] = (),
+    logger: Any = False,
+    single_device: bool = False,
+    **overrides: Any,
+) -> pl.Trainer:
+    """The one Trainer factory: the `trainer` group's settings, then `overrides`.
+
+    `single_device=True` keeps only `SINGLE_DEVICE_KEYS` on one device: a shared stage (the teacher, its
+    maps) runs whole in one process even inside a multi-device job.
+    """
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
+    settings.pop("max_epochs", None)
+    if single_device:
+        settings = {k: settings[k] for k in SINGLE_DEVICE_KEYS if k in settings} | {"devices": 1}
+    settings.update(overrides)
+    return pl.Trainer(max_epochs=max_epochs, callbacks=list(callbacks), logger=logger, **settings)

@@ -1,0 +1,74 @@
+"""Pseudo masks: the teacher's maps thresholded (never looking at GT), written once per teacher and setting.
+
+The masks are keyed by the teacher and the threshold settings, so two jobs with the same settings share
+one set and a changed setting builds a new one beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from mvtec_seg.io_utils import atomic_save_png, atomic_write_json, build_once, content_key
+from mvtec_seg.metrics import precision_recall_iou
+from mvtec_seg.pseudo.thresholds import choose_threshold
+from mvtec_seg.teacher import Teacher, ensure_teacher, teacher_maps
+
+log = logging.getLogger(__name__)
+
+
+def write_pseudo_masks(
+    out: Path, maps: np.ndarray, dm, settings: dict, category: str, teacher_dir: Path
+) -> None:
+    """Threshold `maps` ([N,H,W], manifest order) under `settings` and write `masks.npy`, one PNG per image
+    and `info.json` (threshold, settings, quality against GT per part) into the new folder `out`."""
+    rows = dm.manifest["samples"]
+    log.warning("building pseudo masks for %s (%s) in %s", category, settings, out)
+    threshold = choose_threshold(
+        maps,
+        dm.indices("train"),
+        dm.indices("train", normal_only=True),
+        settings["strategy"],
+        settings.get("quantile", 0.995),
+        settings.get("fixed", 0.5),
+    )
+    masks = (np.asarray(maps, dtype=np.float32) >= threshold).astype(np.uint8)
+    out.mkdir(parents=True)
+    np.save(out / "masks.npy", masks)
+    for i, row in enumerate(rows):
+        name = f"{i:05d}_{row['defect_type']}_{Path(row['image']).stem}.png"
+        atomic_save_png(out / "png" / name, masks[i] * 255)
+    quality = {
+        part: precision_recall_iou(masks[dm.indices(part)], np.asarray(dm.gt_masks[dm.indices(part)]))
+        for part in ("train", "val", "test")
+    }
+    atomic_write_json(
+        out / "info.json",
+        {
+            "threshold": threshold,
+            "settings": settings,
+            "teacher": str(teacher_dir),
+            "quality": quality,
+            "n": len(rows),
+        },
+    )
+
+
+def ensure_pseudo_masks(cfg: DictConfig, dm, teacher: Teacher | None = None) -> tuple[np.ndarray, dict]:
+    """Binary pseudo masks ([N,H,W] uint8, manifest order) and their record (threshold, quality vs GT).
+
+    The teacher is ensured first (trained once if needed) unless one is passed.
+    """
+    teacher = teacher or ensure_teacher(cfg, dm)
+    maps = teacher_maps(cfg, dm, teacher)
+    settings = OmegaConf.to_container(cfg.mask.threshold, resolve=True)
+    pdir = teacher.dir / "pseudo" / content_key(settings)
+    build_once(pdir, lambda tmp: write_pseudo_masks(tmp, maps, dm, settings, cfg.category.name, teacher.dir))
+    info = json.loads((pdir / "info.json").read_text())
+    info["dir"] = str(pdir)
+    info["strategy"] = settings["strategy"]
+    return np.load(pdir / "masks.npy"), info

@@ -1,0 +1,152 @@
+"""Reduce runs to a table: per (category, cell) mean / sample std / n, the mean over categories, the
+pseudo-minus-GT gaps and the pseudo-mask quality. A missing run is a gap (None), never a zero."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mvtec_seg.metrics import METRIC_LABELS
+from mvtec_seg.report.collect import COST_KEYS, Cell, Run
+from mvtec_seg.summary import number
+
+CELL_ORDER: tuple[Cell, ...] = (
+    ("transfusion", "none"),
+    ("unet", "gt"),
+    ("unet", "pseudo"),
+    ("deeplab", "gt"),
+    ("deeplab", "pseudo"),
+)
+QUALITY_KEYS: tuple[str, ...] = ("IoU", "precision", "recall")
+
+
+def _order_cells(cells: Iterable[Cell]) -> list[Cell]:
+    """Reference first, then the segmenters in the documented order, then anything else sorted."""
+    present = set(cells)
+    known = [c for c in CELL_ORDER if c in present]
+    return known + sorted(present - set(CELL_ORDER))
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and spread of the finite values among ``n_values`` given ones (NaN = undefined)."""
+
+    mean: float
+    std: float  # sample std (ddof=1); NaN when fewer than two finite values
+    n: int  # finite values
+    n_values: int  # values given, undefined ones included
+
+    @property
+    def defined(self) -> bool:
+        return self.n > 0
+
+
+def _stat(values: Sequence[float]) -> Stat:
+    arr = np.asarray([v for v in values], dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    n = int(finite.size)
+    mean = float(finite.mean()) if n else math.nan
+    std = float(finite.std(ddof=1)) if n >= 2 else math.nan
+    return Stat(mean, std, n, int(arr.size))
+
+
+def _mean_of(stats: Iterable[Stat | None]) -> Stat | None:
+    """Mean over categories of the per-category means (categories without a defined value left out)."""
+    means = [s.mean for s in stats if s is not None and s.defined]
+    return _stat(means) if means else None
+
+
+def _pseudo_records(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Distinct pseudo-mask sets of a category: U-Net and DeepLab share one set, so count it once."""
+    seen: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        info = run.summary.pseudo
+        if run.mask != "pseudo" or info is None:
+            continue
+        key = str(info.get("dir") or json.dumps([info.get("threshold"), info.get("quality")], sort_keys=True))
+        seen.setdefault(key, info)
+    return list(seen.values())
+
+
+def _quality(info: dict[str, Any], key: str) -> float:
+    train = (info.get("quality") or {}).get("train") or {}
+    return number(train.get(key))
+
+
+@dataclass
+class Table:
+    """Aggregated numbers; ``None`` means no run (a gap)."""
+
+    categories: list[str]
+    cells: list[Cell]
+    gap_models: list[str]
+    metric: dict[tuple[str, Cell, str], Stat]  # (category, cell, metric)
+    cost: dict[tuple[str, Cell, str], Stat]
+    params: dict[Cell, int]
+    quality: dict[tuple[str, str], Stat]  # (category, "threshold" | IoU | precision | recall)
+    strategy: dict[str, str]
+    runs: dict[tuple[str, Cell], list[Run]]
+
+    def get(self, category: str, cell: Cell, metric: str) -> Stat | None:
+        return self.metric.get((category, cell, metric))
+
+    def gap(self, category: str, model: str, metric: str) -> float | None:
+        """Pseudo minus GT of the per-category means; None unless both are defined."""
+        gt, ps = self.get(category, (model, "gt"), metric), self.get(category, (model, "pseudo"), metric)
+        if gt is None or ps is None or not gt.defined or not ps.defined:
+            return None
+        return ps.mean - gt.mean
+
+    def mean_metric(self, cell: Cell, metric: str) -> Stat | None:
+        return _mean_of(self.get(c, cell, metric) for c in self.categories)
+
+    def mean_cost(self, cell: Cell, key: str) -> Stat | None:
+        return _mean_of(self.cost.get((c, cell, key)) for c in self.categories)
+
+    def mean_gap(self, model: str, metric: str) -> Stat | None:
+        gaps = [g for c in self.categories if (g := self.gap(c, model, metric)) is not None]
+        return _stat(gaps) if gaps else None
+
+    def mean_quality(self, key: str) -> Stat | None:
+        return _mean_of(self.quality.get((c, key)) for c in self.categories)
+
+
+def aggregate(runs: Sequence[Run]) -> Table:
+    """Group runs by (category, cell) and reduce each group to mean / std / n."""
+    groups: dict[tuple[str, Cell], list[Run]] = {}
+    for run in sorted(
+        runs, key=lambda r: (r.category, r.model, r.mask, r.seed if r.seed is not None else -1)
+    ):
+        groups.setdefault((run.category, run.cell), []).append(run)
+    categories = sorted({r.category for r in runs})
+    cells = _order_cells(r.cell for r in runs)
+    metric: dict[tuple[str, Cell, str], Stat] = {}
+    cost: dict[tuple[str, Cell, str], Stat] = {}
+    params: dict[Cell, int] = {}
+    for (cat, cell), group in groups.items():
+        for m in METRIC_LABELS:
+            metric[(cat, cell, m)] = _stat([r.metrics[m] for r in group])
+        for k in COST_KEYS:
+            cost[(cat, cell, k)] = _stat([r.cost[k] for r in group])
+        for r in group:
+            if r.summary.params is not None:
+                params.setdefault(cell, r.summary.params)
+    quality: dict[tuple[str, str], Stat] = {}
+    strategy: dict[str, str] = {}
+    for cat in categories:
+        records = _pseudo_records([r for (c, _), g in groups.items() if c == cat for r in g])
+        if not records:
+            continue
+        quality[(cat, "threshold")] = _stat([number(info.get("threshold")) for info in records])
+        for key in QUALITY_KEYS:
+            quality[(cat, key)] = _stat([_quality(info, key) for info in records])
+        strategy[cat] = "/".join(sorted({str(info.get("strategy", "?")) for info in records}))
+    gap_models = [
+        m for m in dict.fromkeys(m for m, _ in cells) if (m, "gt") in cells and (m, "pseudo") in cells
+    ]
+    return Table(categories, cells, gap_models, metric, cost, params, quality, strategy, groups)

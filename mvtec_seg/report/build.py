@@ -1,0 +1,85 @@
+"""`build_report(folder)` and the `python -m mvtec_seg.report` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mvtec_seg.errors import UserError
+from mvtec_seg.io_utils import atomic_write_text
+from mvtec_seg.report.aggregate import aggregate
+from mvtec_seg.report.collect import collect_runs
+from mvtec_seg.report.plots import BAR_METRICS, bar_plot, category_grid, safe_name
+from mvtec_seg.report.tables import csv_columns, csv_rows, csv_text, markdown
+
+log = logging.getLogger(__name__)
+PLOTS_DIR = "report_plots"
+
+
+def build_report(folder: Path | str, out: Path | str | None = None) -> dict[str, Any]:
+    """Write report.md, report.csv and report_plots/ for every finished run below ``folder``.
+
+    Returns the paths written, the CSV columns and rows (None = gap), categories and cells, so a caller or
+    a test can check numbers without parsing files.
+    """
+    folder = Path(folder)
+    coll = collect_runs(folder)
+    out_dir = Path(out) if out is not None else folder
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out_dir.resolve()
+    t = aggregate(coll.runs)
+    plots_dir = out_dir / PLOTS_DIR
+
+    plots: dict[str, Path] = {}
+    for m in BAR_METRICS:
+        plots[m] = bar_plot(t, m, plots_dir / f"bars_{m}.png")
+    grids: dict[str, tuple[Path | None, list[str]]] = {}
+    for cat in t.categories:
+        try:
+            grids[cat] = category_grid(t, cat, plots_dir / f"grid_{safe_name(cat)}.png")
+        except Exception as err:  # one bad prediction file must not cost the whole report
+            log.warning("report: no image grid for %s: %s", cat, err)
+            grids[cat] = (None, [f"image grid failed: {type(err).__name__}: {err}"])
+
+    columns = csv_columns(t)
+    rows = csv_rows(t)
+    csv_path = atomic_write_text(out_dir / "report.csv", csv_text(columns, rows))
+    md_path = atomic_write_text(out_dir / "report.md", markdown(folder, out_dir, t, coll, plots, grids))
+    return {
+        "report_md": md_path,
+        "report_csv": csv_path,
+        "plots": [*plots.values(), *[p for p, _ in grids.values() if p is not None]],
+        "columns": columns,
+        "rows": rows,
+        "categories": t.categories,
+        "cells": t.cells,
+        "n_runs": len(coll.runs),
+        "skipped": dict(coll.skipped_status),
+        "unreadable": list(coll.unreadable),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: returns 0, or 2 with a one-line message on bad input (no traceback)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mvtec_seg.report",
+        description="Gather the summary.json of every finished run below FOLDER into report.md/csv and plots.",
+    )
+    parser.add_argument("folder", type=Path, help="output or sweep folder holding run folders")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: FOLDER)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = build_report(args.folder, args.out)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"report: {result['report_md']} and {result['report_csv']} "
+        f"({result['n_runs']} runs, {len(result['categories'])} categories, {len(result['plots'])} plots)"
+    )
+    return 0

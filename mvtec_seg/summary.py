@@ -1,0 +1,113 @@
+"""`summary.json`: the one definition of what a run records, shared by the writer and the report.
+
+Why one dataclass: the run writes it and the report reads it back; defining the fields once means a new
+field cannot be written without the reader knowing, and an old or hand-edited file reads with gaps (NaN /
+None) instead of crashing the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mvtec_seg.io_utils import atomic_write_json
+
+SUMMARY_FILE = "summary.json"
+TIME_KEYS: tuple[str, ...] = ("train_s", "test_s")
+THROUGHPUT_KEYS: tuple[str, ...] = ("train_images_per_s", "test_images_per_s")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe floats: NaN stays NaN in memory but is written as null."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def number(value: Any) -> float:
+    """A JSON number as float; null, missing, bool or non-numeric -> NaN (undefined)."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value) if value is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+@dataclass
+class RunSummary:
+    """What one run records (field order is the order in `summary.json`).
+
+    `metrics` holds the sectioned test metrics (`test/pixel_AUPRO`, ...); `mask` is `none` for a model that
+    uses no mask source (TransFusion); `pseudo` is the pseudo-mask record (threshold, quality vs GT).
+    """
+
+    category: str
+    model: str
+    mask: str
+    seed: int | None
+    status: str = "running"
+    task_name: str | None = None
+    params: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    time: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(TIME_KEYS))
+    throughput: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(THROUGHPUT_KEYS))
+    split: dict[str, Any] = field(default_factory=dict)
+    pseudo: dict[str, Any] | None = None
+    checkpoint: str | None = None
+    run_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, run_dir: Path | str) -> Path:
+        """Atomically write `<run_dir>/summary.json` (NaN as null)."""
+        return atomic_write_json(Path(run_dir) / SUMMARY_FILE, _clean(self.to_dict()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSummary:
+        """Tolerant reader: missing or malformed optional fields become gaps; `category` and `model` are
+        required (KeyError)."""
+        time_in = data.get("time") if isinstance(data.get("time"), dict) else {}
+        thr_in = data.get("throughput") if isinstance(data.get("throughput"), dict) else {}
+        metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
+        return cls(
+            category=str(data["category"]),
+            model=str(data["model"]),
+            mask=str(data.get("mask") or "none"),
+            seed=_int_or_none(data.get("seed")),
+            status=str(data.get("status", "unknown")),
+            task_name=data.get("task_name"),
+            params=_int_or_none(data.get("params")),
+            metrics={str(k): number(v) for k, v in metrics.items()},
+            time={k: number(time_in.get(k)) for k in TIME_KEYS},
+            throughput={k: number(thr_in.get(k)) for k in THROUGHPUT_KEYS},
+            split=data["split"] if isinstance(data.get("split"), dict) else {},
+            pseudo=data["pseudo"] if isinstance(data.get("pseudo"), dict) else None,
+            checkpoint=data.get("checkpoint"),
+            run_dir=data.get("run_dir"),
+        )
+
+    @classmethod
+    def read(cls, path: Path | str) -> RunSummary:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def test_metric(self, name: str) -> float:
+        """`test/<name>` as float; NaN when missing or undefined."""
+        return number(self.metrics.get(f"test/{name}"))
+
+    @property
+    def manifest(self) -> Path | None:
+        path = self.split.get("manifest")
+        return Path(path) if path else None
