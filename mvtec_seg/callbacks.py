@@ -13,8 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mvtec_seg.io_utils import atomic_save_npz
-
-PREDICTIONS_FILE = "test_predictions.npz"
+from mvtec_seg.summary import PREDICTIONS_FILE
 
 
 class Throughput(pl.Callback):

@@ -1,4 +1,5 @@
-"""`summary.json`: the one definition of what a run records, shared by the writer and the report.
+"""The run folder's schema: `summary.json` (what a run records) and the predictions file's name, defined
+once for the writer and the report.
 
 Why one dataclass: the run writes it and the report reads it back; defining the fields once means a new
 field cannot be written without the reader knowing, and an old or hand-edited file reads with gaps (NaN /
@@ -16,6 +17,7 @@ from typing import Any
 from mvtec_seg.io_utils import atomic_write_json
 
 SUMMARY_FILE = "summary.json"
+PREDICTIONS_FILE = "test_predictions.npz"  # index, path, anomaly_map, gt_mask, gt_label of the test part
 TIME_KEYS: tuple[str, ...] = ("train_s", "test_s")
 THROUGHPUT_KEYS: tuple[str, ...] = ("train_images_per_s", "test_images_per_s")
 

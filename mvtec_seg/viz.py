@@ -307,13 +307,14 @@ def plot_curves(
         )
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    values = {k.split("/")[-1]: float(v) for k, v in (metrics or {}).items()}
-    if not set(F.METRIC_NAMES) <= set(values):
-        values = F.compute_all(maps, masks, labels, fpr_limit=fpr_limit)
     out = Path(out_dir)
     paths: list[Path] = []
     n_pos, n_pix = int(masks.sum()), int(masks.size)
-    if 0 < n_pos < n_pix:
+    pixel_curves, image_curve = 0 < n_pos < n_pix, 0 < labels.sum() < len(labels)
+    values = {k.split("/")[-1]: float(v) for k, v in (metrics or {}).items()}
+    if (pixel_curves or image_curve) and not set(F.METRIC_NAMES) <= set(values):
+        values = F.compute_all(maps, masks, labels, fpr_limit=fpr_limit)
+    if pixel_curves:
         fpr, tpr = _np(F.roc_curve(maps, masks))
         paths.append(
             _curve_figure(
@@ -352,7 +353,7 @@ def plot_curves(
                 xlim=(0.0, fpr_limit),
             )
         )
-    if 0 < labels.sum() < len(labels):
+    if image_curve:
         fpr, tpr = _np(F.roc_curve(F.image_scores(torch.from_numpy(maps)), labels > 0))
         paths.append(
             _curve_figure(

@@ -18,6 +18,7 @@ from mvtec_seg.metrics import METRIC_LABELS
 from mvtec_seg.report.aggregate import Table
 from mvtec_seg.report.collect import Run
 from mvtec_seg.report.tables import cell_label
+from mvtec_seg.summary import PREDICTIONS_FILE
 from mvtec_seg.viz import figure, heat_overlay, image_grid, save_figure
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class _Preds:
 
 
 def _open_preds(run: Run) -> _Preds | None:
-    path = run.run_dir / "test_predictions.npz"
+    path = run.run_dir / PREDICTIONS_FILE
     if not path.is_file():
         return None
     try:
