@@ -123,12 +123,15 @@ def main() -> int:
     r = sub.add_parser("run")
     r.add_argument("repo", type=Path)
     r.add_argument("out", type=Path)
-    r.add_argument("jobs", nargs="*", choices=list(JOBS), default=[])
+    r.add_argument("jobs", nargs="*", help=f"some of {', '.join(JOBS)} (default: all)")
     c = sub.add_parser("compare")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
     args = ap.parse_args()
     if args.cmd == "run":
+        unknown = sorted(set(args.jobs) - set(JOBS))
+        if unknown:
+            ap.error(f"unknown job(s) {', '.join(unknown)}: choose from {', '.join(JOBS)}")
         run(args.repo, args.out, args.jobs or list(JOBS))
         return 0
     return compare(args.a, args.b)
