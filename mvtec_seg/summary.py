@@ -8,7 +8,6 @@ None) instead of crashing the report.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,10 +99,6 @@ class RunSummary:
             checkpoint=data.get("checkpoint"),
             run_dir=data.get("run_dir"),
         )
-
-    @classmethod
-    def read(cls, path: Path | str) -> RunSummary:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def test_metric(self, name: str) -> float:
         """`test/<name>` as float; NaN when missing or undefined."""

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from mvtec_seg.io_utils import atomic_save_png, atomic_write_json, build_once, content_key
 from mvtec_seg.metrics import precision_recall_iou
 from mvtec_seg.pseudo.thresholds import choose_threshold
-from mvtec_seg.teacher import Teacher, ensure_teacher, teacher_maps
+from mvtec_seg.teacher import ensure_teacher, teacher_maps
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,10 @@ def write_pseudo_masks(
     )
 
 
-def ensure_pseudo_masks(cfg: DictConfig, dm, teacher: Teacher | None = None) -> tuple[np.ndarray, dict]:
-    """Binary pseudo masks ([N,H,W] uint8, manifest order) and their record (threshold, quality vs GT).
-
-    The teacher is ensured first (trained once if needed) unless one is passed.
-    """
-    teacher = teacher or ensure_teacher(cfg, dm)
+def ensure_pseudo_masks(cfg: DictConfig, dm) -> tuple[np.ndarray, dict]:
+    """Binary pseudo masks ([N,H,W] uint8, manifest order) and their record (threshold, quality vs GT);
+    the teacher is ensured first (trained once if needed)."""
+    teacher = ensure_teacher(cfg, dm)
     maps = teacher_maps(cfg, dm, teacher)
     settings = OmegaConf.to_container(cfg.mask.threshold, resolve=True)
     pdir = teacher.dir / "pseudo" / content_key(settings)

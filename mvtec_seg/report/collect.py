@@ -51,12 +51,8 @@ class Run:
 
     @property
     def cost(self) -> dict[str, float]:
-        s = self.summary
-        return {
-            "train_images_per_s": s.throughput["train_images_per_s"],
-            "test_images_per_s": s.throughput["test_images_per_s"],
-            "train_s": s.time["train_s"],
-        }
+        measured = {**self.summary.time, **self.summary.throughput}
+        return {k: measured[k] for k in COST_KEYS}
 
 
 @dataclass
