@@ -5,9 +5,19 @@ PRO implementations disagree on how the FPR limit is handled. Here every metric 
 they are, handles ties exactly (one curve point per distinct score), and is checked against
 brute-force references in ``tests/test_metrics.py``.
 
-Inputs are torch tensors (numpy arrays are accepted too); the work is done on CPU with numpy,
-vectorised, and results are plain Python floats. Undefined metrics return NaN and emit an
-:class:`UndefinedMetricWarning` that says why.
+Why fast at dataset scale (#11): no metric argsorts all pixels. The pixels are split by the ground truth
+into normal scores and anomalous scores (with their region's size); the normal scores are sorted directly
+(a plain float sort, many times faster than an argsort), the few anomalous ones are argsorted, and every
+count the curves need comes from ``searchsorted`` of anomalous scores into the sorted normal ones. AUPRO
+alone needs only the normal pixels above the score at which the FPR reaches its limit: that score is found
+by selection (``np.partition`` / ``torch.kthvalue``) and only the pixels above it are sorted. Scores stay in
+their float dtype (float32 for float32 maps); counts are integers and the PRO weights float64, so the
+values are exact up to float64 rounding of the final sums.
+
+Inputs are torch tensors or numpy arrays. CPU tensors are computed with numpy (its sort is much faster
+than torch's on CPU); tensors on another device (CUDA) stay there and the same algorithm runs with torch
+ops, only the connected components are labelled on CPU (scipy). Results are plain Python floats.
+Undefined metrics return NaN and emit an :class:`UndefinedMetricWarning` that says why.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ __all__ = [
     "precision_recall_curve",
     "pro_curve",
     "roc_curve",
+    "split_pixels",
 ]
 
 METRIC_NAMES: tuple[str, ...] = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")
@@ -145,30 +156,6 @@ def _curve_sorted(
     return fps, tps, sorted_s[ends]
 
 
-def _auroc_curve(fps: np.ndarray, tps: np.ndarray, name: str, unit: str) -> float:
-    """Trapezoid ROC area in exact integer arithmetic: sum dFP*(TP_i+TP_{i-1}) / (2 P N)."""
-    n_pos = int(tps[-1]) if tps.size else 0
-    n_neg = int(fps[-1]) if fps.size else 0
-    if n_pos == 0 or n_neg == 0:
-        missing = "anomalous" if n_pos == 0 else "normal"
-        return _undefined(name, f"no {missing} {unit} ({n_pos + n_neg} scored, only one class present)")
-    fps0 = np.concatenate(([0], fps))
-    tps0 = np.concatenate(([0], tps))
-    # Integer sum stays below 2*P*N (< 2**53 for any realistic dataset), so it is exact.
-    twice_area = int(np.sum(np.diff(fps0) * (tps0[1:] + tps0[:-1]), dtype=np.int64))
-    return twice_area / (2.0 * n_pos * n_neg)
-
-
-def _ap_curve(fps: np.ndarray, tps: np.ndarray, name: str, unit: str) -> float:
-    """Step-wise AP: sum_n (R_n - R_{n-1}) P_n, R_0 = 0 (sklearn/torchmetrics definition)."""
-    n_pos = int(tps[-1]) if tps.size else 0
-    if n_pos == 0:
-        return _undefined(name, f"no anomalous {unit} ({int(fps[-1]) if fps.size else 0} scored)")
-    precision = tps / (tps + fps).astype(np.float64)
-    d_tp = np.diff(np.concatenate(([0], tps)))
-    return float(np.sum(d_tp * precision) / n_pos)
-
-
 def _regions(mask3d: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Flat region id per pixel (0 = normal), region sizes (index 0 unused), #regions, #normal pixels."""
     labels, n_regions = scipy.ndimage.label(mask3d, structure=_SLICE_8_CONNECTED)
@@ -218,13 +205,6 @@ def _cut_at(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> tuple[np.ndar
     return x, y
 
 
-def _area_to_limit(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
-    """Trapezoid area of the curve cut at exactly fpr_limit (interpolated), divided by fpr_limit."""
-    x, y = _cut_at(fpr, pro, fpr_limit)
-    area = float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0)
-    return area / fpr_limit
-
-
 def _check_fpr_limit(fpr_limit: float) -> float:
     fpr_limit = float(fpr_limit)
     if not 0.0 < fpr_limit <= 1.0:
@@ -234,6 +214,264 @@ def _check_fpr_limit(fpr_limit: float) -> float:
 
 def _ratio(num: int, den: int, name: str, why: str) -> float:
     return _undefined(name, why) if den == 0 else num / den
+
+
+# ---------------------------------------------------------------------------------------------
+# split core (#11): normal scores sorted directly, anomalous scores few; no argsort of all pixels
+# ---------------------------------------------------------------------------------------------
+
+Array = np.ndarray | Tensor
+_LABEL_CHUNK = 64  # images labelled per scipy call: bounds the int32 label buffer, not the result
+
+
+def _on_device(x: ArrayLike) -> bool:
+    """Whether to compute with torch ops where ``x`` lives: tensors off the CPU (CPU uses numpy's faster sort).
+
+    Tests patch this to run the torch path on CPU tensors.
+    """
+    return isinstance(x, Tensor) and x.device.type != "cpu"
+
+
+def _sort(x: Array) -> Array:
+    """Ascending copy: a direct sort of the values (no index array)."""
+    return np.sort(x) if isinstance(x, np.ndarray) else torch.sort(x).values
+
+
+def _argsort_pair(x: Array, w: Array) -> tuple[Array, Array]:
+    """``x`` ascending and ``w`` in the same order (used on the anomalous pixels only: few)."""
+    if isinstance(x, np.ndarray):
+        order = np.argsort(x, kind="stable")
+        return x[order], w[order]
+    values, order = torch.sort(x, stable=True)
+    return values, w[order]
+
+
+def _searchsorted(sorted_a: Array, v: Array, right: bool) -> Array:
+    if isinstance(sorted_a, np.ndarray):
+        return np.searchsorted(sorted_a, v, side="right" if right else "left")
+    return torch.searchsorted(sorted_a, v, right=right)
+
+
+def _kth_smallest(x: Array, k: int) -> float | Tensor:
+    """The value of rank ``k`` (0-based, ascending) by selection; may reorder ``x`` (numpy: in place)."""
+    if isinstance(x, np.ndarray):
+        x.partition(k)
+        return x[k]
+    return torch.kthvalue(x, k + 1).values
+
+
+def _count(mask: Array) -> int:
+    return int(mask.sum())
+
+
+def _fsum(x: Array) -> float:
+    return float(x.sum())
+
+
+def _f64(x: Array) -> Array:
+    return x.astype(np.float64) if isinstance(x, np.ndarray) else x.double()
+
+
+def _count_ge(sorted_a: Array, value: float) -> int:
+    """#elements >= value, compared in the array's dtype (as ``array >= value`` does)."""
+    if isinstance(sorted_a, np.ndarray):
+        key = np.asarray([value], dtype=sorted_a.dtype)
+    else:
+        key = torch.tensor([value], dtype=sorted_a.dtype, device=sorted_a.device)
+    return int(sorted_a.shape[0]) - int(_searchsorted(sorted_a, key, right=False)[0])
+
+
+def _run_starts(sorted_x: Array) -> Array:
+    """First index of each run of equal values in an ascending array."""
+    if isinstance(sorted_x, np.ndarray):
+        return np.flatnonzero(np.concatenate(([True], sorted_x[1:] != sorted_x[:-1])))
+    first = torch.ones(1, dtype=torch.bool, device=sorted_x.device)
+    return torch.nonzero(torch.cat((first, sorted_x[1:] != sorted_x[:-1]))).reshape(-1)
+
+
+def _float_scores(x: Array, name: str) -> Array:
+    """Scores as a float array of their own precision (float16/bfloat16 widened exactly, ints to float64)."""
+    if isinstance(x, Tensor):
+        x = x.detach()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        elif not x.is_floating_point():
+            x = x.double()
+        if bool(torch.isnan(x).any()):
+            raise ValueError(f"{name} contain NaN; anomaly scores must be real numbers (inf is allowed)")
+        return x
+    s = _scores_np(x, name)
+    return s.astype(np.float32) if s.dtype == np.float16 else s
+
+
+class PixelSplit:
+    """Pixels split by the ground truth: what every pixel metric needs, and nothing more.
+
+    ``normal``: scores of the normal pixels (1-D); ``anomalous``: scores of the anomalous pixels (1-D);
+    ``inv_size``: float64 ``1 / size`` of each anomalous pixel's region (8-connected within its image);
+    ``n_regions``: the number of regions. numpy arrays, or torch tensors on one device.
+    """
+
+    def __init__(self, normal: Array, anomalous: Array, inv_size: Array, n_regions: int) -> None:
+        self.normal, self.anomalous, self.inv_size, self.n_regions = (
+            normal,
+            anomalous,
+            inv_size,
+            int(n_regions),
+        )
+
+    @property
+    def n_normal(self) -> int:
+        return int(self.normal.shape[0])
+
+    @property
+    def n_anomalous(self) -> int:
+        return int(self.anomalous.shape[0])
+
+
+def region_sizes(mask3d: ArrayLike) -> tuple[np.ndarray, int]:
+    """Size (int32) of the region of each anomalous pixel of a bool [N,H,W] stack, in row-major order
+    (the order of ``x[mask]``), and the number of regions. Labelled on CPU, `_LABEL_CHUNK` images a call."""
+    m = _to_numpy(mask3d) != 0
+    out, n_regions = [], 0
+    for start in range(0, m.shape[0], _LABEL_CHUNK):
+        chunk = m[start : start + _LABEL_CHUNK]
+        labels, n = scipy.ndimage.label(chunk, structure=_SLICE_8_CONNECTED)
+        sizes = np.bincount(labels.reshape(-1), minlength=n + 1).astype(np.int32)
+        out.append(sizes[labels[chunk]])
+        n_regions += int(n)
+    return (np.concatenate(out) if out else np.zeros(0, np.int32)), n_regions
+
+
+def split_pixels(preds: ArrayLike, target: ArrayLike) -> PixelSplit:
+    """Split [N,H,W] (or [N,1,H,W]) scores by their masks; torch tensors off the CPU stay on their device."""
+    if _on_device(preds):
+        p = preds.detach()
+        if p.ndim == 4 and p.shape[1] == 1:
+            p = p[:, 0]
+        elif p.ndim == 2:
+            p = p[None]
+        t = target.detach().to(p.device).reshape(p.shape) != 0 if isinstance(target, Tensor) else None
+        if p.ndim != 3 or t is None:
+            raise ValueError(f"preds must have shape [N,H,W] or [N,1,H,W], got {tuple(preds.shape)}")
+        s = _float_scores(p, "preds")
+        sizes, n_regions = region_sizes(t.cpu())
+        inv = 1.0 / torch.from_numpy(sizes).to(device=s.device, dtype=torch.float64)
+        return PixelSplit(s[~t], s[t], inv, n_regions)
+    p = _stack_3d(preds, "preds")
+    t = _stack_3d(target, "target") != 0
+    _check_same_shape(p, t, "preds", "target")
+    s = _float_scores(p, "preds").reshape(p.shape)
+    sizes, n_regions = region_sizes(t)
+    return PixelSplit(s[~t], s[t], 1.0 / sizes.astype(np.float64), n_regions)
+
+
+def _first_count_above(limit: float, n: int) -> int:
+    """Smallest normal-pixel count c with c / n > limit (the curve's own float test); n + 1 if none."""
+    c = int(limit * n) + 1
+    while c > 1 and (c - 1) / n > limit:
+        c -= 1
+    while c <= n and c / n <= limit:
+        c += 1
+    return c
+
+
+def _aupro_split(sp: PixelSplit, fpr_limit: float, normal_sorted: bool = False) -> float:
+    """AUPRO to ``fpr_limit`` from a split; may reorder ``sp.normal`` unless ``normal_sorted``.
+
+    The trapezoid area of the PRO curve equals (1/n) * sum over normal pixels s of (PRO(>s) + PRO(>=s)) / 2
+    (ties give the diagonal segment), i.e. sum over anomalous pixels a of w_a * (#normal < a + #normal <= a)
+    / 2n, counted among the normal pixels above v, the score of the curve point where the FPR first exceeds
+    the limit; the segment through v is cut at the limit by linear interpolation, as `_cut_at` does.
+    """
+    n = sp.n_normal
+    neg = sp.normal
+    c = _first_count_above(fpr_limit, n)
+    v = None
+    if c > n:  # fpr_limit == 1: every normal pixel counts
+        hi = neg if normal_sorted else _sort(neg)
+    elif normal_sorted:
+        v = neg[n - c]
+        hi = neg[int(_searchsorted(neg, neg[n - c : n - c + 1], right=True)[0]) :]
+    else:
+        v = _kth_smallest(neg, n - c)
+        hi = _sort(neg[neg > v])  # only the pixels that can matter are sorted
+    anom, w = sp.anomalous, sp.inv_size
+    ranks = _searchsorted(hi, anom, right=False) + _searchsorted(hi, anom, right=True)
+    area = _fsum(w * ranks) / (2.0 * n)
+    if v is not None:
+        c_gt, c_ge = int(hi.shape[0]), _count(neg >= v)
+        p_gt, p_ge = _fsum(w[anom > v]), _fsum(w[anom >= v])
+        f0, f1 = c_gt / n, c_ge / n
+        y_lim = p_gt + (p_ge - p_gt) * (fpr_limit - f0) / (f1 - f0)
+        area += (fpr_limit - f0) * (p_gt + y_lim) / 2.0
+    return area / sp.n_regions / fpr_limit
+
+
+def _auroc_sorted(neg: Array, pos: Array, name: str, unit: str) -> float:
+    """Mann-Whitney AUROC from sorted negative scores (ties 1/2), exact integer sum."""
+    n_pos, n_neg = int(pos.shape[0]), int(neg.shape[0])
+    if n_pos == 0 or n_neg == 0:
+        missing = "anomalous" if n_pos == 0 else "normal"
+        return _undefined(name, f"no {missing} {unit} ({n_pos + n_neg} scored, only one class present)")
+    twice = int((_searchsorted(neg, pos, right=False) + _searchsorted(neg, pos, right=True)).sum())
+    return twice / (2.0 * n_pos * n_neg)
+
+
+def _ap_sorted(neg: Array, pos_sorted: Array, name: str, unit: str) -> float:
+    """Step-wise AP from sorted negative and sorted positive scores: at each distinct positive score u,
+    dTP = #pos == u, TP = #pos >= u, FP = #neg >= u (thresholds with negatives only add nothing)."""
+    n_pos, n_neg = int(pos_sorted.shape[0]), int(neg.shape[0])
+    if n_pos == 0:
+        return _undefined(name, f"no anomalous {unit} ({n_neg} scored)")
+    starts = _run_starts(pos_sorted)
+    u = pos_sorted[starts]
+    if isinstance(starts, np.ndarray):
+        d_tp = np.diff(np.append(starts, n_pos))
+    else:
+        d_tp = torch.diff(starts, append=starts.new_full((1,), n_pos))
+    tp = n_pos - starts
+    fp = n_neg - _searchsorted(neg, u, right=False)
+    return _fsum(d_tp * (_f64(tp) / _f64(tp + fp))) / n_pos
+
+
+def _split_1d(scores: ArrayLike, labels: ArrayLike) -> tuple[Array, Array]:
+    """(negative scores, positive scores) of flat scores/labels, on the computing backend."""
+    if _on_device(scores):
+        s = _float_scores(scores.reshape(-1), "scores")
+        y = labels.detach().to(s.device).reshape(-1) != 0 if isinstance(labels, Tensor) else None
+        if y is None or y.shape != s.shape:
+            raise ValueError("labels must be a tensor of the scores' shape")
+        return s[~y], s[y]
+    s = _scores_np(scores)
+    y = _binary_np(labels)
+    _check_same_shape(s, y, "scores", "labels")
+    s = s.astype(np.float32) if s.dtype == np.float16 else s
+    return s[~y], s[y]
+
+
+def _split_metrics(sp: PixelSplit, fpr_limit: float, iou_threshold: float | None = None) -> dict[str, float]:
+    """pixel_AUROC, pixel_AP, pixel_AUPRO (and IoU) from one split: one direct sort of the normal scores."""
+    neg = sp.normal
+    if isinstance(neg, np.ndarray):
+        neg.sort()  # the split owns its arrays
+    else:
+        neg = sp.normal = torch.sort(neg).values
+    pos, w = _argsort_pair(sp.anomalous, sp.inv_size)
+    sp = PixelSplit(neg, pos, w, sp.n_regions)
+    out = {
+        "pixel_AUROC": _auroc_sorted(neg, pos, "pixel_AUROC", "pixels"),
+        "pixel_AP": _ap_sorted(neg, pos, "pixel_AP", "pixels"),
+    }
+    reason = _pro_undefined_reason(sp.n_regions, sp.n_normal)
+    out["pixel_AUPRO"] = (
+        _undefined("pixel_AUPRO", reason) if reason else _aupro_split(sp, fpr_limit, normal_sorted=True)
+    )
+    if iou_threshold is not None:
+        fp, tp = _count_ge(neg, iou_threshold), _count_ge(pos, iou_threshold)
+        union = sp.n_anomalous + fp
+        out["IoU"] = _ratio(tp, union, "IoU", "empty prediction and empty ground truth (union is 0)")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,16 +497,16 @@ def auroc(scores: ArrayLike, labels: ArrayLike, *, name: str = "AUROC", unit: st
 
     NaN with a warning when only one class is present. ``name``/``unit`` only word the warning.
     """
-    fps, tps, _ = binary_clf_curve(scores, labels)
-    return _auroc_curve(fps.numpy(), tps.numpy(), name, unit)
+    neg, pos = _split_1d(scores, labels)
+    return _auroc_sorted(_sort(neg), pos, name, unit)
 
 
 def average_precision(
     scores: ArrayLike, labels: ArrayLike, *, name: str = "AP", unit: str = "samples"
 ) -> float:
     """Step-wise average precision sum_n (R_n - R_{n-1}) P_n; NaN with a warning if no positives."""
-    fps, tps, _ = binary_clf_curve(scores, labels)
-    return _ap_curve(fps.numpy(), tps.numpy(), name, unit)
+    neg, pos = _split_1d(scores, labels)
+    return _ap_sorted(_sort(neg), _sort(pos), name, unit)
 
 
 def roc_curve(scores: ArrayLike, labels: ArrayLike) -> tuple[Tensor, Tensor]:
@@ -334,13 +572,14 @@ def aupro(preds: ArrayLike, target: ArrayLike, fpr_limit: float = 0.3, *, name: 
     """Area under the PRO curve up to ``fpr_limit``, divided by ``fpr_limit`` (MVTec AD definition).
 
     preds: float [N,H,W]; target: bool/int [N,H,W] (or [N,1,H,W]). NaN with a warning when there is
-    no GT region or no normal pixel.
+    no GT region or no normal pixel. Only the normal pixels above the FPR limit's score are sorted.
     """
     fpr_limit = _check_fpr_limit(fpr_limit)
-    curve = _full_pro_curve(preds, target)
-    if isinstance(curve, str):
-        return _undefined(name, curve)
-    return _area_to_limit(*curve, fpr_limit)
+    sp = split_pixels(preds, target)
+    reason = _pro_undefined_reason(sp.n_regions, sp.n_normal)
+    if reason is not None:
+        return _undefined(name, reason)
+    return _aupro_split(sp, fpr_limit)
 
 
 def iou(preds: ArrayLike, target: ArrayLike, threshold: float = 0.5, *, name: str = "IoU") -> float:
@@ -381,42 +620,36 @@ def compute_all(
     iou_threshold: float = 0.5,
     fpr_limit: float = 0.3,
 ) -> dict[str, float]:
-    """All of METRIC_NAMES in one pass: the pixel scores are sorted once and shared by
-    pixel_AUROC, pixel_AP and pixel_AUPRO.
+    """All of METRIC_NAMES in one pass: the normal pixels' scores are sorted once (a direct sort) and
+    shared by pixel_AUROC, pixel_AP, pixel_AUPRO and IoU.
 
     anomaly_map: [N,H,W]; gt_mask: [N,H,W] or [N,1,H,W]; gt_label: [N] (default: mask.any()).
     """
     fpr_limit = _check_fpr_limit(fpr_limit)
-    amap = _stack_3d(anomaly_map, "anomaly_map")
-    mask = _stack_3d(gt_mask, "gt_mask") != 0
-    _check_same_shape(amap, mask, "anomaly_map", "gt_mask")
-    s = _scores_np(amap, "anomaly_map")
-    n = amap.shape[0]
+    sp = split_pixels(anomaly_map, gt_mask)
+    on_device = isinstance(sp.normal, Tensor)
+    maps = anomaly_map if on_device else _stack_3d(anomaly_map, "anomaly_map")
+    if on_device and maps.ndim == 4:
+        maps = maps[:, 0]
+    masks = gt_mask if on_device else _stack_3d(gt_mask, "gt_mask")
+    n = int(maps.shape[0])
     if gt_label is None:
-        labels = mask.any(axis=(1, 2))
+        labels = masks.reshape(n, -1) != 0
+        labels = labels.any(dim=1) if on_device else labels.any(axis=1)
     else:
-        labels = _binary_np(gt_label)
-        if labels.size != n:
-            raise ValueError(f"gt_label has {labels.size} entries but anomaly_map has {n} images")
+        labels = gt_label.reshape(-1) if on_device else _binary_np(gt_label)
+        if labels.shape[0] != n:
+            raise ValueError(f"gt_label has {labels.shape[0]} entries but anomaly_map has {n} images")
+    img = maps.reshape(n, -1)
+    img = _float_scores(img.amax(dim=1) if on_device else img.max(axis=1), "anomaly_map")
+    return image_and_pixel_metrics(img, labels, sp, iou_threshold, fpr_limit)
 
-    out: dict[str, float] = {}
-    img = s.reshape(amap.shape).max(axis=(1, 2))  # image score = max of the map
-    sorted_i, order_i = _sort_desc(img)
-    fps_i, tps_i, _ = _curve_sorted(sorted_i, labels[order_i])
-    out["image_AUROC"] = _auroc_curve(fps_i, tps_i, "image_AUROC", "images")
 
-    region, sizes, n_regions, n_normal = _regions(mask)
-    sorted_s, order = _sort_desc(s)
-    region_sorted = region[order]
-    ends = _run_ends(sorted_s)
-    fps, tps, _ = _curve_sorted(sorted_s, region_sorted != 0, ends)
-    out["pixel_AUROC"] = _auroc_curve(fps, tps, "pixel_AUROC", "pixels")
-    out["pixel_AP"] = _ap_curve(fps, tps, "pixel_AP", "pixels")
-    reason = _pro_undefined_reason(n_regions, n_normal)
-    if reason is not None:
-        out["pixel_AUPRO"] = _undefined("pixel_AUPRO", reason)
-    else:
-        fpr, pro = _pro_curve_sorted(sorted_s, region_sorted, sizes, n_regions, n_normal, ends)
-        out["pixel_AUPRO"] = _area_to_limit(fpr, pro, fpr_limit)
-    out["IoU"] = iou(s, mask, iou_threshold)
+def image_and_pixel_metrics(
+    image_score: Array, image_label: Array, sp: PixelSplit, iou_threshold: float, fpr_limit: float
+) -> dict[str, float]:
+    """METRIC_NAMES from image scores/labels [N] and a pixel split (what `AnomalyMetrics` keeps)."""
+    neg_i, pos_i = _split_1d(image_score, image_label)
+    out = {"image_AUROC": _auroc_sorted(_sort(neg_i), pos_i, "image_AUROC", "images")}
+    out.update(_split_metrics(sp, _check_fpr_limit(fpr_limit), iou_threshold))
     return {k: out[k] for k in METRIC_NAMES}
