@@ -387,17 +387,24 @@ def test_metric_class_equals_functional_and_accumulates(seed: int) -> None:
 
 
 def test_anomaly_metrics_states_and_reset() -> None:
+    """The class keeps the split pixels (4 bytes per normal pixel, 8 per anomalous one), not maps and masks."""
     m = AnomalyMetrics()
     assert m.full_state_update is False and m.higher_is_better is True
     amap = torch.rand(3, 6, 6)
     mask = torch.zeros(3, 1, 6, 6)
     mask[0, 0, 2:4, 2:4] = 1
-    m.update(amap, mask, torch.tensor([1, 0, 0]))
-    assert m.anomaly_maps[0].dtype == torch.float32
-    assert m.gt_masks[0].dtype == torch.uint8 and m.gt_masks[0].shape == (3, 6, 6)
+    mask[1, 0, 0, 0] = 1
+    m.update(amap, mask, torch.tensor([1, 1, 0]))
+    assert m.normal_scores[0].dtype == torch.float32 and m.normal_scores[0].numel() == 3 * 36 - 5
+    assert m.anomalous_scores[0].tolist() == amap[mask[:, 0] > 0].tolist()
+    assert m.anomalous_region_sizes[0].tolist() == [4, 4, 4, 4, 1]
+    assert int(m.n_regions) == 2
+    kept = sum(s.numel() * s.element_size() for s in (m.normal_scores[0], m.anomalous_scores[0]))
+    kept += m.anomalous_region_sizes[0].numel() * m.anomalous_region_sizes[0].element_size()
+    assert kept == 4 * (3 * 36 - 5) + 8 * 5
     first = {k: v.item() for k, v in m.compute().items()}
     assert first == pytest.approx(compute_all(amap, mask), abs=1e-12)
     m.reset()
-    assert m.anomaly_maps == []
+    assert m.normal_scores == [] and int(m.n_regions) == 0
     m.update(amap, mask)
     assert {k: v.item() for k, v in m.compute().items()} == pytest.approx(first, abs=1e-12)

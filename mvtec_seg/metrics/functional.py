@@ -225,11 +225,12 @@ _LABEL_CHUNK = 64  # images labelled per scipy call: bounds the int32 label buff
 
 
 def _on_device(x: ArrayLike) -> bool:
-    """Whether to compute with torch ops where ``x`` lives: tensors off the CPU (CPU uses numpy's faster sort).
+    """Whether to compute with torch ops where ``x`` lives: CUDA tensors. CPU uses numpy (its sort is much
+    faster than torch's there); other devices (MPS: no float64) are copied to CPU.
 
     Tests patch this to run the torch path on CPU tensors.
     """
-    return isinstance(x, Tensor) and x.device.type != "cpu"
+    return isinstance(x, Tensor) and x.device.type == "cuda"
 
 
 def _sort(x: Array) -> Array:
