@@ -1,5 +1,6 @@
 # make demo: set up .venv (if missing) and run the default job on the built-in synthetic category.
 # make test: same set-up, then the test suite.
+# make bench [BENCH=name]: run every benchmark (or one) and assemble benchmarks/RESULTS.md.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -29,6 +30,9 @@ lint: install
 
 format: install
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+bench: install   # every benchmarks/<name>.py (or BENCH=<name>), then benchmarks/RESULTS.md
+	WANDB_MODE=disabled $(BIN)/python benchmarks/run_all.py $(if $(BENCH),--only $(BENCH))
 
 clean:
 	rm -rf outputs multirun .pytest_cache

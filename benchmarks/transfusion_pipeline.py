@@ -7,14 +7,23 @@ default pseudo masks and on GT with the same recipe and scores both on the same 
     .venv/bin/python benchmarks/transfusion_pipeline.py --category bottle --image-size 128 \
         --teacher-epochs 60 --unet-epochs 30 --unet model.params.optimizer.lr=1e-3
     .venv/bin/python benchmarks/transfusion_pipeline.py --category synthetic --teacher-epochs 60
+    [--tiny] [--out DIR]   (--tiny: synthetic category, `debug=fast`, one epoch each)
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
 
-from common import DEFAULT_MVTEC, ROOT, CpuClock, emit, require_category
+from common import (
+    DEFAULT_MVTEC,
+    ROOT,
+    CpuClock,
+    bench_parser,
+    emit,
+    md_table,
+    require_category,
+    write_section,
+)
 
 from mvtec_seg.builders import build_datamodule
 from mvtec_seg.config import compose_config
@@ -31,7 +40,7 @@ STRATEGIES = (
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__)
     ap.add_argument("--category", default="bottle")
     ap.add_argument("--root", default=str(DEFAULT_MVTEC))
     ap.add_argument("--image-size", type=int, default=128)
@@ -40,12 +49,15 @@ def main() -> None:
     ap.add_argument("--unet", nargs="*", default=[], help="extra Hydra overrides for the two U-Net runs")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage")
     args = ap.parse_args()
+    if args.tiny:
+        args.category, args.teacher_epochs, args.unet_epochs = "synthetic", 1, 1
+        args.overrides = [*args.overrides, "debug=fast"]
     base = [f"category={args.category}", "trainer.enable_progress_bar=false", *args.overrides]
     if not args.category.startswith("synthetic"):
         require_category(args.root, args.category)
         base += [f"data.root={args.root}", f"data.image_size={args.image_size}"]
     base += [f"teacher.max_epochs={args.teacher_epochs}"]
-    out = ROOT / "outputs" / "benchmarks" / f"pipeline_{args.category}"
+    out = ROOT / "outputs" / "benchmarks" / f"pipeline_{args.category}{'_tiny' if args.tiny else ''}"
     shutil.rmtree(out, ignore_errors=True)
     result: dict = {
         "command": "benchmarks/transfusion_pipeline.py " + " ".join(base),
@@ -88,6 +100,28 @@ def main() -> None:
             "wall_s": c.wall_s,
         }
     emit(f"pipeline_{args.category}", result)
+    names = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")
+    models = [("TransFusion", result["transfusion"]), ("U-Net on PSEUDO masks", result["unet_pseudo"])]
+    models.append(("U-Net on GT masks", result["unet_gt"]))
+    rows = [[label, *(f"{r['metrics'][f'test/{k}']:.3f}" for k in names)] for label, r in models]
+    header = ["model", "image AUROC", "pixel AUROC", "pixel AP", "AUPRO", "IoU"]
+    qrows = [
+        [
+            " ".join(f"{k}={v}" for k, v in q["settings"].items())
+            if isinstance(q["settings"], dict)
+            else q["settings"],
+            f"{q['threshold']:.3f}",
+            *(f"{q['train'][k]:.3f}" for k in ("IoU", "precision", "recall")),
+        ]
+        for q in quality
+    ]
+    write_section(
+        args,
+        "transfusion_pipeline",
+        f"TransFusion -> pseudo masks -> U-Net PSEUDO vs GT ({args.category})",
+        f"{md_table(header, rows)}\n\nPseudo-mask quality against GT on the train part:\n\n"
+        + md_table(["strategy", "threshold", "IoU", "precision", "recall"], qrows),
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -339,22 +338,6 @@ def test_compute_all_all_normal_images() -> None:
     messages = " ".join(str(r.message) for r in record)
     for name in METRIC_NAMES:
         assert f"{name} undefined" in messages
-
-
-def test_compute_all_is_fast() -> None:
-    """83 test images of 256x256 (a large MVTec category) must stay well within a second or two."""
-    g = torch.Generator().manual_seed(0)
-    mask = torch.zeros(83, 1, 256, 256)
-    for i in range(40):
-        y, x = torch.randint(0, 200, (2,), generator=g).tolist()
-        mask[i, 0, y : y + 30, x : x + 40] = 1
-    amap = torch.rand(83, 256, 256, generator=g) * 0.5 + 0.4 * mask[:, 0]
-    compute_all(amap[38:42], mask[38:42])  # warm-up
-    start = time.perf_counter()
-    res = compute_all(amap, mask)
-    elapsed = time.perf_counter() - start
-    assert all(0.0 <= v <= 1.0 for v in res.values())
-    assert elapsed < 10.0, f"compute_all took {elapsed:.2f} s"  # loose: shared CI cores
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""Every benchmark script runs in its tiny mode and writes its markdown section; the runner assembles them.
+
+Benchmarks are not tests (no timing is asserted here): this only keeps the scripts and `make bench` working.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _runner():
+    spec = importlib.util.spec_from_file_location("run_all", BENCH / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_all = _runner()
+SCRIPTS = run_all.discover()
+
+
+def test_discovery_finds_the_scripts_and_not_the_helpers(tmp_path: Path) -> None:
+    assert {"metrics_scale", "unet_bottle", "lightning_overhead", "transfusion_inference"} <= set(SCRIPTS)
+    assert "common" not in SCRIPTS and "run_all" not in SCRIPTS
+    (tmp_path / "new_bench.py").write_text("if __name__ == '__main__':\n    pass\n")
+    (tmp_path / "helper.py").write_text("X = 1\n")
+    (tmp_path / "_private.py").write_text("if __name__ == '__main__':\n    pass\n")
+    assert run_all.discover(tmp_path) == ["new_bench"]
+
+
+def test_assemble_keeps_sections_in_name_order_then_the_archive(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    (out / "archive").mkdir(parents=True)
+    (out / "zeta.md").write_text("## Zeta\n\nz\n")
+    (out / "alpha.md").write_text("## Alpha\n\na\n")
+    (out / "archive" / "old.md").write_text("## Old hand-written\n\no\n")
+    text = run_all.assemble(out, tmp_path / "RESULTS.md")
+    assert (tmp_path / "RESULTS.md").read_text() == text
+    assert text.startswith("# Measured results") and "cores" in text.splitlines()[2]
+    assert text.index("## Alpha") < text.index("## Zeta") < text.index("## Old hand-written")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_benchmark_runs_in_tiny_mode(name: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / f"{name}.py"), "--tiny", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    section = (tmp_path / f"{name}.md").read_text()
+    assert section.startswith("## ")
+    assert f"benchmarks/{name}.py --tiny" in section  # the exact command
+    assert "Tiny mode" in section and "|" in section  # flagged, and a table
