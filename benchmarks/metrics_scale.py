@@ -11,7 +11,8 @@ the defects), seeded. Times are medians over ``--rounds`` alternating runs in on
 outside the timing. Peak extra memory: numpy allocations traced by ``tracemalloc`` (AUPRO table, all numpy),
 resident-set growth sampled every 2 ms (AUROC/AP table: torchmetrics allocates outside tracemalloc's view).
 
-    .venv/bin/python benchmarks/metrics_scale.py [--maps 200,1000,1725] [--rounds 2] [--tiny] [--out DIR]
+    .venv/bin/python benchmarks/metrics_scale.py [--maps 200,1000,1725] [--rounds 2] [--compare-maps 200,1725]
+        [--compare-rounds 1] [--tiny] [--out DIR]
 """
 
 from __future__ import annotations
@@ -203,14 +204,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument(
-        "--compare-max-maps",
-        type=int,
-        default=1725,
-        help="run the scikit-learn / torchmetrics rows only up to this many maps (they take minutes)",
+        "--compare-maps",
+        default="200,1725",
+        help="sizes at which the scikit-learn / torchmetrics rows run (they take minutes at 1,725 maps)",
     )
+    ap.add_argument("--compare-rounds", type=int, default=1, help="rounds of the AUROC/AP table")
     args = ap.parse_args()
     if args.tiny:
-        args.maps, args.size, args.rounds = "4,8", 32, 1
+        args.maps, args.size, args.rounds, args.compare_maps = "4,8", 32, 1, "8"
     sizes = [int(m) for m in args.maps.split(",")]
     anomalib = anomalib_aupro()
     sklearn = sklearn_pair()
@@ -220,6 +221,17 @@ def main() -> None:
         notes.append(f"anomalib AUPRO: {anomalib}.")
     if isinstance(sklearn, str):
         notes.append(f"scikit-learn: {sklearn}.")
+    else:
+        import sklearn as sk
+
+        notes.append(
+            f"scikit-learn {sk.__version__} (installed outside the project's environment for this run)."
+        )
+    import torchmetrics
+
+    notes.append(
+        f"torchmetrics {torchmetrics.__version__}, torch {torch.__version__}, numpy {np.__version__}."
+    )
 
     aupro_rows, clf_rows, results = [], [], []
     for n in sizes:
@@ -268,13 +280,13 @@ def main() -> None:
             "mvtec_seg auroc": lambda p, t: auroc(p, t),
             "mvtec_seg average_precision": lambda p, t: average_precision(p, t),
         }
-        if n <= args.compare_max_maps:
+        if str(n) in args.compare_maps.split(","):
             if not isinstance(sklearn, str):
                 clf["scikit-learn roc_auc_score"] = sklearn[0]
                 clf["scikit-learn average_precision_score"] = sklearn[1]
             clf["torchmetrics binary_auroc (exact)"] = tm[0]
             clf["torchmetrics binary_average_precision (exact)"] = tm[1]
-        cres = alternate(clf, (preds, target), args.rounds, run_rss)
+        cres = alternate(clf, (preds, target), args.compare_rounds, run_rss)
         for name, r in cres.items():
             ref = cres[
                 "mvtec_seg auroc" if "auroc" in name or "roc_auc" in name else "mvtec_seg average_precision"
@@ -297,7 +309,8 @@ def main() -> None:
     emit("metrics_scale", {"size": args.size, "rounds": args.rounds, "results": results, "notes": notes})
     body = [
         f"{args.size} x {args.size} maps, random blob masks (half the maps anomalous), float32 scores; "
-        f"medians of {args.rounds} alternating runs in one process. The machine was shared with other jobs "
+        f"AUPRO: medians of {args.rounds} alternating runs in one process; AUROC/AP: {args.compare_rounds} "
+        "run(s) of each method, alternating. The machine was shared with other jobs "
         "while this ran: compare ratios (same process, alternating), not absolute times.",
         "",
         f"**AUPRO to FPR {FPR_LIMIT}.** Speed-up and memory are ratios to the full-sort baseline (a "

@@ -98,7 +98,7 @@ def _scores_np(scores: ArrayLike, name: str = "scores") -> np.ndarray:
     s = _to_numpy(scores).reshape(-1)
     if not np.issubdtype(s.dtype, np.floating):
         s = s.astype(np.float64)
-    if np.isnan(s).any():
+    if s.size and np.isnan(s.min()):  # min propagates NaN: one pass, no temporary
         raise ValueError(f"{name} contain NaN; anomaly scores must be real numbers (inf is allowed)")
     return s
 
@@ -332,16 +332,19 @@ class PixelSplit:
 
 def region_sizes(mask3d: ArrayLike) -> tuple[np.ndarray, int]:
     """Size (int32) of the region of each anomalous pixel of a bool [N,H,W] stack, in row-major order
-    (the order of ``x[mask]``), and the number of regions. Labelled on CPU, `_LABEL_CHUNK` images a call."""
-    m = _to_numpy(mask3d) != 0
-    out, n_regions = [], 0
-    for start in range(0, m.shape[0], _LABEL_CHUNK):
-        chunk = m[start : start + _LABEL_CHUNK]
+    (the order of ``x[mask]``), and the number of regions. Labelled on CPU, once per mask: only the images
+    that have an anomalous pixel, `_LABEL_CHUNK` of them a scipy call (bounds the int32 label buffer)."""
+    m = _to_numpy(mask3d)
+    m = m if m.dtype == bool else m != 0
+    has = np.flatnonzero(m.reshape(m.shape[0], -1).any(axis=1))
+    out, n_regions = [np.zeros(0, np.int32)], 0
+    for start in range(0, has.size, _LABEL_CHUNK):
+        chunk = m[has[start : start + _LABEL_CHUNK]]
         labels, n = scipy.ndimage.label(chunk, structure=_SLICE_8_CONNECTED)
-        sizes = np.bincount(labels.reshape(-1), minlength=n + 1).astype(np.int32)
-        out.append(sizes[labels[chunk]])
+        region = labels[chunk]  # region id of each anomalous pixel, row-major
+        out.append(np.bincount(region, minlength=n + 1).astype(np.int32)[region])
         n_regions += int(n)
-    return (np.concatenate(out) if out else np.zeros(0, np.int32)), n_regions
+    return np.concatenate(out), n_regions
 
 
 def split_pixels(preds: ArrayLike, target: ArrayLike) -> PixelSplit:
@@ -360,7 +363,8 @@ def split_pixels(preds: ArrayLike, target: ArrayLike) -> PixelSplit:
         inv = 1.0 / torch.from_numpy(sizes).to(device=s.device, dtype=torch.float64)
         return PixelSplit(s[~t], s[t], inv, n_regions)
     p = _stack_3d(preds, "preds")
-    t = _stack_3d(target, "target") != 0
+    t = _stack_3d(target, "target")
+    t = t if t.dtype == bool else t != 0
     _check_same_shape(p, t, "preds", "target")
     s = _float_scores(p, "preds").reshape(p.shape)
     sizes, n_regions = region_sizes(t)
@@ -378,7 +382,8 @@ def _first_count_above(limit: float, n: int) -> int:
 
 
 def _aupro_split(sp: PixelSplit, fpr_limit: float, normal_sorted: bool = False) -> float:
-    """AUPRO to ``fpr_limit`` from a split; may reorder ``sp.normal`` unless ``normal_sorted``.
+    """AUPRO to ``fpr_limit`` from a split; may reorder ``sp.normal`` unless ``normal_sorted`` (then the
+    anomalous scores must be sorted too, with their ``inv_size``).
 
     The trapezoid area of the PRO curve equals (1/n) * sum over normal pixels s of (PRO(>s) + PRO(>=s)) / 2
     (ties give the diagonal segment), i.e. sum over anomalous pixels a of w_a * (#normal < a + #normal <= a)
@@ -395,13 +400,24 @@ def _aupro_split(sp: PixelSplit, fpr_limit: float, normal_sorted: bool = False) 
         v = neg[n - c]
         hi = neg[int(_searchsorted(neg, neg[n - c : n - c + 1], right=True)[0]) :]
     else:
-        v = _kth_smallest(neg, n - c)
-        hi = _sort(neg[neg > v])  # only the pixels that can matter are sorted
+        k = n - c
+        v = _kth_smallest(neg, k)
+        if isinstance(neg, np.ndarray):  # partitioned: everything above index k is >= v, below is <= v
+            upper = neg[k + 1 :]
+            hi = np.sort(upper[upper > v])  # only the pixels that can matter are sorted
+            c_ge = n - k + int(np.count_nonzero(neg[:k] == v))
+        else:
+            hi = _sort(neg[neg > v])
+            c_ge = _count(neg >= v)
     anom, w = sp.anomalous, sp.inv_size
+    if not normal_sorted:  # sorted queries make searchsorted cache-friendly
+        anom, w = _argsort_pair(anom, w)
     ranks = _searchsorted(hi, anom, right=False) + _searchsorted(hi, anom, right=True)
     area = _fsum(w * ranks) / (2.0 * n)
     if v is not None:
-        c_gt, c_ge = int(hi.shape[0]), _count(neg >= v)
+        c_gt = int(hi.shape[0])
+        if normal_sorted:
+            c_ge = n - int(_searchsorted(neg, neg[n - c : n - c + 1], right=False)[0])
         p_gt, p_ge = _fsum(w[anom > v]), _fsum(w[anom >= v])
         f0, f1 = c_gt / n, c_ge / n
         y_lim = p_gt + (p_ge - p_gt) * (fpr_limit - f0) / (f1 - f0)
