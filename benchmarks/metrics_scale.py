@@ -198,6 +198,38 @@ def _mb(b: int) -> str:
     return f"{b / 2**20:,.0f} MB"
 
 
+def report(args, results: list[dict], aupro_rows: list, clf_rows: list, notes: list[str], done: bool) -> None:
+    """Emit the JSON and write the section: after every size, so a run cut short keeps what it measured."""
+    emit("metrics_scale", {"size": args.size, "rounds": args.rounds, "results": results, "notes": notes})
+    body = [
+        f"{args.size} x {args.size} maps, random blob masks (half the maps anomalous), float32 scores; "
+        f"AUPRO: medians of {args.rounds} alternating runs in one process; AUROC/AP: {args.compare_rounds} "
+        "run(s) of each method, alternating. The machine was shared with other jobs "
+        "while this ran: compare ratios (same process, alternating), not absolute times.",
+        "",
+        f"**AUPRO to FPR {FPR_LIMIT}.** Speed-up and memory are ratios to the full-sort baseline (a "
+        "straightforward implementation of the MVTec definition: one argsort of all pixels); peak extra memory "
+        "is what `tracemalloc` sees numpy allocate during the call (the inputs excluded).",
+        "",
+        md_table(
+            ["maps", "pixels", "method", "time (s)", "speed-up", "peak extra", "memory ratio", "AUPRO"],
+            aupro_rows,
+        ),
+        "",
+        "**Pixel AUROC and AP.** Time ratio is to `mvtec_seg` for the same metric; peak extra memory is the "
+        "growth of the resident set sampled every 2 ms (torch allocates outside tracemalloc's view).",
+        "",
+        md_table(
+            ["maps", "pixels", "method", "time (s)", "time / mvtec_seg", "peak extra", "value"], clf_rows
+        ),
+    ]
+    if done:
+        body += ["", one_category(max(args.rounds, 3), args.tiny)]
+    if notes:
+        body += ["", *notes]
+    write_section(args, "metrics_scale", "Exact metrics at dataset scale (#11)", "\n".join(body))
+
+
 def main() -> None:
     ap = bench_parser(__doc__)
     ap.add_argument("--maps", default="200,1000,1725", help="comma-separated numbers of maps")
@@ -305,34 +337,7 @@ def main() -> None:
         entry["clf"] = cres
         results.append(entry)
         del preds, target
-
-    emit("metrics_scale", {"size": args.size, "rounds": args.rounds, "results": results, "notes": notes})
-    body = [
-        f"{args.size} x {args.size} maps, random blob masks (half the maps anomalous), float32 scores; "
-        f"AUPRO: medians of {args.rounds} alternating runs in one process; AUROC/AP: {args.compare_rounds} "
-        "run(s) of each method, alternating. The machine was shared with other jobs "
-        "while this ran: compare ratios (same process, alternating), not absolute times.",
-        "",
-        f"**AUPRO to FPR {FPR_LIMIT}.** Speed-up and memory are ratios to the full-sort baseline (a "
-        "straightforward implementation of the MVTec definition: one argsort of all pixels); peak extra memory "
-        "is what `tracemalloc` sees numpy allocate during the call (the inputs excluded).",
-        "",
-        md_table(
-            ["maps", "pixels", "method", "time (s)", "speed-up", "peak extra", "memory ratio", "AUPRO"],
-            aupro_rows,
-        ),
-        "",
-        "**Pixel AUROC and AP.** Time ratio is to `mvtec_seg` for the same metric; peak extra memory is the "
-        "growth of the resident set sampled every 2 ms (torch allocates outside tracemalloc's view).",
-        "",
-        md_table(
-            ["maps", "pixels", "method", "time (s)", "time / mvtec_seg", "peak extra", "value"], clf_rows
-        ),
-    ]
-    body += ["", one_category(max(args.rounds, 3), args.tiny)]
-    if notes:
-        body += ["", *notes]
-    write_section(args, "metrics_scale", "Exact metrics at dataset scale (#11)", "\n".join(body))
+        report(args, results, aupro_rows, clf_rows, notes, done=n == sizes[-1])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ Undefined metrics return NaN and emit an :class:`UndefinedMetricWarning` that sa
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.ndimage
@@ -32,17 +33,20 @@ from torch import Tensor
 __all__ = [
     "METRIC_LABELS",
     "METRIC_NAMES",
+    "PixelSplit",
     "UndefinedMetricWarning",
     "aupro",
     "auroc",
     "average_precision",
     "binary_clf_curve",
     "compute_all",
+    "image_and_pixel_metrics",
     "image_scores",
     "iou",
     "precision_recall_iou",
     "precision_recall_curve",
     "pro_curve",
+    "region_sizes",
     "roc_curve",
     "split_pixels",
 ]
@@ -305,6 +309,7 @@ def _float_scores(x: Array, name: str) -> Array:
     return s.astype(np.float32) if s.dtype == np.float16 else s
 
 
+@dataclass
 class PixelSplit:
     """Pixels split by the ground truth: what every pixel metric needs, and nothing more.
 
@@ -313,13 +318,10 @@ class PixelSplit:
     ``n_regions``: the number of regions. numpy arrays, or torch tensors on one device.
     """
 
-    def __init__(self, normal: Array, anomalous: Array, inv_size: Array, n_regions: int) -> None:
-        self.normal, self.anomalous, self.inv_size, self.n_regions = (
-            normal,
-            anomalous,
-            inv_size,
-            int(n_regions),
-        )
+    normal: Array
+    anomalous: Array
+    inv_size: Array
+    n_regions: int
 
     @property
     def n_normal(self) -> int:
@@ -347,17 +349,25 @@ def region_sizes(mask3d: ArrayLike) -> tuple[np.ndarray, int]:
     return np.concatenate(out), n_regions
 
 
+def _stack_3d_tensor(x: Tensor, name: str) -> Tensor:
+    """`_stack_3d` for a tensor that stays on its device."""
+    x = x.detach()
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    elif x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"{name} must have shape [N,H,W] or [N,1,H,W], got {tuple(x.shape)}")
+    return x
+
+
 def split_pixels(preds: ArrayLike, target: ArrayLike) -> PixelSplit:
     """Split [N,H,W] (or [N,1,H,W]) scores by their masks; torch tensors off the CPU stay on their device."""
     if _on_device(preds):
-        p = preds.detach()
-        if p.ndim == 4 and p.shape[1] == 1:
-            p = p[:, 0]
-        elif p.ndim == 2:
-            p = p[None]
-        t = target.detach().to(p.device).reshape(p.shape) != 0 if isinstance(target, Tensor) else None
-        if p.ndim != 3 or t is None:
-            raise ValueError(f"preds must have shape [N,H,W] or [N,1,H,W], got {tuple(preds.shape)}")
+        if not isinstance(target, Tensor):
+            raise ValueError(f"target must be a tensor when preds is on {preds.device}")
+        p, t = _stack_3d_tensor(preds, "preds"), _stack_3d_tensor(target.to(preds.device), "target") != 0
+        _check_same_shape(p, t, "preds", "target")
         s = _float_scores(p, "preds")
         sizes, n_regions = region_sizes(t.cpu())
         inv = 1.0 / torch.from_numpy(sizes).to(device=s.device, dtype=torch.float64)
@@ -645,10 +655,8 @@ def compute_all(
     fpr_limit = _check_fpr_limit(fpr_limit)
     sp = split_pixels(anomaly_map, gt_mask)
     on_device = isinstance(sp.normal, Tensor)
-    maps = anomaly_map if on_device else _stack_3d(anomaly_map, "anomaly_map")
-    if on_device and maps.ndim == 4:
-        maps = maps[:, 0]
-    masks = gt_mask if on_device else _stack_3d(gt_mask, "gt_mask")
+    stack = _stack_3d_tensor if on_device else _stack_3d
+    maps, masks = stack(anomaly_map, "anomaly_map"), stack(gt_mask, "gt_mask")
     n = int(maps.shape[0])
     if gt_label is None:
         labels = masks.reshape(n, -1) != 0
