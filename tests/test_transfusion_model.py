@@ -248,7 +248,8 @@ def test_foreground_dir_masks(tmp_path: Path):
     Image.fromarray(m).save(masks / "000.png")
     gen = AnomalyGenerator(foreground_dir=tmp_path / "fg", seed=0, rotation_probability=0)
     out = gen.generate(object_images(1, 32), paths=["train/good/000.png"])
-    assert out["foreground"][0, 0, :16].min() == 1 and out["foreground"][0, 0, 16:].max() == 0
+    # top half foreground (rows 0..15 at 32 px), then dilated by the official 5 x 5 square: rows 0..17
+    assert out["foreground"][0, 0, :18].min() == 1 and out["foreground"][0, 0, 18:].max() == 0
     assert (out["mask"] * (1 - out["foreground"])).sum() == 0
     with pytest.raises(ValueError, match="001"):
         gen.generate(object_images(1, 32), paths=["train/good/001.png"])

@@ -17,7 +17,13 @@ from torch import Tensor
 OFFICIAL_NORM_GROUPS = 32
 """GroupNorm groups of the official residual blocks (the output norm uses 8, as ours does)."""
 
-NET_KEYS: tuple[str, ...] = ("base_channels", "channel_mult", "num_res_blocks", "attention_levels", "norm_groups")
+NET_KEYS: tuple[str, ...] = (
+    "base_channels",
+    "channel_mult",
+    "num_res_blocks",
+    "attention_levels",
+    "norm_groups",
+)
 """The ``teacher.params.net`` settings an official checkpoint fixes (and that must agree with it)."""
 
 _DROPPED = ("pos_emb.penc.inv_freq",)  # positional-encoding buffer (= [1.0]); ours computes sin(row) directly
@@ -116,4 +122,6 @@ def normalise_net(net: Mapping) -> dict:
 def net_differences(configured: Mapping, inferred: Mapping) -> list[str]:
     """``["base_channels 16 (config) vs 64 (checkpoint)", ...]`` for every `NET_KEYS` entry that differs."""
     ours = normalise_net(configured)
-    return [f"{k} {ours[k]} (config) vs {inferred[k]} (checkpoint)" for k in NET_KEYS if ours[k] != inferred[k]]
+    return [
+        f"{k} {ours[k]} (config) vs {inferred[k]} (checkpoint)" for k in NET_KEYS if ours[k] != inferred[k]
+    ]

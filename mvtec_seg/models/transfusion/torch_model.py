@@ -20,6 +20,7 @@ takes images in ``[0, 1]`` (the project's convention) and converts internally.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mvtec_seg.models.transfusion.official import infer_official_net, rename_official_keys
+
+log = logging.getLogger(__name__)
 
 PAPER_CONFIG: dict = {
     "base_channels": 64,
@@ -306,8 +309,12 @@ class TransFusionModel(nn.Module):
     @classmethod
     def from_official_state(cls, state, image_size: int = 256, **settings) -> TransFusionModel:
         """`from_official` for a loaded official ``state_dict``; loads strictly, in the checkpoint's dtype."""
-        net = {**infer_official_net(state), **settings, "image_size": image_size}
-        model = cls(**net)
+        inferred = infer_official_net(state)
+        log.info(
+            "official TransFusion checkpoint: inferred %s",
+            ", ".join(f"{k}={v}" for k, v in inferred.items()),
+        )
+        model = cls(**{**inferred, **settings, "image_size": image_size})
         model.net.load_state_dict(rename_official_keys(state), strict=True)
         return model
 
