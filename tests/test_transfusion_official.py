@@ -202,3 +202,22 @@ def test_official_protocol_rejects_segmenters(tmp_path, mask):
     with pytest.raises(UserError, match="no defective training images") as err:
         build_datamodule(cfg)
     assert "\n" not in str(err.value)
+
+
+@needs_fixture
+def test_run_with_official_checkpoint_and_protocol(tmp_path):
+    """`train()` end to end: an authors'-format checkpoint scored under data.protocol=official, no overlap."""
+    from mvtec_seg.train import train
+
+    root = tmp_path / "data"
+    make_fake_mvtec(root, size=(64, 64), n_train=3, n_good=1, defects={"scratch": 2})
+    over = ["model=transfusion", "category=custom", "category.name=fake", f"data.root={root}"]
+    cfg = compose_cfg(tmp_path, [*over, *FIXTURE_OVERRIDES, "data.image_size=64", "data.protocol=official"])
+    summary = train(cfg)
+    assert summary["status"] == "ok" and summary["teacher_overlap"] == {"val": 0, "test": 0}
+    assert summary["split"]["n_test"] == 3 and summary["split"]["n_val"] == 0
+    assert summary["params"] == sum(
+        t.numel()
+        for k, t in torch.load(FIXTURE / "model.pkl").items()
+        if "running" not in k and "num_batches" not in k and "inv_freq" not in k
+    )
