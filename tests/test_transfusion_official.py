@@ -2,7 +2,7 @@
 every step with file and line). Skipped when the shared fixture is absent.
 
 The network is CPU-heavy in float64 (~1 min per 128 px image on a busy 2-core machine), so the default tests
-use one image per precision; ``-m slow`` runs all six.
+use one image per precision; ``-m slow`` runs all six and a whole `train()` run with the fixture checkpoint.
 """
 
 from __future__ import annotations
@@ -205,6 +205,7 @@ def test_official_protocol_rejects_segmenters(tmp_path, mask):
 
 
 @needs_fixture
+@pytest.mark.slow
 def test_run_with_official_checkpoint_and_protocol(tmp_path):
     """`train()` end to end: an authors'-format checkpoint scored under data.protocol=official, no overlap."""
     from mvtec_seg.train import train
