@@ -205,8 +205,9 @@ def teacher_overlap(cfg: DictConfig, dm) -> dict[str, int] | None:
     metrics and the quality of its pseudo masks). Warns once per checkpoint and manifest.
     """
     ckpt = cfg.teacher.get("checkpoint")
-    if not ckpt or not is_official_checkpoint(Path(ckpt).expanduser()):
-        return None
+    path = Path(ckpt).expanduser() if ckpt else None
+    if path is None or not path.is_file() or not is_official_checkpoint(path):
+        return None  # a missing file is reported by `teacher_spec`
     rows = dm.prepare()["samples"]
     seen = {p: sum(r["part"] == p and r["source"] == "train" for r in rows) for p in ("val", "test")}
     key = (str(ckpt), str(dm.manifest_path))
