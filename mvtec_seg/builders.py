@@ -54,6 +54,13 @@ def build_datamodule(
     cfg: DictConfig, train_subset: str = "all", batch_size: int | None = None, augment: bool | None = None
 ) -> MVTecDataModule:
     d = cfg.data
+    protocol = d.get("protocol", "split")
+    if protocol == "official" and train_subset == "all" and cfg.model.get("source") == "fit":
+        raise UserError(
+            f"data.protocol=official: the train part is train/good only, so model={cfg.model.name} with "
+            f"mask={cfg.mask.name} would have no defective training images (and there is no val part) — "
+            "use data.protocol=split for segmenters; the official protocol is for model=transfusion"
+        )
     return MVTecDataModule(
         category_dir=category_dir(cfg),
         cache_dir=cfg.paths.cache_dir,
@@ -70,6 +77,7 @@ def build_datamodule(
         pin_memory=bool(d.pin_memory),
         train_crop=d.get("train_crop"),
         shard_evaluation=not cfg.trainer.get("use_distributed_sampler", True),
+        protocol=protocol,
     )
 
 

@@ -51,7 +51,8 @@ class RunSummary:
     """What one run records (field order is the order in `summary.json`).
 
     `metrics` holds the sectioned test metrics (`test/pixel_AUPRO`, ...); `mask` is `none` for a model that
-    uses no mask source (TransFusion); `pseudo` is the pseudo-mask record (threshold, quality vs GT).
+    uses no mask source (TransFusion); `pseudo` is the pseudo-mask record (threshold, quality vs GT);
+    `teacher_overlap` counts the val/test normal images an authors' teacher checkpoint was trained on.
     """
 
     category: str
@@ -68,6 +69,9 @@ class RunSummary:
     pseudo: dict[str, Any] | None = None
     checkpoint: str | None = None
     run_dir: str | None = None
+    teacher_overlap: dict[str, int] | None = (
+        None  # {val, test}: normal images an authors' checkpoint trained on
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +102,9 @@ class RunSummary:
             pseudo=data["pseudo"] if isinstance(data.get("pseudo"), dict) else None,
             checkpoint=data.get("checkpoint"),
             run_dir=data.get("run_dir"),
+            teacher_overlap=data["teacher_overlap"]
+            if isinstance(data.get("teacher_overlap"), dict)
+            else None,
         )
 
     def test_metric(self, name: str) -> float:

@@ -26,6 +26,12 @@ from mvtec_seg.callbacks import Throughput
 from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import atomic_write_json, build_once, content_key, file_lock
 from mvtec_seg.models.base import AnomalyModule, parameter_count
+from mvtec_seg.models.transfusion.official import (
+    infer_official_net,
+    is_official_state_dict,
+    net_differences,
+    rename_official_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +51,19 @@ class Teacher:
 
 def teacher_spec(cfg: DictConfig, dm) -> dict:
     """Everything the teacher's weights depend on (for a user-supplied checkpoint: that file)."""
+    spec = _weights_spec(cfg, dm)
+    protocol = cfg.data.get("protocol", "split")
+    return spec if protocol == "split" else {**spec, "protocol": protocol}
+
+
+def _weights_spec(cfg: DictConfig, dm) -> dict:
     ckpt = cfg.teacher.get("checkpoint")
     if ckpt:
         path = Path(ckpt).expanduser().resolve()
         if not path.is_file():
             raise UserError(
-                f"teacher.checkpoint {path} not found — point it at a TransFusion .ckpt, or null to train"
+                f"teacher.checkpoint {path} not found — point it at a TransFusion .ckpt or an authors' "
+                "{category}_model.pkl, or null to train"
             )
         stat = path.stat()
         return {
@@ -128,13 +141,47 @@ def _train_teacher(cfg: DictConfig, final: Path) -> None:
     os.replace(work, final)
 
 
-def load_teacher_checkpoint(cfg: DictConfig, path: Path) -> AnomalyModule:
-    """A user's TransFusion checkpoint loaded into the configured architecture (strictly)."""
-    module = build_teacher(cfg)
+def _read_checkpoint(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+
+
+def is_official_checkpoint(path: Path) -> bool:
+    """True when ``path`` is an authors' ``{category}_model.pkl`` (read memory-mapped: cheap)."""
+    return is_official_state_dict(_read_checkpoint(path))
+
+
+def _load_official(cfg: DictConfig, path: Path, state: dict) -> AnomalyModule:
+    """An official state_dict into the configured teacher, after checking the architecture agrees."""
+    try:
+        inferred = infer_official_net(state)
+    except (KeyError, ValueError) as err:
+        raise UserError(f"checkpoint {path} looks official but its network is not readable: {err}") from None
+    log.info(
+        "teacher.checkpoint %s is an official TransFusion checkpoint: inferred %s",
+        path,
+        ", ".join(f"{k}={v}" for k, v in inferred.items()),
+    )
+    diff = net_differences(OmegaConf.to_container(cfg.teacher.params.net, resolve=True), inferred)
+    if diff:
+        raise UserError(
+            f"teacher.checkpoint {path} does not match teacher.params.net: {'; '.join(diff)} — use "
+            f"experiment=transfusion_paper (the authors' checkpoints) or set teacher.params.net to these values"
+        )
+    module = build_teacher(cfg)
+    module.model.net.load_state_dict(rename_official_keys(state), strict=True)
+    return module
+
+
+def load_teacher_checkpoint(cfg: DictConfig, path: Path) -> AnomalyModule:
+    """A user's TransFusion checkpoint loaded into the configured architecture (strictly): one of ours
+    (Lightning ``.ckpt``) or an authors' ``{category}_model.pkl`` (plain official state_dict)."""
+    state = _read_checkpoint(path)
+    if is_official_state_dict(state):
+        return _load_official(cfg, path, state)
+    module = build_teacher(cfg)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     try:
         module.load_state_dict(state, strict=True)
@@ -145,6 +192,36 @@ def load_teacher_checkpoint(cfg: DictConfig, path: Path) -> AnomalyModule:
             f"set teacher.params.net to the settings it was trained with"
         ) from None
     return module
+
+
+_WARNED_OVERLAP: set[tuple[str, str]] = set()
+
+
+def teacher_overlap(cfg: DictConfig, dm) -> dict[str, int] | None:
+    """Normal images of the val and test parts that an authors' checkpoint was trained on, or None.
+
+    The official checkpoints saw every ``train/good`` image; our 7:1:2 split pools those with ``test/good``,
+    so some land in val and test, where the teacher scores them lower than truly unseen ones (inflating its
+    metrics and the quality of its pseudo masks). Warns once per checkpoint and manifest.
+    """
+    ckpt = cfg.teacher.get("checkpoint")
+    path = Path(ckpt).expanduser() if ckpt else None
+    if path is None or not path.is_file() or not is_official_checkpoint(path):
+        return None  # a missing file is reported by `teacher_spec`
+    rows = dm.prepare()["samples"]
+    seen = {p: sum(r["part"] == p and r["source"] == "train" for r in rows) for p in ("val", "test")}
+    key = (str(ckpt), str(dm.manifest_path))
+    if any(seen.values()) and key not in _WARNED_OVERLAP:
+        _WARNED_OVERLAP.add(key)
+        log.warning(
+            "teacher.checkpoint %s is an authors' checkpoint, trained on every train/good image: %d val and %d "
+            "test normal images of this split were in its training set (recorded as teacher_overlap in "
+            "summary.json) — data.protocol=official scores it as published",
+            ckpt,
+            seen["val"],
+            seen["test"],
+        )
+    return seen
 
 
 def ensure_teacher(cfg: DictConfig, dm) -> Teacher:

@@ -25,7 +25,7 @@ from mvtec_seg.loggers import run_loggers
 from mvtec_seg.models.base import AnomalyModule, parameter_count
 from mvtec_seg.outputs import RunOutputs
 from mvtec_seg.pseudo.masks import ensure_pseudo_masks
-from mvtec_seg.teacher import ensure_teacher
+from mvtec_seg.teacher import ensure_teacher, teacher_overlap
 
 log = logging.getLogger(__name__)
 MODEL_SOURCES = ("fit", "teacher")
@@ -93,6 +93,8 @@ def _fit(
 def _prepare_model(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> AnomalyModule:
     """The model to test, recorded in the summary: the ensured teacher, or an untrained segmenter whose
     targets (GT, or pseudo masks built on first use) are set on `dm`."""
+    if cfg.model.source == "teacher" or cfg.mask.name == "pseudo":
+        out.summary.teacher_overlap = teacher_overlap(cfg, dm)
     if cfg.model.source == "teacher":
         teacher = ensure_teacher(cfg, dm)
         out.summary.params = teacher.info["params"]

@@ -3,8 +3,10 @@
 - Metrics, written from the definitions with plain Python/numpy loops: AUROC as the Mann-Whitney pairwise
   probability, AP by looping over thresholds, AUPRO with an own BFS flood fill and an explicit loop over
   every distinct threshold.
-- TransFusion inference one image at a time, written out step by step as the published evaluation loop does,
-  with its own loop, accumulation and smoothing (``avg_pool2d``), independent of the batched path.
+- TransFusion inference one image at a time, written out step by step as the official evaluation loop does
+  (``utils/EvaluationUtils.py:9-28, 42`` at 4e8e961: t = T-2 .. 1, the sum of the masks divided by T-1; with
+  ``model.reverse == "all_steps"`` from t = T-1), with its own loop, schedule, accumulation and smoothing
+  (``avg_pool2d``), independent of the batched path.
 """
 
 from __future__ import annotations
@@ -114,15 +116,17 @@ def transfusion_one_by_one(model, image: torch.Tensor) -> torch.Tensor:
         x = img * 2 - 1
         mask = torch.zeros_like(x[:, :1])
         probs = []
-        for step in reversed(range(1, model.num_steps)):
+        betas = torch.linspace(0, 1, model.num_steps, dtype=x.dtype)
+        n_calls = model.num_steps - 2 if model.reverse == "official" else model.num_steps - 1
+        for step in reversed(range(1, n_calls + 1)):
             t = torch.tensor([step], device=x.device)
             noise, mean, logits = model.net(x, mask, t)
             p = torch.sigmoid(logits).to(x.dtype)
             probs.append(p)
             mask = torch.where(p > 0.5, torch.ones_like(p), torch.zeros_like(p))
-            b_t, b_prev = model.betas[step].to(x.dtype), model.betas[step - 1].to(x.dtype)
+            b_t, b_prev = betas[step], betas[step - 1]
             x = x - (b_t - b_prev) / b_t * mask * noise.to(x.dtype) + (b_t - b_prev) * mask * mean.to(x.dtype)
-        disc = torch.stack(probs).mean(0)[:, 0]
+        disc = torch.stack(probs).sum(0)[:, 0] / (model.num_steps - 1)  # official: / T-1 whatever the calls
         recon = ((img.clamp(0, 1) - ((x + 1) / 2).clamp(0, 1)) ** 2).mean(1)
         if k > 1:
             disc = F.avg_pool2d(disc[None], k, stride=1, padding=k // 2, count_include_pad=True)[0]

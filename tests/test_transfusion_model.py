@@ -137,8 +137,9 @@ def test_loss_terms_and_decrease():
 
 
 # -- inference ---------------------------------------------------------------------------------------------------
-def test_batched_equals_sequential_float64():
-    model = tiny_model(seed=1, num_steps=5).double().eval()
+@pytest.mark.parametrize("reverse", ["official", "all_steps"])
+def test_batched_equals_sequential_float64(reverse):
+    model = tiny_model(seed=1, num_steps=5, reverse=reverse).double().eval()
     # non-trivial BatchNorm statistics so eval-mode normalisation is exercised too
     bn = model.net.mask_head[0]
     bn.running_mean.uniform_(-0.1, 0.1)
@@ -153,6 +154,21 @@ def test_batched_equals_sequential_float64():
     mean_mask, final = model.reverse_process(images)
     assert (final - (images * 2 - 1)).abs().max() > 0
     assert mean_mask.min() > 0 and mean_mask.max() < 1
+
+
+@pytest.mark.parametrize(("reverse", "steps"), [("official", [4, 3, 2, 1]), ("all_steps", [5, 4, 3, 2, 1])])
+def test_reverse_process_steps(reverse, steps):
+    """Official: t = T-2 .. 1 (t = T-1 never evaluated), the sum of the masks divided by T-1 in both modes."""
+    model = tiny_model(seed=2, num_steps=6, reverse=reverse).double().eval()
+    seen: list[int] = []
+    model.net.register_forward_pre_hook(lambda _m, args: seen.append(int(args[2][0])))
+    torch.nn.init.constant_(model.net.mask_head[2].weight, 0.0)
+    torch.nn.init.constant_(model.net.mask_head[2].bias, 50.0)  # every probability ~1
+    mean_mask, _ = model.reverse_process(torch.rand(1, 3, 32, 32, dtype=torch.float64))
+    assert seen == steps
+    torch.testing.assert_close(mean_mask, torch.full_like(mean_mask, len(steps) / 5))
+    with pytest.raises(ValueError, match="reverse"):
+        tiny_model(reverse="paper")
 
 
 def test_box_filter_matches_average_pooling():
@@ -232,7 +248,8 @@ def test_foreground_dir_masks(tmp_path: Path):
     Image.fromarray(m).save(masks / "000.png")
     gen = AnomalyGenerator(foreground_dir=tmp_path / "fg", seed=0, rotation_probability=0)
     out = gen.generate(object_images(1, 32), paths=["train/good/000.png"])
-    assert out["foreground"][0, 0, :16].min() == 1 and out["foreground"][0, 0, 16:].max() == 0
+    # top half foreground (rows 0..15 at 32 px), then dilated by the official 5 x 5 square: rows 0..17
+    assert out["foreground"][0, 0, :18].min() == 1 and out["foreground"][0, 0, 18:].max() == 0
     assert (out["mask"] * (1 - out["foreground"])).sum() == 0
     with pytest.raises(ValueError, match="001"):
         gen.generate(object_images(1, 32), paths=["train/good/001.png"])

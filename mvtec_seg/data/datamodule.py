@@ -91,6 +91,7 @@ class MVTecDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         train_crop: int | None = None,
         shard_evaluation: bool = False,
+        protocol: str = "split",
     ) -> None:
         super().__init__()
         self.category_dir, self.cache_dir = Path(category_dir), Path(cache_dir)
@@ -103,6 +104,7 @@ class MVTecDataModule(pl.LightningDataModule):
         self.train_subset = train_subset
         self.train_crop = train_crop
         self.shard_evaluation = shard_evaluation
+        self.protocol = protocol  # "split" (seeded 7:1:2) or "official" (MVTec AD's train/good and test/)
         self.target_masks: np.ndarray | None = None
         self.manifest: dict | None = None
         self.manifest_path: Path | None = None
@@ -111,7 +113,7 @@ class MVTecDataModule(pl.LightningDataModule):
         """Scan, split and decode (once; cached). Safe to call repeatedly, and before the trainer exists."""
         if self.manifest is None:
             self.manifest_path, self.manifest = load_or_create_manifest(
-                self.category_dir, self.cache_dir, self.category, self.seed, self.split_ratios
+                self.category_dir, self.cache_dir, self.category, self.seed, self.split_ratios, self.protocol
             )
             self.images, self.gt_masks = decoded_arrays(
                 self.manifest, self.category_dir, self.cache_dir, self.image_size, self.decode_workers

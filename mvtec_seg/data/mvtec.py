@@ -31,7 +31,8 @@ MVTEC_CATEGORIES: tuple[str, ...] = (
     "wood",
     "zipper",
 )
-TEXTURE_CATEGORIES: frozenset[str] = frozenset({"carpet", "grid", "leather", "tile", "wood"})
+TEXTURE_CATEGORIES: frozenset[str] = frozenset({"carpet", "grid", "leather", "tile", "wood", "zipper"})
+"""Anomalies go anywhere on these (no foreground): the official TransFusion texture list, zipper included."""
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 

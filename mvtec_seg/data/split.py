@@ -2,6 +2,9 @@
 
 All test images plus the normal training images are pooled and split per stratum (each defect type, and
 the normal images as one stratum), so every part holds every defect type when there are enough images.
+
+``protocol="official"`` (`PROTOCOLS`) instead keeps MVTec AD's own folders: ``train/good`` is the train part
+and the whole ``test/`` folder the test part (no val part), as the published results are computed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import atomic_write_json, file_lock
 
 PARTS: tuple[str, ...] = ("train", "val", "test")
+PROTOCOLS: tuple[str, ...] = ("split", "official")
 
 
 def allocate(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -53,26 +57,46 @@ def make_split(samples: list[Sample], seed: int, ratios=(0.7, 0.1, 0.2)) -> list
     return rows
 
 
+def official_split(samples: list[Sample]) -> list[dict]:
+    """MVTec AD's own parts: every ``train/good`` image in train, every ``test/`` image in test."""
+    rows = [
+        {**s.as_dict(), "label": s.label, "part": "train" if s.source == "train" else "test"} for s in samples
+    ]
+    rows.sort(key=lambda r: (PARTS.index(r["part"]), r["image"]))
+    return rows
+
+
 def _fingerprint(samples: list[Sample]) -> str:
     text = "\n".join(f"{s.image}|{s.gt_mask}|{s.defect_type}" for s in sorted(samples, key=lambda s: s.image))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def manifest_path(cache_dir: Path, category: str, seed: int) -> Path:
-    return Path(cache_dir) / "splits" / category / f"seed{seed}.json"
+def manifest_path(cache_dir: Path, category: str, seed: int, protocol: str = "split") -> Path:
+    name = (
+        f"seed{seed}.json" if protocol == "split" else f"{protocol}.json"
+    )  # the official parts have no seed
+    return Path(cache_dir) / "splits" / category / name
 
 
 def load_or_create_manifest(
-    category_dir: Path, cache_dir: Path, category: str, seed: int, ratios=(0.7, 0.1, 0.2)
+    category_dir: Path,
+    cache_dir: Path,
+    category: str,
+    seed: int,
+    ratios=(0.7, 0.1, 0.2),
+    protocol: str = "split",
 ) -> tuple[Path, dict]:
-    """Return (path, manifest). The manifest is written once per category and seed and reused by every job.
+    """Return (path, manifest). The manifest is written once per category and seed (and protocol) and reused
+    by every job.
 
     If the category's files changed since the manifest was written, stop: silently re-splitting would make
     earlier results incomparable.
     """
+    if protocol not in PROTOCOLS:
+        raise UserError(f"data.protocol={protocol!r} must be one of {list(PROTOCOLS)}")
     samples = scan_category(category_dir)
     fp = _fingerprint(samples)
-    path = manifest_path(cache_dir, category, seed)
+    path = manifest_path(cache_dir, category, seed, protocol)
     with file_lock(path):
         if path.exists():
             manifest = json.loads(path.read_text())
@@ -88,8 +112,10 @@ def load_or_create_manifest(
             "seed": seed,
             "ratios": list(ratios),
             "fingerprint": fp,
-            "samples": make_split(samples, seed, ratios),
+            "samples": make_split(samples, seed, ratios) if protocol == "split" else official_split(samples),
         }
+        if protocol != "split":
+            manifest["protocol"] = protocol
         atomic_write_json(path, manifest)
     return path, manifest
 

@@ -123,8 +123,11 @@ def estimate_foreground(images: Tensor, threshold: float = 0.1, min_fraction: fl
 
 
 def load_foreground_masks(folder: Path, paths: list[str], size: tuple[int, int]) -> Tensor:
-    """Ready-made masks ``[B,1,H,W]`` from ``folder``: ``<folder>/<path>`` with a .png suffix, else
-    ``<folder>/<file name>.png``; non-zero = foreground."""
+    """Ready-made masks ``[B,1,H,W]`` from ``folder`` (``<folder>/<path>`` with a .png suffix, else
+    ``<folder>/<file name>.png``), prepared as the official run prepares the authors' masks
+    (``dataset/BGMaskDataset.py`` at 4e8e961): grey level resized bilinearly to the image size, thresholded
+    at 0.5 (of 255), then dilated with a 5 x 5 square. Without ``foreground_dir`` the border-colour estimate
+    (`estimate_foreground`) is the fallback."""
     masks = []
     for p in paths:
         rel = Path(p).with_suffix(".png")
@@ -135,9 +138,10 @@ def load_foreground_masks(folder: Path, paths: list[str], size: tuple[int, int])
                 f"foreground_dir {folder} has no mask for {p} (looked for {candidates[0]} and {candidates[1]}): "
                 "add the mask or set foreground_dir to null to use the border-colour rule"
             )
-        m = Image.open(found).convert("L").resize((size[1], size[0]), Image.NEAREST)
-        masks.append(torch.from_numpy(np.asarray(m) > 0))
-    return torch.stack(masks)[:, None].float()
+        grey = torch.from_numpy(np.asarray(Image.open(found).convert("L"), dtype=np.float32) / 255.0)
+        masks.append(F.interpolate(grey[None, None], size=size, mode="bilinear", align_corners=False)[0])
+    fg = (torch.stack(masks) > 0.5).float()
+    return F.max_pool2d(fg, 5, stride=1, padding=2)
 
 
 # -- appearances -------------------------------------------------------------------------------------------------

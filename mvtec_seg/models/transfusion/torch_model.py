@@ -8,10 +8,11 @@ where ``M`` is the anomaly mask and ``e`` the anomaly appearance. The network se
 step's mask and a positional channel, and predicts three things: the *scaled* anomaly appearance
 (``beta_t * M * e``, called "noise"), the normal appearance (``x0``, called "mean") and mask logits.
 
-Inference starts from the test image with an all-zero mask and walks ``t = T-1 .. 1``; each step removes the
-predicted anomaly appearance inside the (0.5-thresholded) predicted mask and blends in the predicted normal
-appearance (``reverse_step``). The anomaly map mixes the step-averaged mask probabilities with the
-reconstruction error of the final image, each box-filtered.
+Inference starts from the test image with an all-zero mask and walks ``t = T-2 .. 1`` as the official
+evaluation does (``reverse="official"``: T-2 network calls, t = T-1 never evaluated, the sum of the masks
+divided by T-1; `REVERSE_MODES`); each step removes the predicted anomaly appearance inside the
+(0.5-thresholded) predicted mask and blends in the predicted normal appearance (``reverse_step``). The
+anomaly map mixes the mean mask with the reconstruction error of the final image, each box-filtered.
 
 The network works in ``[-1, 1]`` like the published method; every public method of `TransFusionModel`
 takes images in ``[0, 1]`` (the project's convention) and converts internally.
@@ -19,12 +20,17 @@ takes images in ``[0, 1]`` (the project's convention) and converts internally.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mvtec_seg.models.transfusion.official import infer_official_net, rename_official_keys
+
+log = logging.getLogger(__name__)
 
 PAPER_CONFIG: dict = {
     "base_channels": 64,
@@ -36,6 +42,14 @@ PAPER_CONFIG: dict = {
     "image_size": 256,
 }
 """The published MVTec AD (RGB) configuration: 54.56 M parameters."""
+
+REVERSE_MODES: dict[str, str] = {
+    "official": "t = T-2 .. 1 (T-2 network calls), sum of the masks / (T-1): the official evaluation "
+    "(utils/EvaluationUtils.py:16, 26, 42 at 4e8e961), so numbers are comparable with the paper",
+    "all_steps": "t = T-1 .. 1 (T-1 calls), mean of the T-1 masks: also evaluates the step training starts "
+    "from (empty mask input at t = T-1), which the official loop skips",
+}
+"""``reverse`` settings of `TransFusionModel` (``teacher.params.net.reverse``)."""
 
 
 def _groups(preferred: int, channels: int) -> int:
@@ -253,8 +267,11 @@ class TransFusionModel(nn.Module):
         map_weight: float = 0.95,
         smoothing_kernel: int = 7,
         norm_groups: int = 32,
+        reverse: str = "official",
     ) -> None:
         super().__init__()
+        if reverse not in REVERSE_MODES:
+            raise ValueError(f"model.reverse={reverse!r} is not one of {sorted(REVERSE_MODES)}")
         if num_steps < 3:
             raise ValueError(f"model.num_steps={num_steps} is too small: TransFusion needs at least 3 steps")
         if smoothing_kernel < 1 or smoothing_kernel % 2 == 0:
@@ -276,7 +293,30 @@ class TransFusionModel(nn.Module):
         self.image_size = int(image_size)
         self.map_weight = float(map_weight)
         self.smoothing_kernel = int(smoothing_kernel)
+        self.reverse = reverse
         self.register_buffer("betas", torch.linspace(0.0, 1.0, self.num_steps), persistent=False)
+
+    @classmethod
+    def from_official(cls, path, image_size: int = 256, **settings) -> TransFusionModel:
+        """The network of an official checkpoint (``{category}_model.pkl``), architecture read off its shapes.
+
+        ``settings`` are the other constructor arguments (``num_steps``, ``map_weight``, ...: the official
+        defaults are ours). `from_official_state` does the work for an already loaded dict.
+        """
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return cls.from_official_state(state, image_size=image_size, **settings)
+
+    @classmethod
+    def from_official_state(cls, state, image_size: int = 256, **settings) -> TransFusionModel:
+        """`from_official` for a loaded official ``state_dict``; loads strictly, in the checkpoint's dtype."""
+        inferred = infer_official_net(state)
+        log.info(
+            "official TransFusion checkpoint: inferred %s",
+            ", ".join(f"{k}={v}" for k, v in inferred.items()),
+        )
+        model = cls(**{**inferred, **settings, "image_size": image_size})
+        model.net.load_state_dict(rename_official_keys(state), strict=True)
+        return model
 
     # -- helpers ----------------------------------------------------------------------------------------
     @staticmethod
@@ -290,8 +330,13 @@ class TransFusionModel(nn.Module):
         return ((x + 1) / 2).clamp(0, 1)
 
     def beta(self, t: Tensor, like: Tensor) -> Tensor:
-        """``beta_t`` for a long ``[B]`` step tensor, as ``[B,1,1,1]`` in ``like``'s dtype/device."""
-        return self.betas.to(like.device)[t.to(like.device)].to(like.dtype).view(-1, 1, 1, 1)
+        """``beta_t`` for a long ``[B]`` step tensor, as ``[B,1,1,1]`` in ``like``'s dtype/device.
+
+        The schedule is made in ``like``'s dtype, as the official code makes it in the default dtype: a
+        float32 schedule cast to float64 is off by ~1e-8 per step, which reaches 2e-6 in the reconstruction.
+        """
+        betas = torch.linspace(0.0, 1.0, self.num_steps, dtype=like.dtype, device=like.device)
+        return betas[t.to(like.device)].view(-1, 1, 1, 1)
 
     def sample_timesteps(self, batch_size: int, device: torch.device | str, generator=None) -> Tensor:
         """Training steps drawn uniformly from ``1 .. T-1`` (step 0 is the clean image)."""
@@ -346,19 +391,24 @@ class TransFusionModel(nn.Module):
         """Inference on ``image`` [B,3,H,W] in [0,1] (see `predict`)."""
         return self.predict(image)
 
+    def reverse_steps(self) -> range:
+        """The steps the reverse process evaluates, first to last (`REVERSE_MODES`)."""
+        first = self.num_steps - 2 if self.reverse == "official" else self.num_steps - 1
+        return range(first, 0, -1)
+
     @torch.no_grad()
     def reverse_process(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        """Whole-batch reverse process from ``t = T-1`` down to 1.
+        """Whole-batch reverse process over `reverse_steps` (official: ``t = T-2`` down to 1).
 
-        Returns the mean of the per-step mask probabilities ``[B,H,W]`` and the final image ``[B,3,H,W]`` in
-        [-1,1]. Each step thresholds the predicted probability at 0.5; that binary mask drives the image update
-        and is the next step's mask input.
+        Returns the mean mask ``[B,H,W]`` (sum of the per-step mask probabilities divided by ``T-1`` in both
+        modes) and the final image ``[B,3,H,W]`` in [-1,1]. Each step thresholds the predicted probability at
+        0.5; that binary mask drives the image update and is the next step's mask input.
         """
         x = self.to_model_space(image)
         b, _, h, w = x.shape
         mask = x.new_zeros(b, 1, h, w)
         prob_sum = x.new_zeros(b, 1, h, w)
-        for step in range(self.num_steps - 1, 0, -1):
+        for step in self.reverse_steps():
             t = torch.full((b,), step, dtype=torch.long, device=x.device)
             noise, mean, logits = self.net(x, mask, t)
             prob = torch.sigmoid(logits).to(x.dtype)
@@ -370,15 +420,34 @@ class TransFusionModel(nn.Module):
         return prob_sum[:, 0] / (self.num_steps - 1), x
 
     def combine(self, image: Tensor, mean_mask: Tensor, final: Tensor) -> Tensor:
-        """Anomaly map ``w * box(mask) + (1 - w) * box(recon error)``; the error is the channel mean of the
-        squared difference between the input and the final reverse-process image, both in [0,1]."""
+        """Anomaly map ``w * box(mask) + (1 - w) * box(recon error)`` (see `map_terms`)."""
+        return self.map_terms(image, mean_mask, final)["anomaly_map"]
+
+    def map_terms(self, image: Tensor, mean_mask: Tensor, final: Tensor) -> dict[str, Tensor]:
+        """The anomaly map and its terms, named as the official evaluation's (``mask_disc``, ``mask_recon``
+        and their ``_smoothed`` forms). The reconstruction error is the channel mean of the squared
+        difference between the input and the final reverse-process image, both in [0,1]."""
         recon = (image.clamp(0, 1) - self.to_image_space(final)).pow(2).mean(1)
         k = self.smoothing_kernel
-        return self.map_weight * box_filter(mean_mask, k) + (1 - self.map_weight) * box_filter(recon, k)
+        disc_s, recon_s = box_filter(mean_mask, k), box_filter(recon, k)
+        return {
+            "anomaly_map": self.map_weight * disc_s + (1 - self.map_weight) * recon_s,
+            "mask_disc": mean_mask,
+            "mask_recon": recon,
+            "mask_disc_smoothed": disc_s,
+            "mask_recon_smoothed": recon_s,
+        }
 
     @torch.no_grad()
-    def predict(self, image: Tensor) -> dict[str, Tensor]:
-        """Batched inference: ``{"anomaly_map": [B,H,W], "pred_score": [B]}`` (score = max of the map)."""
+    def predict(self, image: Tensor, intermediates: bool = False) -> dict[str, Tensor]:
+        """Batched inference: ``{"anomaly_map": [B,H,W], "pred_score": [B]}`` (score = max of the map).
+
+        ``intermediates=True`` adds the `map_terms` and ``reconstruction_raw`` (the final reverse-process
+        image in [-1,1]), the arrays the official evaluation computes on the way.
+        """
         mean_mask, final = self.reverse_process(image)
-        amap = self.combine(image.to(final.dtype), mean_mask, final)
-        return {"anomaly_map": amap, "pred_score": amap.flatten(1).amax(1)}
+        terms = self.map_terms(image.to(final.dtype), mean_mask, final)
+        out = {"anomaly_map": terms["anomaly_map"], "pred_score": terms["anomaly_map"].flatten(1).amax(1)}
+        if intermediates:
+            out.update(terms, reconstruction_raw=final)
+        return out
