@@ -118,6 +118,16 @@ def test_foreground_is_computed_once_per_image(monkeypatch):
     assert torch.equal(first["foreground"], fresh["foreground"])
 
 
+def test_generation_ignores_autocast():
+    """bf16-mixed training runs the step under autocast; the material stays in the images' dtype."""
+    images = disc_images(4)
+    plain = AnomalyGenerator(seed=0).generate(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = AnomalyGenerator(seed=0).generate(images)
+    for k in plain:
+        assert mixed[k].dtype == plain[k].dtype and torch.equal(mixed[k], plain[k]), k
+
+
 def test_random_crops_turn_the_foreground_cache_off():
     module = TransFusion(
         NET, {"kind": "object", "seed": 0}, {"_target_": "torch.optim.AdamW", "_partial_": True}

@@ -501,9 +501,16 @@ class AnomalyGenerator:
         ``appearance`` ``[B,3,H,W]`` in [0,1] (only meaningful where ``mask`` is 1; 0.5 for normal rows),
         ``prev_mask`` ``[B,1,H,W]`` in {0,1}, ``has_anomaly`` bool ``[B]`` (the first ``max(1, B//2)`` rows)
         and ``foreground`` ``[B,1,H,W]`` (rotated like the rest). ``foreground`` as input overrides the rule.
+        Runs in the images' dtype even inside an autocast region (mixed-precision training).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"AnomalyGenerator expects [B,3,H,W] images, got {tuple(images.shape)}")
+        with torch.autocast(images.device.type, enabled=False):
+            return self._generate(images, foreground, paths)
+
+    def _generate(
+        self, images: Tensor, foreground: Tensor | None, paths: list[str] | None
+    ) -> dict[str, Tensor]:
         b, _, h, w = images.shape
         x0 = images.clone()
         if foreground is not None:
