@@ -21,11 +21,20 @@ more than ``foreground_threshold`` in some channel; isolated pixels are dropped 
 connected to the border are filled, and the result is dilated by about 3 % of the image side. If that finds
 less than 1 % of the image, the whole image is used. A folder of ready masks (``foreground_dir``) or a
 tensor passed to `AnomalyGenerator.generate` overrides the rule. Texture categories use the whole image.
+Foregrounds of training images are computed once per image path and cached (on the images' device).
+
+Speed (issue #9): the generator never waits on the device. Decisions that steer Python control flow (which
+rows get a texture, which augmentations, Perlin lattice sizes, which rows rotate) come from a seeded NumPy
+generator on the host; every number that enters pixel arithmetic is drawn on the images' device from a seeded
+device ``torch.Generator``; data-dependent choices (an empty mask, a rotation that loses the mask) are made
+with ``torch.where`` instead of reading values back. Each augmentation runs once per batch on the rows that
+drew it, not once per image.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +49,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 # -- noise -----------------------------------------------------------------------------------------------------
+def _host_ints(values: Tensor | Sequence[int] | np.ndarray) -> np.ndarray:
+    """Integers that fix shapes, as a host array (a device tensor here would cost a synchronisation)."""
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
 def _fade(t: Tensor) -> Tensor:
     return t * t * t * (t * (t * 6 - 15) + 10)
 
@@ -47,8 +63,8 @@ def _fade(t: Tensor) -> Tensor:
 def perlin_noise(
     height: int,
     width: int,
-    res_y: Tensor,
-    res_x: Tensor,
+    res_y: Tensor | Sequence[int] | np.ndarray,
+    res_x: Tensor | Sequence[int] | np.ndarray,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -56,14 +72,17 @@ def perlin_noise(
     """Batch of 2-D gradient (Perlin) noise ``[B,H,W]``, roughly in [-1, 1], ``res_y[b] x res_x[b]`` cells.
 
     Fully vectorised over the batch and the pixels: the gradient lattices of different sizes share one padded
-    tensor and each pixel gathers its four corner gradients. Any H, W work (no divisibility needed).
+    tensor and each pixel gathers its four corner gradients. Any H, W work (no divisibility needed). The
+    lattice sizes are host numbers (they fix a tensor shape); ``generator`` must live on ``device``.
     """
-    res_y, res_x = res_y.long().cpu(), res_x.long().cpu()
-    b, ny, nx = res_y.numel(), int(res_y.max()) + 1, int(res_x.max()) + 1
-    angles = 2 * math.pi * torch.rand(b, ny, nx, generator=generator).to(device=device, dtype=dtype)
+    res_y, res_x = _host_ints(res_y), _host_ints(res_x)
+    b, ny, nx = len(res_y), int(res_y.max()) + 1, int(res_x.max()) + 1
+    angles = 2 * math.pi * torch.rand(b, ny, nx, generator=generator, device=device, dtype=dtype)
     grad_y, grad_x = angles.cos().flatten(), angles.sin().flatten()
-    y = torch.arange(height, device=device, dtype=dtype)[None] * (res_y.to(device, dtype)[:, None] / height)
-    x = torch.arange(width, device=device, dtype=dtype)[None] * (res_x.to(device, dtype)[:, None] / width)
+    ry = torch.as_tensor(res_y, dtype=dtype).to(device, non_blocking=True)
+    rx = torch.as_tensor(res_x, dtype=dtype).to(device, non_blocking=True)
+    y = torch.arange(height, device=device, dtype=dtype)[None] * (ry[:, None] / height)
+    x = torch.arange(width, device=device, dtype=dtype)[None] * (rx[:, None] / width)
     iy, ix = y.floor().long(), x.floor().long()
     fy, fx = (y - iy)[:, :, None], (x - ix)[:, None, :]  # [B,H,1], [B,1,W]
     cell = (torch.arange(b, device=device)[:, None, None] * ny + iy[:, :, None]) * nx + ix[:, None, :]
@@ -145,29 +164,37 @@ def load_foreground_masks(folder: Path, paths: list[str], size: tuple[int, int])
 
 
 # -- appearances -------------------------------------------------------------------------------------------------
-def _uniform(g: torch.Generator, low: float, high: float, n: int | None = None) -> Tensor | float:
-    r = torch.rand(n if n is not None else 1, generator=g) * (high - low) + low
-    return r if n is not None else float(r)
+def _uniform(g: torch.Generator, low: float, high: float, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """U(low, high) of ``shape`` drawn on ``like``'s device from ``g`` (a generator on that device)."""
+    return torch.rand(shape, generator=g, device=like.device, dtype=like.dtype) * (high - low) + low
 
 
-def procedural_textures(n: int, height: int, width: int, g: torch.Generator, device, dtype) -> Tensor:
+def _rows(rows: np.ndarray, device: torch.device) -> Tensor:
+    """Host row numbers as an index tensor on ``device`` (a host-to-device copy, never a read-back)."""
+    return torch.as_tensor(np.asarray(rows, dtype=np.int64)).to(device, non_blocking=True)
+
+
+def procedural_textures(
+    n: int, height: int, width: int, g: torch.Generator, device, dtype, rng: np.random.Generator
+) -> Tensor:
     """``[n,3,H,W]`` textures in [0,1]: fractal noise, warped stripes, checkers or blobs in 2 random colours,
-    modulated by fine fractal detail. The offline stand-in for DTD."""
+    modulated by fine fractal detail. The offline stand-in for DTD. ``g`` draws on ``device``; ``rng`` (host)
+    picks the lattice sizes."""
     octaves = 3
-    base = torch.randint(1, 5, (n,), generator=g)
+    base = rng.integers(1, 5, n)
     fractal = sum(
         (0.5**o)
         * perlin_noise(
-            height, width, (base * 2**o).clamp(max=64), (base * 2**o).clamp(max=64), g, device, dtype
+            height, width, np.minimum(base * 2**o, 64), np.minimum(base * 2**o, 64), g, device, dtype
         )
         for o in range(octaves)
     )
-    detail = perlin_noise(height, width, torch.full((n,), 32), torch.full((n,), 32), g, device, dtype)
+    detail = perlin_noise(height, width, np.full(n, 32), np.full(n, 32), g, device, dtype)
     yy = torch.linspace(0, 1, height, device=device, dtype=dtype).view(1, height, 1)
     xx = torch.linspace(0, 1, width, device=device, dtype=dtype).view(1, 1, width)
-    theta = (_uniform(g, 0, math.pi, n)).to(device, dtype).view(n, 1, 1)
-    freq = (_uniform(g, 4, 40, n)).to(device, dtype).view(n, 1, 1)
-    warp = (_uniform(g, 0, 3, n)).to(device, dtype).view(n, 1, 1)
+    theta = _uniform(g, 0, math.pi, (n, 1, 1), fractal)
+    freq = _uniform(g, 4, 40, (n, 1, 1), fractal)
+    warp = _uniform(g, 0, 3, (n, 1, 1), fractal)
     phase = 2 * math.pi * freq * (xx * theta.cos() + yy * theta.sin()) + warp * fractal
     stripes = 0.5 + 0.5 * phase.sin()
     squares = (freq * xx).floor() + (freq * yy).floor()
@@ -181,10 +208,10 @@ def procedural_textures(n: int, height: int, width: int, g: torch.Generator, dev
         ],
         dim=1,
     )  # [n,5,H,W]
-    kind = torch.randint(0, patterns.shape[1], (n,), generator=g).to(device)
+    kind = torch.randint(0, patterns.shape[1], (n,), generator=g, device=device)
     v = patterns[torch.arange(n, device=device), kind][:, None]  # [n,1,H,W]
-    c1 = torch.rand(n, 3, 1, 1, generator=g).to(device, dtype)
-    c2 = torch.rand(n, 3, 1, 1, generator=g).to(device, dtype)
+    c1 = torch.rand(n, 3, 1, 1, generator=g, device=device, dtype=dtype)
+    c2 = torch.rand(n, 3, 1, 1, generator=g, device=device, dtype=dtype)
     tex = c1 * (1 - v) + c2 * v
     return (tex * (1 + 0.25 * detail[:, None])).clamp(0, 1)
 
@@ -192,50 +219,89 @@ def procedural_textures(n: int, height: int, width: int, g: torch.Generator, dev
 _RGB2YIQ = torch.tensor(
     [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64
 )
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
+_SHARPEN_KERNEL = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13
 
 
 def _to_uint8(x: Tensor) -> Tensor:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _augment_one(img: Tensor, op: int, g: torch.Generator) -> Tensor:
-    """One of the 10 published augmentations on a float32 ``[3,H,W]`` image in [0,1]."""
+def _sharpness(img: Tensor, factor: Tensor) -> Tensor:
+    """torchvision's ``adjust_sharpness`` with a factor per image ``[m,1,1,1]`` (borders kept as they are)."""
+    c = img.shape[1]
+    kernel = _SHARPEN_KERNEL.to(img).expand(c, 1, 3, 3)
+    blurred = F.conv2d(img, kernel, groups=c)
+    out = img.clone()
+    inner = out[..., 1:-1, 1:-1]
+    inner.add_((1 - factor) * (blurred - inner))
+    return out
+
+
+def _autocontrast(img: Tensor) -> Tensor:
+    """torchvision's ``autocontrast`` without its boolean indexing (a device synchronisation)."""
+    lo = img.amin(dim=(-2, -1), keepdim=True)
+    hi = img.amax(dim=(-2, -1), keepdim=True)
+    flat = hi == lo
+    scale = torch.where(flat, torch.ones_like(hi), hi - lo)
+    return (img - torch.where(flat, torch.zeros_like(lo), lo)) / scale
+
+
+def _augment_rows(img: Tensor, op: int, g: torch.Generator) -> Tensor:
+    """One of the 10 published augmentations on float32 ``[m,3,H,W]`` images in [0,1], own parameters per
+    image (drawn on the device)."""
+    m = img.shape[0]
     if op == 0:  # per-channel gamma contrast
-        gamma = _uniform(g, math.log(0.5), math.log(2.0), 3).exp().to(img).view(3, 1, 1)
-        return img.clamp_min(0) ** gamma
+        return img.clamp_min(0) ** _uniform(g, math.log(0.5), math.log(2.0), (m, 3, 1, 1), img).exp()
     if op == 1:  # brightness multiply and add
-        return img * _uniform(g, 0.8, 1.2) + _uniform(g, -30 / 255, 30 / 255)
+        return img * _uniform(g, 0.8, 1.2, (m, 1, 1, 1), img) + _uniform(
+            g, -30 / 255, 30 / 255, (m, 1, 1, 1), img
+        )
     if op == 2:  # sharpness
-        return TF.adjust_sharpness(img, _uniform(g, 0.0, 2.0))
-    if op == 3:  # hue rotation and saturation scaling: one 3x3 colour matrix in YIQ space
-        angle, sat = _uniform(g, -0.4 * math.pi, 0.4 * math.pi), _uniform(g, 0.6, 1.4)
-        c, s = sat * math.cos(angle), sat * math.sin(angle)
-        rot = _RGB2YIQ.new_tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-        m = (torch.linalg.inv(_RGB2YIQ) @ rot @ _RGB2YIQ).to(img)
-        return torch.einsum("ij,jhw->ihw", m, img)
+        return _sharpness(img, _uniform(g, 0.0, 2.0, (m, 1, 1, 1), img))
+    if op == 3:  # hue rotation and saturation scaling: one 3x3 colour matrix in YIQ space per image
+        angle = _uniform(g, -0.4 * math.pi, 0.4 * math.pi, (m,), img)
+        sat = _uniform(g, 0.6, 1.4, (m,), img)
+        c, s = sat * angle.cos(), sat * angle.sin()
+        one, zero = torch.ones_like(c), torch.zeros_like(c)
+        rot = torch.stack([one, zero, zero, zero, c, -s, zero, s, c], dim=1).view(m, 3, 3)
+        mat = _YIQ2RGB.to(img) @ rot @ _RGB2YIQ.to(img)
+        return torch.einsum("bij,bjhw->bihw", mat, img)
     if op == 4:  # solarize half of the time
-        return TF.solarize(img, _uniform(g, 32 / 255, 128 / 255)) if _uniform(g, 0, 1) < 0.5 else img
-    if op == 5:  # posterize
-        bits = int(torch.randint(1, 9, (1,), generator=g))
-        return TF.posterize(_to_uint8(img), bits).float() / 255
+        threshold = _uniform(g, 32 / 255, 128 / 255, (m, 1, 1, 1), img)
+        apply = _uniform(g, 0, 1, (m, 1, 1, 1), img) < 0.5
+        return torch.where(apply & (img >= threshold), 1 - img, img)
+    if op == 5:  # posterize: keep the top 1..8 bits
+        bits = torch.randint(1, 9, (m, 1, 1, 1), generator=g, device=img.device)
+        keep = (256 - torch.bitwise_left_shift(torch.ones_like(bits), 8 - bits)).to(torch.uint8)
+        return torch.bitwise_and(_to_uint8(img), keep).float() / 255
     if op == 6:
         return 1 - img
     if op == 7:
-        return TF.autocontrast(img)
+        return _autocontrast(img)
     if op == 8:
         return TF.equalize(_to_uint8(img)).float() / 255
-    return rotate(img[None], torch.tensor([_uniform(g, -45, 45)]), mode="bilinear")[0]
+    return rotate(img, _uniform(g, -45, 45, (m,), img), mode="bilinear")
 
 
-def augment(images: Tensor, g: torch.Generator, n_ops: int = 3) -> Tensor:
-    """Apply ``n_ops`` distinct random augmentations (of 10) to each image; result clipped to [0,1]."""
-    out = []
-    for img in images:
-        x = img.float().clamp(0, 1)
-        for op in torch.randperm(10, generator=g)[:n_ops].tolist():
-            x = _augment_one(x, op, g).clamp(0, 1)
-        out.append(x)
-    return torch.stack(out).to(images.dtype)
+def augment(images: Tensor, g: torch.Generator, rng: np.random.Generator, n_ops: int = 3) -> Tensor:
+    """Apply ``n_ops`` distinct random augmentations (of 10) to each image, in its own random order; result
+    clipped to [0,1]. ``rng`` (host) picks the operations; each operation runs once on the rows that drew it
+    in that round."""
+    x = images.float().clamp(0, 1)
+    n = x.shape[0]
+    if n == 0:
+        return images
+    ops = np.stack([rng.permutation(10)[:n_ops] for _ in range(n)])  # [n, n_ops]
+    for r in range(n_ops):
+        for op in np.unique(ops[:, r]):
+            rows = np.flatnonzero(ops[:, r] == op)
+            if len(rows) == n:
+                x = _augment_rows(x, int(op), g).clamp(0, 1)
+            else:
+                idx = _rows(rows, x.device)
+                x = x.index_copy(0, idx, _augment_rows(x.index_select(0, idx), int(op), g).clamp(0, 1))
+    return x.to(images.dtype)
 
 
 def shuffle_patches(images: Tensor, g: torch.Generator, grid: int = 8) -> Tensor:
@@ -246,7 +312,7 @@ def shuffle_patches(images: Tensor, g: torch.Generator, grid: int = 8) -> Tensor
     if (ph * grid, pw * grid) != (h, w):
         x = F.interpolate(images, size=(ph * grid, pw * grid), mode="bilinear", align_corners=False)
     cells = x.reshape(b, c, grid, ph, grid, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, c, ph, pw)
-    order = torch.argsort(torch.rand(b, grid * grid, generator=g), dim=1).to(images.device)
+    order = torch.argsort(torch.rand(b, grid * grid, generator=g, device=images.device), dim=1)
     cells = cells[torch.arange(b, device=images.device)[:, None], order]
     x = cells.reshape(b, grid, grid, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, ph * grid, pw * grid)
     if (ph * grid, pw * grid) != (h, w):
@@ -275,8 +341,11 @@ def list_texture_images(texture_dir: str | Path) -> list[Path]:
 class AnomalyGenerator:
     """Turns a batch of normal images into TransFusion training material (see the module docstring).
 
-    Randomness comes from a private CPU ``torch.Generator`` (``seed``; when None, drawn from the global torch
-    RNG so ``seed_everything`` still makes runs reproducible); the pixel work runs on the images' device.
+    Randomness: a seeded NumPy generator on the host for the decisions that steer control flow, and one
+    seeded ``torch.Generator`` per device for everything drawn into pixels (``seed``; when None, drawn from
+    the global torch RNG so ``seed_everything`` still makes runs reproducible). The pixel work runs on the
+    images' device. ``cache_foreground``: keep each training image's foreground (by path and size) instead of
+    recomputing it every batch; only valid when a path always gives the same pixels (no random crops/flips).
     """
 
     def __init__(
@@ -294,6 +363,7 @@ class AnomalyGenerator:
         grid_size: int = 8,
         rotation_probability: float = 0.3,
         rotation_degrees: float = 20.0,
+        cache_foreground: bool = True,
     ) -> None:
         self.texture_files = list_texture_images(texture_dir) if texture_dir is not None else []
         self.foreground_dir = None
@@ -313,11 +383,35 @@ class AnomalyGenerator:
         self.grid_size = int(grid_size)
         self.rotation_probability = float(rotation_probability)
         self.rotation_degrees = float(rotation_degrees)
+        self.cache_foreground = bool(cache_foreground)
+        self._foregrounds: dict[tuple[str, int, int, torch.device], Tensor] = {}
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.rng = np.random.default_rng(self.seed)
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        """The seeded ``torch.Generator`` that draws on ``device`` (made on first use)."""
+        device = torch.device(device)
+        if device.type != "cpu" and device.index is None:
+            device = torch.device(device.type, torch.get_device_module(device.type).current_device())
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
 
     # -- parts ------------------------------------------------------------------------------------------
+    def cached_foreground(self, images: Tensor, paths: list[str]) -> Tensor:
+        """`foreground`, computed once per (path, size, device) and then served from memory."""
+        b, _, h, w = images.shape
+        keys = [(str(p), h, w, images.device) for p in paths]
+        missing = [i for i, k in enumerate(keys) if k not in self._foregrounds]
+        if missing:
+            fresh = self.foreground(images[missing], [paths[i] for i in missing])
+            for j, i in enumerate(missing):
+                self._foregrounds[keys[i]] = (fresh[j] > 0.5).clone()
+        return torch.stack([self._foregrounds[k] for k in keys]).to(images.dtype)
+
     def foreground(self, images: Tensor, paths: list[str] | None = None) -> Tensor:
         """Where anomalies may go, ``[B,1,H,W]`` in {0,1}."""
         b, _, h, w = images.shape
@@ -332,66 +426,68 @@ class AnomalyGenerator:
         return estimate_foreground(images, self.foreground_threshold)
 
     def _noise(self, n: int, h: int, w: int, device, dtype) -> Tensor:
-        g = self.generator
         lo, hi = self.min_perlin_scale, self.max_perlin_scale
-        res_y = 2 ** torch.randint(lo, hi, (n,), generator=g)
-        res_x = 2 ** torch.randint(lo, hi, (n,), generator=g)
+        res_y = 2 ** self.rng.integers(lo, hi, n)
+        res_x = 2 ** self.rng.integers(lo, hi, n)
+        g = self.generator(device)
         noise = perlin_noise(h, w, res_y, res_x, g, device, dtype)
-        angles = _uniform(g, -90, 90, n)
+        angles = torch.rand(n, generator=g, device=device, dtype=dtype) * 180 - 90
         return rotate(noise[:, None], angles, mode="bilinear")[:, 0]
 
     def masks(self, fg: Tensor) -> tuple[Tensor, Tensor]:
         """Perlin mask and its randomly thresholded previous-step variant, both ``[n,1,H,W]`` and within
-        ``fg``; the mask is never empty (re-drawn, finally the top 5 % of the foreground noise)."""
+        ``fg``; the mask is never empty: a row whose noise leaves it empty takes a second draw, and if that
+        is empty too, the strongest 5 % of its foreground noise. Chosen with ``torch.where``, no read-back."""
         n, _, h, w = fg.shape
-        noise = self._noise(n, h, w, fg.device, fg.dtype)
-        for _ in range(10):
-            empty = ((noise.abs() > self.mask_threshold) & (fg[:, 0] > 0.5)).flatten(1).sum(1) == 0
-            if not empty.any():
-                break
-            idx = empty.nonzero()[:, 0]
-            noise[idx] = self._noise(len(idx), h, w, fg.device, fg.dtype)
+        inside = fg[:, 0] > 0.5
+        both = self._noise(2 * n, h, w, fg.device, fg.dtype)
+        first_empty = ~((both[:n].abs() > self.mask_threshold) & inside).flatten(1).any(1)
+        noise = torch.where(first_empty[:, None, None], both[n:], both[:n])
         mag = noise.abs() * fg[:, 0]
-        thr = torch.full((n,), self.mask_threshold, dtype=fg.dtype, device=fg.device)
-        empty = (mag > thr[:, None, None]).flatten(1).sum(1) == 0
-        if empty.any():  # last resort: the strongest 5 % of the foreground, never nothing
-            q = torch.quantile(mag.flatten(1).float(), 0.95, dim=1).to(fg.dtype)
-            thr = torch.where(empty, torch.minimum(q, mag.flatten(1).amax(1)) * (1 - 1e-6), thr)
+        flat = mag.flatten(1)
+        empty = ~(flat > self.mask_threshold).any(1)
+        k = max(1, math.ceil(0.95 * flat.shape[1]))
+        q = flat.float().kthvalue(k, dim=1).values.to(fg.dtype)
+        fallback = torch.minimum(q, flat.amax(1)) * (1 - 1e-6)
+        thr = torch.where(empty, fallback, torch.full_like(fallback, self.mask_threshold))
         mask = (mag > thr[:, None, None]).to(fg.dtype)
 
-        g = self.generator
-        choice = torch.randint(0, 4, (n,), generator=g)
-        u = torch.rand(n, generator=g)
+        g = self.generator(fg.device)
+        choice = torch.randint(0, 4, (n,), generator=g, device=fg.device)
+        u = torch.rand(n, generator=g, device=fg.device, dtype=fg.dtype)
         corrupt = torch.where(
             choice == 0,
-            noise.flatten(1).amax(1).cpu(),
+            noise.flatten(1).amax(1),
             torch.where(
                 choice == 1, 0.5 + 0.5 * u, torch.where(choice == 2, torch.full_like(u, 0.5), 0.5 - 0.5 * u)
             ),
-        ).to(fg.device, fg.dtype)
+        )
         prev = (noise.abs() > corrupt[:, None, None]).to(fg.dtype) * fg[:, 0]
         return mask[:, None], prev[:, None]
 
     def appearances(self, images: Tensor) -> Tensor:
         """Anomaly appearance per image, ``[n,3,H,W]`` in [0,1]: texture or shuffled own patches, augmented."""
-        g = self.generator
         n, _, h, w = images.shape
-        use_texture = torch.rand(n, generator=g) < self.texture_probability
+        g = self.generator(images.device)
+        use_texture = self.rng.random(n) < self.texture_probability
         out = images.clone()
-        ti = use_texture.nonzero()[:, 0].tolist()
-        if ti:
-            out[ti] = self.textures(len(ti), h, w, images.device, images.dtype)
-        out = augment(out, g)
-        si = (~use_texture).nonzero()[:, 0].tolist()
-        if si:
-            out[si] = shuffle_patches(out[si], g, self.grid_size)
+        ti = np.flatnonzero(use_texture)
+        if len(ti):
+            out.index_copy_(
+                0, _rows(ti, images.device), self.textures(len(ti), h, w, images.device, images.dtype)
+            )
+        out = augment(out, g, self.rng)
+        si = np.flatnonzero(~use_texture)
+        if len(si):
+            idx = _rows(si, images.device)
+            out.index_copy_(0, idx, shuffle_patches(out.index_select(0, idx), g, self.grid_size))
         return out
 
     def textures(self, n: int, h: int, w: int, device, dtype) -> Tensor:
         """``n`` textures: random images from ``texture_dir`` when configured, procedural ones otherwise."""
         if not self.texture_files:
-            return procedural_textures(n, h, w, self.generator, device, dtype)
-        picks = torch.randint(0, len(self.texture_files), (n,), generator=self.generator).tolist()
+            return procedural_textures(n, h, w, self.generator(device), device, dtype, self.rng)
+        picks = self.rng.integers(0, len(self.texture_files), n).tolist()
         arrays = []
         for i in picks:
             with Image.open(self.texture_files[i]) as im:
@@ -409,15 +505,27 @@ class AnomalyGenerator:
         ``appearance`` ``[B,3,H,W]`` in [0,1] (only meaningful where ``mask`` is 1; 0.5 for normal rows),
         ``prev_mask`` ``[B,1,H,W]`` in {0,1}, ``has_anomaly`` bool ``[B]`` (the first ``max(1, B//2)`` rows)
         and ``foreground`` ``[B,1,H,W]`` (rotated like the rest). ``foreground`` as input overrides the rule.
+        Runs in the images' dtype even inside an autocast region (mixed-precision training).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"AnomalyGenerator expects [B,3,H,W] images, got {tuple(images.shape)}")
+        with torch.autocast(images.device.type, enabled=False):
+            return self._generate(images, foreground, paths)
+
+    def _generate(
+        self, images: Tensor, foreground: Tensor | None, paths: list[str] | None
+    ) -> dict[str, Tensor]:
         b, _, h, w = images.shape
         x0 = images.clone()
-        fg = foreground.to(images).clone() if foreground is not None else self.foreground(images, paths)
+        if foreground is not None:
+            fg = foreground.to(images)
+        elif self.cache_foreground and self.object_category and paths is not None:
+            fg = self.cached_foreground(images, paths)
+        else:
+            fg = self.foreground(images, paths)
         fg = (fg > 0.5).to(images.dtype)
         empty_fg = fg.flatten(1).amax(1) == 0  # nowhere to put an anomaly: use the whole image
-        fg[empty_fg] = 1
+        fg = torch.where(empty_fg.view(-1, 1, 1, 1), torch.ones_like(fg), fg)
         n_anom = min(b, max(1, math.floor(b * self.anomaly_fraction)))
 
         mask = images.new_zeros(b, 1, h, w)
@@ -428,23 +536,20 @@ class AnomalyGenerator:
         has_anomaly = torch.zeros(b, dtype=torch.bool, device=images.device)
         has_anomaly[:n_anom] = True
 
-        g = self.generator
-        rot = torch.rand(b, generator=g) < self.rotation_probability
-        angles = _uniform(g, -self.rotation_degrees, self.rotation_degrees, b)
-        idx = rot.nonzero()[:, 0].to(images.device)
-        if len(idx):
-            a = angles[rot]
-            r_mask = rotate(mask[idx], a)
+        rows = np.flatnonzero(self.rng.random(b) < self.rotation_probability)
+        if len(rows):
+            idx = _rows(rows, images.device)
+            d = self.rotation_degrees
+            a = (
+                torch.rand(len(rows), generator=self.generator(images.device), device=images.device) * 2 * d
+                - d
+            )
             # keep an anomalous sample unrotated if rotation would push its whole mask out of the frame
-            lost = has_anomaly[idx] & (r_mask.flatten(1).sum(1) == 0)
-            keep = idx[~lost]
-            a = a[~lost.cpu()]
-            if len(keep):
-                x0[keep] = rotate(x0[keep], a, fill=0.5)
-                appearance[keep] = rotate(appearance[keep], a, fill=0.5)
-                mask[keep] = rotate(mask[keep], a)
-                prev[keep] = rotate(prev[keep], a)
-                fg[keep] = rotate(fg[keep], a)
+            lost = has_anomaly[idx] & ~rotate(mask[idx], a).flatten(1).any(1)
+            keep = ~lost.view(-1, 1, 1, 1)
+            for t, fill in ((x0, 0.5), (appearance, 0.5), (mask, 0.0), (prev, 0.0), (fg, 0.0)):
+                part = t.index_select(0, idx)
+                t.index_copy_(0, idx, torch.where(keep, rotate(part, a, fill=fill), part))
         return {
             "x0": x0,
             "mask": mask,

@@ -2,6 +2,10 @@
 
 Trained on normal images only: every batch gets synthetic anomalies from `AnomalyGenerator`, so no GT mask
 is ever seen in training. Evaluation goes through the shared `AnomalyModule` code like every other model.
+
+The training step never waits on the device (issue #9): losses are logged as tensors, and a non-finite loss
+is recorded on the device (the first bad step and its terms) and raised at the end of the epoch, before
+that epoch's checkpoint is written.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ class TransFusion(AnomalyModule):
     """TransFusion (Fučka et al., ECCV 2024) as a LightningModule.
 
     `anomalies` takes `AnomalyGenerator` arguments plus `kind` ("object": anomalies on the foreground only,
-    "texture": anywhere), which the configs fill from the category.
+    "texture": anywhere), which the configs fill from the category. `compile`: `torch.compile` the network
+    and the loss when training starts (pays only on a GPU; see benchmarks/gpu_transfusion.sh).
     """
 
     def __init__(
@@ -31,12 +36,15 @@ class TransFusion(AnomalyModule):
         loss: dict | None = None,
         scheduler: dict | None = None,
         evaluation: dict | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, evaluation)
         self.save_hyperparameters()
         self.model = TransFusionModel(**net)
         self.criterion = TransFusionLoss(**(loss or {}))
         self._generator: AnomalyGenerator | None = None
+        self._nonfinite: tuple[Tensor, Tensor] | None = None  # (first bad step or -1, its terms), on device
+        self._term_names: list[str] = []
 
     @property
     def anomaly_generator(self) -> AnomalyGenerator:
@@ -52,6 +60,16 @@ class TransFusion(AnomalyModule):
 
     def on_fit_start(self) -> None:
         _ = self.anomaly_generator  # fail before the first step on a bad texture folder
+        if self.hparams.get("compile"):
+            self.model.net.compile()
+            self.criterion.compile()
+
+    def on_train_start(self) -> None:
+        # a cached foreground is only right when a path always gives the same pixels
+        loader = getattr(self.trainer, "train_dataloader", None)
+        dataset = getattr(loader, "dataset", None)
+        if getattr(dataset, "augment", False) or getattr(dataset, "crop", None):
+            self.anomaly_generator.cache_foreground = False
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         image = batch["image"]
@@ -61,13 +79,7 @@ class TransFusion(AnomalyModule):
             material["x0"], material["mask"], material["appearance"], material["prev_mask"], t
         )
         terms = self.criterion(out)
-        if not torch.isfinite(terms["loss"]):
-            ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "none yet"
-            raise UserError(
-                f"TransFusion loss became non-finite at epoch {self.current_epoch}, step {self.global_step} "
-                f"(terms: { {k: float(v.detach()) for k, v in terms.items()} }); last good checkpoint: {ckpt} — lower "
-                f"teacher.params.optimizer.lr or use trainer.precision=32-true"
-            )
+        self._record_nonfinite(terms)
         self.log_dict(
             {f"train/{k}": v.detach() for k, v in terms.items()},
             on_step=False,
@@ -76,6 +88,36 @@ class TransFusion(AnomalyModule):
             sync_dist=True,
         )
         return terms["loss"]
+
+    def _record_nonfinite(self, terms: dict[str, Tensor]) -> None:
+        """Remember the first non-finite loss of the epoch on the device (no host round trip)."""
+        loss = terms["loss"].detach()
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        if self._nonfinite is None:
+            self._nonfinite = (
+                torch.full((), -1, dtype=torch.long, device=loss.device),
+                torch.zeros_like(values),
+            )
+        step, kept = self._nonfinite
+        first = ~torch.isfinite(loss) & (step < 0)
+        self._nonfinite = (torch.where(first, self.global_step, step), torch.where(first, values, kept))
+        self._term_names = list(terms)
+
+    def on_train_epoch_end(self) -> None:
+        """Raise on a non-finite loss in this epoch (one read-back per epoch), before its checkpoint."""
+        if self._nonfinite is None:
+            return
+        step, values = self._nonfinite
+        self._nonfinite = None
+        if int(step) < 0:
+            return
+        ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "none yet"
+        terms = dict(zip(self._term_names, values.tolist(), strict=True))
+        raise UserError(
+            f"TransFusion loss became non-finite at epoch {self.current_epoch}, step {int(step)} "
+            f"(terms: {terms}); last good checkpoint: {ckpt} — lower "
+            f"teacher.params.optimizer.lr or use trainer.precision=32-true"
+        )
 
     def anomaly_map(self, image: Tensor) -> Tensor:
         was_training = self.model.training

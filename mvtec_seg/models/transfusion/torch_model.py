@@ -339,9 +339,8 @@ class TransFusionModel(nn.Module):
         return betas[t.to(like.device)].view(-1, 1, 1, 1)
 
     def sample_timesteps(self, batch_size: int, device: torch.device | str, generator=None) -> Tensor:
-        """Training steps drawn uniformly from ``1 .. T-1`` (step 0 is the clean image)."""
-        t = torch.randint(1, self.num_steps, (batch_size,), generator=generator)
-        return t.to(device)
+        """Training steps drawn uniformly from ``1 .. T-1`` (step 0 is the clean image), on ``device``."""
+        return torch.randint(1, self.num_steps, (batch_size,), generator=generator, device=device)
 
     def q_sample(self, x0: Tensor, mask: Tensor, appearance: Tensor, t: Tensor) -> Tensor:
         """Forward transparency process: blend ``appearance`` into ``x0`` inside ``mask`` with opacity beta_t.

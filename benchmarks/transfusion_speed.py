@@ -1,0 +1,329 @@
+"""TransFusion training and inference speed (#9) on whatever device is present (CUDA if available, else CPU).
+
+For the default network (teacher config) and the published one (`experiment=transfusion_paper`), it reports:
+anomaly generation per batch, network forward+backward+AdamW per batch, the plain step (both, outside
+Lightning), the real Lightning loop (images/s; its time beyond generation + network is the loop overhead),
+inference images/s (`predict`, the whole reverse process), and the number of device-synchronising aten ops
+per training step (read-backs, boolean indexing: counted by a dispatch mode, so measurable on the CPU too).
+
+    python benchmarks/transfusion_speed.py [--tiny] [--out DIR] [--nets default,paper] [--steps 20]
+        [--batch 8] [--size 256] [--default-size 128] [--infer-batches 8,32] [--compile] [--precision auto]
+
+On a CPU the published network runs at a small size/batch (see --cpu-paper-size); `benchmarks/gpu_transfusion.sh`
+runs the GPU measurement in one call. `--out DIR` writes `DIR/transfusion_speed.md` (heading, command, table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import emit
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, Dataset
+
+from mvtec_seg.config import compose_config
+from mvtec_seg.models.base import parameter_count
+from mvtec_seg.models.transfusion import AnomalyGenerator, TransFusionLoss, TransFusionModel
+
+SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique", "_unique2"}
+SYNCING |= {"unique_consecutive", "unique_dim", "repeat_interleave", "allclose", "item"}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts aten ops that make the host wait for the device on a GPU (same list as the test's guard)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNCING or (
+            name in {"index", "index_put", "index_put_"}
+            and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] or []))
+        ):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+    return f"CPU {cpu or platform.processor()} ({torch.get_num_threads()} threads)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def net_params(paper: bool, size: int) -> dict:
+    overrides = [f"data.image_size={size}"] + (["experiment=transfusion_paper"] if paper else [])
+    cfg = compose_config(overrides, run_dir="/tmp/unused")
+    net = dict(cfg.teacher.params.net)
+    net["channel_mult"], net["attention_levels"] = list(net["channel_mult"]), list(net["attention_levels"])
+    return {"net": net, "lr": float(cfg.teacher.params.optimizer.lr)}
+
+
+def object_images(b: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Discs on a light background: an object category (the foreground rule runs on them)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2).float()
+    colour = 0.1 + 0.4 * torch.rand(b, 3, 1, 1, generator=g)
+    return 0.85 * (1 - disc) + (colour + 0.05 * torch.rand(b, 3, size, size, generator=g)) * disc
+
+
+class Images(Dataset):
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "path": f"train/good/{i:03d}.png"}
+
+
+def timed(fn, steps: int, device: torch.device) -> float:
+    """Median-free mean seconds per call after one warm-up call (device synchronised around the block)."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, device: torch.device) -> dict:
+    spec = net_params(paper, size)
+    torch.manual_seed(0)
+    model = TransFusionModel(**spec["net"]).to(device).train()
+    loss_fn = TransFusionLoss()
+    compile_s = 0.0
+    if args.compile:
+        t0 = time.perf_counter()
+        model.net.compile()
+        loss_fn.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"])
+    n_images = max(batch, 2 * batch)
+    images = object_images(n_images, size).to(device)
+    paths = [f"train/good/{i:03d}.png" for i in range(n_images)]
+    gen = AnomalyGenerator(seed=0)
+    # warm the foreground cache (a fit does this in its first epoch)
+    for i in range(0, n_images, batch):
+        gen.generate(images[i : i + batch], paths=paths[i : i + batch])
+    x, p = images[:batch], paths[:batch]
+
+    def generate():
+        return gen.generate(x, paths=p)
+
+    material = generate()
+
+    def network():
+        t = model.sample_timesteps(batch, device)
+        with autocast(device, args.precision):
+            out = model.training_forward(
+                material["x0"], material["mask"], material["appearance"], material["prev_mask"], t
+            )
+            loss = loss_fn(out)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def plain_step():
+        nonlocal material
+        material = generate()
+        network()
+
+    if args.compile:
+        network()
+        sync(device)
+        compile_s = time.perf_counter() - t0
+    gen_s = timed(generate, steps, device)
+    net_s = timed(network, steps, device)
+    plain_s = timed(plain_step, steps, device)
+    counter = SyncCounter()
+    with counter:
+        material = generate()
+        t = model.sample_timesteps(batch, device)
+        with autocast(device, args.precision):
+            loss_fn(
+                model.training_forward(
+                    material["x0"], material["mask"], material["appearance"], material["prev_mask"], t
+                )
+            )
+    loop_s = real_loop(spec, size, batch, steps, args, device)
+    model.eval()
+    infer = {}
+    for ib in args.infer_batches:
+        xi = object_images(ib, size).to(device)
+        with torch.inference_mode(), autocast(device, args.precision):
+            infer[ib] = ib / timed(lambda xi=xi: model.predict(xi), max(1, args.infer_steps), device)
+    return {
+        "net": name,
+        "params_M": parameter_count(model) / 1e6,
+        "size": size,
+        "batch": batch,
+        "steps": steps,
+        "precision": args.precision,
+        "compile": bool(args.compile),
+        "compile_s": compile_s,
+        "generation_ms": 1e3 * gen_s,
+        "network_ms": 1e3 * net_s,
+        "plain_step_ms": 1e3 * plain_s,
+        "plain_images_per_s": batch / plain_s,
+        "loop_step_ms": 1e3 * loop_s,
+        "loop_images_per_s": batch / loop_s,
+        "loop_overhead_ms": 1e3 * (loop_s - gen_s - net_s),
+        "syncing_ops_per_step": counter.count,
+        "inference_images_per_s": {str(k): v for k, v in infer.items()},
+    }
+
+
+def real_loop(spec: dict, size: int, batch: int, steps: int, args, device: torch.device) -> float:
+    """Seconds per step of a Lightning fit (the teacher's loop), timed after 2 warm-up steps."""
+    import pytorch_lightning as pl
+
+    from mvtec_seg.models.transfusion.lightning_model import TransFusion
+
+    params = {
+        "net": spec["net"],
+        "anomalies": {"kind": "object", "seed": 0},
+        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": spec["lr"]},
+    }
+    if args.compile:
+        params["compile"] = True
+    torch.manual_seed(0)
+    module = TransFusion(**params)
+    warm = 2
+    marks: dict[str, float] = {}
+
+    class Clock(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch_, batch_idx):
+            if trainer.global_step == warm:
+                sync(device)
+                marks["t0"] = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            sync(device)
+            marks["t1"] = time.perf_counter()
+
+    n_images = batch * 4
+    loader = DataLoader(
+        Images(object_images(n_images, size)),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+    )
+    trainer = pl.Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+        max_steps=warm + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Clock()],
+    )
+    trainer.fit(module, loader)
+    return (marks["t1"] - marks["t0"]) / steps
+
+
+def markdown(results: list[dict], command: str, device: str) -> str:
+    ib = sorted({k for r in results for k in r["inference_images_per_s"]}, key=int)
+    head = (
+        "| network | params | px | batch | precision | compile | generation ms | network fwd+bwd+opt ms "
+        "| plain step img/s | Lightning loop img/s | loop overhead ms | syncing ops/step | "
+        + " | ".join(f"inference img/s (batch {b})" for b in ib)
+        + " |"
+    )
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        cells = [
+            r["net"],
+            f"{r['params_M']:.2f} M",
+            str(r["size"]),
+            str(r["batch"]),
+            r["precision"],
+            f"yes ({r['compile_s']:.0f} s)" if r["compile"] else "no",
+            f"{r['generation_ms']:.1f}",
+            f"{r['network_ms']:.1f}",
+            f"{r['plain_images_per_s']:.1f}",
+            f"{r['loop_images_per_s']:.1f}",
+            f"{r['loop_overhead_ms']:.1f}",
+            str(r["syncing_ops_per_step"]),
+        ] + [f"{r['inference_images_per_s'].get(b, float('nan')):.1f}" for b in ib]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(
+        ["## TransFusion speed (#9)", "", f"Device: {device}", "", "```", command, "```", "", *rows, ""]
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="a few seconds: tiny sizes, 1 step (for tests)")
+    ap.add_argument("--out", type=Path, default=None, help="write DIR/transfusion_speed.md")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    ap.add_argument("--nets", default="default,paper")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 3 on CPU)")
+    ap.add_argument("--batch", type=int, default=None, help="default 8 on GPU, 4 on CPU")
+    ap.add_argument("--size", type=int, default=256, help="image size of the published network on GPU")
+    ap.add_argument("--default-size", type=int, default=128, help="image size of the default network")
+    ap.add_argument(
+        "--cpu-paper-size", type=int, default=64, help="image size of the published network on CPU"
+    )
+    ap.add_argument("--infer-batches", default=None, help="comma list (default 8,32 on GPU, 4 on CPU)")
+    ap.add_argument("--infer-steps", type=int, default=None)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    ap.add_argument("--compile", action="store_true", help="torch.compile network and loss")
+    args = ap.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if args.precision == "auto":
+        args.precision = "bf16" if gpu else "fp32"
+    steps = args.steps or (20 if gpu else 3)
+    batch = args.batch or (8 if gpu else 4)
+    args.infer_batches = [int(b) for b in (args.infer_batches or ("8,32" if gpu else "4")).split(",")]
+    args.infer_steps = args.infer_steps or (5 if gpu else 1)
+    sizes = {"default": args.default_size, "paper": args.size if gpu else args.cpu_paper_size}
+    if args.tiny:
+        steps, batch, sizes = 1, 2, {"default": 32, "paper": 32}
+        args.infer_batches, args.infer_steps = [2], 1
+    results = []
+    for name in [n.strip() for n in args.nets.split(",") if n.strip()]:
+        if name not in sizes:
+            sys.exit(f"--nets: unknown network {name!r} (default, paper)")
+        r = measure(name, name == "paper", sizes[name], batch, steps, args, device)
+        r["device"] = device_name(device)
+        emit("transfusion_speed", r)
+        results.append(r)
+    command = "python benchmarks/transfusion_speed.py " + shlex.join(sys.argv[1:])
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "transfusion_speed.md").write_text(markdown(results, command, device_name(device)))
+
+
+if __name__ == "__main__":
+    main()
