@@ -47,7 +47,7 @@ def test_pseudo_run_builds_teacher_masks_and_reports_quality(pseudo_run):
     for k, v in q.items():
         assert info["quality"]["train"][k] == pytest.approx(v, nan_ok=True)
     # the threshold is the configured quantile of the maps on the train part's normal images
-    maps = np.load(Path(info["teacher"]) / "maps.npy")
+    maps = np.load(info["maps"])
     expected = choose_threshold(
         maps, idx, dm.indices("train", normal_only=True), "quantile", cfg.mask.threshold.quantile
     )
@@ -68,7 +68,9 @@ def test_second_run_reuses_and_threshold_change_rebuilds(pseudo_run):
     masks2, info2 = ensure_pseudo_masks(other, dm)
     assert info2["dir"] != info["dir"] and info2["threshold"] == 0.5
     assert info2["teacher"] == info["teacher"]  # same teacher, new masks
-    assert np.array_equal(masks2, (np.load(tdir / "maps.npy").astype(np.float32) >= 0.5).astype(np.uint8))
+    assert np.array_equal(
+        masks2, (np.load(first["pseudo"]["maps"]).astype(np.float32) >= 0.5).astype(np.uint8)
+    )
     otsu = compose_cfg(tmp, ["mask=pseudo", *FAST_TEACHER, "mask.threshold.strategy=otsu"])
     assert ensure_pseudo_masks(otsu, dm)[1]["dir"] not in (info["dir"], info2["dir"])
     retrained = compose_cfg(tmp, ["mask=pseudo", *FAST_TEACHER, "teacher.params.optimizer.lr=0.001"])
