@@ -27,7 +27,7 @@ def _files(category: Path) -> list[Path]:
 def _stat(files: list[Path]) -> None:
     for p in files:
         st = p.stat()
-        (st.st_size, st.st_mtime_ns)
+        _ = (st.st_size, st.st_mtime_ns)
 
 
 def _hash(files: list[Path], algo: str) -> None:

@@ -60,6 +60,16 @@ def write_pseudo_masks(
     )
 
 
+def pseudo_dir(cfg: DictConfig, dm, teacher) -> Path:
+    """The folder of the pseudo masks for these maps, split, threshold settings and GT mask bytes."""
+    settings = OmegaConf.to_container(cfg.mask.threshold, resolve=True)
+    split = [[r["image"], r["part"]] for r in dm.manifest["samples"]]
+    data = files_key(dm.data_record(masks=True))
+    return (
+        maps_dir(dm, teacher) / "pseudo" / content_key({"settings": settings, "split": split, "data": data})
+    )
+
+
 def ensure_pseudo_masks(cfg: DictConfig, dm) -> tuple[np.ndarray, dict]:
     """Binary pseudo masks ([N,H,W] uint8, manifest order) and their record (threshold, quality vs GT);
     the teacher is ensured first (trained once if needed)."""
@@ -67,9 +77,7 @@ def ensure_pseudo_masks(cfg: DictConfig, dm) -> tuple[np.ndarray, dict]:
     maps = teacher_maps(cfg, dm, teacher)
     settings = OmegaConf.to_container(cfg.mask.threshold, resolve=True)
     record = dm.data_record(masks=True)
-    split = [[r["image"], r["part"]] for r in dm.manifest["samples"]]
-    mdir = maps_dir(dm, teacher)
-    pdir = mdir / "pseudo" / content_key({"settings": settings, "split": split, "data": files_key(record)})
+    pdir = pseudo_dir(cfg, dm, teacher)
 
     def build(tmp: Path) -> None:
         announce_rebuild(pdir, record, f"the pseudo masks of {cfg.category.name}")
@@ -79,6 +87,6 @@ def ensure_pseudo_masks(cfg: DictConfig, dm) -> tuple[np.ndarray, dict]:
     build_once(pdir, build)
     info = json.loads((pdir / "info.json").read_text())
     info["dir"] = str(pdir)
-    info["maps"] = str(mdir / "maps.npy")
+    info["maps"] = str(maps_dir(dm, teacher) / "maps.npy")
     info["strategy"] = settings["strategy"]
     return np.load(pdir / "masks.npy"), info
