@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -69,12 +71,15 @@ def _config_error(err: HydraException) -> str:
     return f"{text} — fix that override (`python -m mvtec_seg --help` lists the groups and settings)"
 
 
-def main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time unless the user asks
-    # Hydra prints its own errors over several lines; let them through to be said here in one.
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Say a user's mistake in one `error:` line and exit 2: bad input (`UserError`), a config typo or unknown
+    option (Hydra), a folder that cannot be written (full disk, read-only). Anything else is a bug: traceback."""
     try:
-        _main()
+        yield
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     except HydraException as err:  # config typos and unknown options, before any job starts
         print(f"error: {_config_error(err)}", file=sys.stderr)
         sys.exit(2)
@@ -83,6 +88,14 @@ def main() -> None:
             raise
         print(f"error: {write_error(err.filename or '', err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time unless the user asks
+    # Hydra prints its own errors over several lines; let them through to be said here in one.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    with one_line_errors():
+        _main()
 
 
 if __name__ == "__main__":

@@ -112,10 +112,14 @@ def _prepare_model(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> Ano
 def check_config(cfg: DictConfig) -> None:
     """Stop on a setting out of its range before anything is read or trained (one line naming it)."""
     if cfg.model.get("source") not in MODEL_SOURCES:
-        raise UserError(f"model.source={cfg.model.get('source')!r} must be one of {MODEL_SOURCES}")
+        raise UserError(
+            f"model.source={cfg.model.get('source')!r} must be one of {MODEL_SOURCES} — fix the model config"
+        )
     size = cfg.data.image_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise UserError(f"data.image_size={size!r} must be a positive whole number of pixels, e.g. 256")
+        raise UserError(
+            f"data.image_size={size!r} must be a positive whole number of pixels — set it to e.g. 256"
+        )
     ratios = cfg.data.split_ratios
     if (
         len(ratios) != 3
@@ -125,12 +129,14 @@ def check_config(cfg: DictConfig) -> None:
     ):
         raise UserError(
             f"data.split_ratios={list(ratios)} must be three non-negative fractions (train, val, test) with "
-            f"train > 0 that sum to 1, e.g. [0.7,0.1,0.2]"
+            f"train > 0 that sum to 1 — set it to e.g. [0.7,0.1,0.2]"
         )
     threshold = cfg.mask.get("threshold") or {}
     q = threshold.get("quantile")
     if q is not None and (isinstance(q, bool) or not isinstance(q, int | float) or not 0.0 <= q <= 1.0):
-        raise UserError(f"mask.threshold.quantile={q!r} must be a fraction between 0 and 1, e.g. 0.995")
+        raise UserError(
+            f"mask.threshold.quantile={q!r} must be a fraction between 0 and 1 — set it to e.g. 0.995"
+        )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
