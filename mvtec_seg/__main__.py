@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import logging
 import os
 import re
@@ -86,7 +87,8 @@ def one_line_errors() -> Iterator[None]:
     except OSError as err:  # e.g. Hydra writing .hydra/ into a read-only or full output folder
         if err.errno not in WRITE_ERRNOS:
             raise
-        print(f"error: {write_error(err.filename or '', err)}", file=sys.stderr)
+        verb = "access" if err.errno in (errno.EACCES, errno.EPERM) else "write"  # may have been a read
+        print(f"error: {write_error(err.filename or '', err, verb)}", file=sys.stderr)
         sys.exit(2)
 
 

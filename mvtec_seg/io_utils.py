@@ -42,10 +42,10 @@ WRITE_ERRNOS: frozenset[int] = frozenset(
 """Errors of the place written to (full, read-only, not ours), not of the program: a user fixes them."""
 
 
-def write_error(path: Path | str, err: OSError) -> UserError:
+def write_error(path: Path | str, err: OSError, verb: str = "write") -> UserError:
     """The one line for a write that the file system refused (full disk, read-only folder)."""
     return UserError(
-        f"cannot write {path}: {err.strerror or err} — free space or make the folder writable, or point "
+        f"cannot {verb} {path}: {err.strerror or err} — free space or make the folder writable, or point "
         f"paths.output_dir / paths.cache_dir (MVTEC_SEG_OUTPUTS, MVTEC_SEG_CACHE) at another folder"
     )
 

@@ -194,7 +194,7 @@ def test_read_only_output_folder(tmp_path, widget, capsys):
     cfg = _cfg(tmp_path, widget.parent, f"paths.run_dir={folder / 'run'}")
     code, lines = _cli(capsys, lambda: train(cfg))
     assert code == 2 and len(lines) == 1, lines
-    assert f"cannot write {folder}" in lines[0] and "paths.output_dir" in lines[0]
+    assert f"cannot access {folder}" in lines[0] and "paths.output_dir" in lines[0]
 
 
 def test_full_disk_during_a_write(tmp_path, widget, monkeypatch):
@@ -249,7 +249,7 @@ def test_out_of_range_settings(tmp_path, widget, override, expected):
     "case, override, expected",
     [  # a Hydra error, a write Hydra makes, and a UserError from train (the data cases: test_e2e.py)
         ("typo", "modle=unet", "unknown setting 'modle'"),
-        ("read_only_output", "hydra.run.dir={ro}/run", "cannot write {ro}"),
+        ("read_only_output", "hydra.run.dir={ro}/run", "cannot access {ro}"),
         ("image_size", "data.image_size=-1", "data.image_size=-1"),
     ],
 )
