@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -15,3 +15,19 @@ def compose_config(overrides: list[str] | None = None, run_dir: str | Path | Non
     extra = [f"paths.run_dir={run_dir}"] if run_dir is not None else []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides or []) + extra)
+
+
+def setting_names() -> list[str]:
+    """The config groups and the dotted keys of `config.yaml` (for 'did you mean' on a typo)."""
+    groups = [p.name for p in CONF_DIR.iterdir() if p.is_dir()]
+    keys: list[str] = []
+
+    def walk(node, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            keys.append(name)
+            if isinstance(value, dict) and key != "hydra":
+                walk(value, f"{name}.")
+
+    walk(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"), resolve=False), "")
+    return sorted(set(groups) | set(keys) - {"defaults"})

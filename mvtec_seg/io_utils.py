@@ -8,6 +8,7 @@ Everything is written to a temporary sibling and moved into place with ``os.repl
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from mvtec_seg.errors import UserError
+
 __all__ = [
     "atomic_save_npz",
     "atomic_save_png",
@@ -30,7 +33,21 @@ __all__ = [
     "build_once",
     "content_key",
     "file_lock",
+    "write_error",
 ]
+
+WRITE_ERRNOS: frozenset[int] = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+)
+"""Errors of the place written to (full, read-only, not ours), not of the program: a user fixes them."""
+
+
+def write_error(path: Path | str, err: OSError, verb: str = "write") -> UserError:
+    """The one line for a write that the file system refused (full disk, read-only folder)."""
+    return UserError(
+        f"cannot {verb} {path}: {err.strerror or err} — free space or make the folder writable, or point "
+        f"paths.output_dir / paths.cache_dir (MVTEC_SEG_OUTPUTS, MVTEC_SEG_CACHE) at another folder"
+    )
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -47,16 +64,33 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _write_file(fd: int, data: bytes) -> None:
+    """Write all of `data` to a new file and flush it to the disk (a full disk raises here)."""
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    """Write bytes so that ``path`` holds either the old content or all of the new, never a prefix."""
+    """Write bytes so that ``path`` holds either the old content or all of the new, never a prefix.
+
+    A full disk or a read-only folder is a `UserError` naming the file (nothing half-written is left).
+    """
     path = Path(path)
+    try:
+        return _atomic_write_bytes(path, data)
+    except OSError as err:
+        if err.errno in WRITE_ERRNOS:
+            raise write_error(path, err) from None
+        raise
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_file(fd, data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

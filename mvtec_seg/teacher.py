@@ -1,9 +1,10 @@
 """The shared TransFusion teacher of a category: its key, training (once), loading, and its maps.
 
-Each artefact is keyed by what it depends on (the weights by the teacher config, the data fingerprint,
-seed and image size; the maps by the weights), built once under a lock and moved into place atomically,
-so parallel sweep jobs share it and a changed setting never reuses stale files. An interrupted teacher
-training resumes from its last epoch checkpoint.
+Each artefact is keyed by what it depends on (the weights by the teacher config, the bytes of the images it
+trains on (`data.files`), seed and image size; the maps by the weights and the bytes of every image), built
+once under a lock and moved into place atomically, so parallel sweep jobs share it and a changed setting or
+file never reuses stale files (a rebuild caused by a file says which). An interrupted teacher training
+resumes from its last epoch checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mvtec_seg.builders import build_datamodule, build_module, build_trainer, evaluation_settings
 from mvtec_seg.callbacks import Throughput
+from mvtec_seg.data.files import announce_rebuild, files_key, write_record
 from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import atomic_write_json, build_once, content_key, file_lock
 from mvtec_seg.models.base import AnomalyModule, parameter_count
@@ -71,17 +73,21 @@ def _weights_spec(cfg: DictConfig, dm) -> dict:
             "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns,
             "net": OmegaConf.to_container(cfg.teacher.params.net, resolve=True),
-            "fingerprint": dm.manifest["fingerprint"],
             "image_size": int(cfg.data.image_size),
         }
     return {
         "category": cfg.category.name,
-        "fingerprint": dm.manifest["fingerprint"],
+        "data": files_key(teacher_data(dm)),
         "seed": int(cfg.seed),
         "image_size": int(cfg.data.image_size),
         "split_ratios": list(cfg.data.split_ratios),
         "teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
     }
+
+
+def teacher_data(dm) -> dict:
+    """The record of the files the teacher trains on: the normal images of the train part."""
+    return dm.data_record(dm.indices("train", normal_only=True))
 
 
 def teacher_dir(cfg: DictConfig, dm) -> Path:
@@ -243,18 +249,31 @@ def ensure_teacher(cfg: DictConfig, dm) -> Teacher:
                 log.warning(
                     "no TransFusion checkpoint for %s at %s: training it first", cfg.category.name, final
                 )
+                record = teacher_data(dm)
+                announce_rebuild(final, record, f"the TransFusion teacher of {cfg.category.name}")
                 _train_teacher(cfg, final)
+                write_record(final, record)
     module = get_class(cfg.teacher.module).load_from_checkpoint(final / "model.ckpt", map_location="cpu")
     module.configure_evaluation(**evaluation_settings(cfg))
     info = json.loads((final / "info.json").read_text())
     return Teacher(module, info, final)
 
 
+def maps_dir(dm, teacher: Teacher) -> Path:
+    """The folder of the teacher's maps of these images (their bytes, order and size)."""
+    order = [r["image"] for r in dm.manifest["samples"]]
+    key = content_key({"files": files_key(dm.data_record()), "order": order, "size": int(dm.image_size)})
+    return teacher.dir / "maps" / key
+
+
 def teacher_maps(cfg: DictConfig, dm, teacher: Teacher) -> np.ndarray:
-    """Anomaly maps of every manifest image ([N,H,W] float16, manifest order), computed once per teacher."""
-    target = teacher.dir / "maps.npy"
+    """Anomaly maps of every manifest image ([N,H,W] float16, manifest order), computed once per teacher and
+    image set, in `maps_dir(dm, teacher) / "maps.npy"`."""
+    folder = maps_dir(dm, teacher)
+    record = dm.data_record()
 
     def build(tmp: Path) -> None:
+        announce_rebuild(folder, record, f"the TransFusion maps of {cfg.category.name}")
         trainer = build_trainer(
             cfg, 1, single_device=True, limit_train_batches=None, limit_val_batches=0, num_sanity_val_steps=0
         )
@@ -263,8 +282,9 @@ def teacher_maps(cfg: DictConfig, dm, teacher: Teacher) -> np.ndarray:
         maps = torch.cat([o["anomaly_map"] for o in outputs]).numpy()
         ordered = np.empty_like(maps, dtype=np.float16)
         ordered[index] = maps.astype(np.float16)
-        with open(tmp, "wb") as fh:
-            np.save(fh, ordered)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "maps.npy", ordered)
+        write_record(tmp, record)
 
-    build_once(target, build)
-    return np.load(target, mmap_mode="r")
+    build_once(folder, build)
+    return np.load(folder / "maps.npy", mmap_mode="r")

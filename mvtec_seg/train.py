@@ -111,10 +111,39 @@ def _prepare_model(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> Ano
     return model
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Stop on a setting out of its range before anything is read or trained (one line naming it)."""
+    if cfg.model.get("source") not in MODEL_SOURCES:
+        raise UserError(
+            f"model.source={cfg.model.get('source')!r} must be one of {MODEL_SOURCES} — fix the model config"
+        )
+    size = cfg.data.image_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UserError(
+            f"data.image_size={size!r} must be a positive whole number of pixels — set it to e.g. 256"
+        )
+    ratios = cfg.data.split_ratios
+    if (
+        len(ratios) != 3
+        or any(isinstance(r, bool) or not isinstance(r, int | float) or r < 0 for r in ratios)
+        or ratios[0] <= 0
+        or abs(sum(ratios) - 1.0) > 1e-6
+    ):
+        raise UserError(
+            f"data.split_ratios={list(ratios)} must be three non-negative fractions (train, val, test) with "
+            f"train > 0 that sum to 1 — set it to e.g. [0.7,0.1,0.2]"
+        )
+    threshold = cfg.mask.get("threshold") or {}
+    q = threshold.get("quantile")
+    if q is not None and (isinstance(q, bool) or not isinstance(q, int | float) or not 0.0 <= q <= 1.0):
+        raise UserError(
+            f"mask.threshold.quantile={q!r} must be a fraction between 0 and 1 — set it to e.g. 0.995"
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job and return its summary (also written to `<run_dir>/summary.json`)."""
-    if cfg.model.get("source") not in MODEL_SOURCES:
-        raise UserError(f"model.source={cfg.model.get('source')!r} must be one of {MODEL_SOURCES}")
+    check_config(cfg)
     pl.seed_everything(int(cfg.seed), workers=True)
     run_dir = Path(cfg.paths.run_dir)
     out = RunOutputs(run_dir, cfg)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ from conftest import compose_cfg
 
 from mvtec_seg.builders import build_datamodule
 from mvtec_seg.errors import UserError
+from mvtec_seg.io_utils import png_bytes
 from mvtec_seg.metrics import precision_recall_iou
 from mvtec_seg.models.transfusion.lightning_model import TransFusion
 from mvtec_seg.models.transfusion.loss import TransFusionLoss
@@ -47,7 +50,7 @@ def test_pseudo_run_builds_teacher_masks_and_reports_quality(pseudo_run):
     for k, v in q.items():
         assert info["quality"]["train"][k] == pytest.approx(v, nan_ok=True)
     # the threshold is the configured quantile of the maps on the train part's normal images
-    maps = np.load(Path(info["teacher"]) / "maps.npy")
+    maps = np.load(info["maps"])
     expected = choose_threshold(
         maps, idx, dm.indices("train", normal_only=True), "quantile", cfg.mask.threshold.quantile
     )
@@ -68,7 +71,9 @@ def test_second_run_reuses_and_threshold_change_rebuilds(pseudo_run):
     masks2, info2 = ensure_pseudo_masks(other, dm)
     assert info2["dir"] != info["dir"] and info2["threshold"] == 0.5
     assert info2["teacher"] == info["teacher"]  # same teacher, new masks
-    assert np.array_equal(masks2, (np.load(tdir / "maps.npy").astype(np.float32) >= 0.5).astype(np.uint8))
+    assert np.array_equal(
+        masks2, (np.load(first["pseudo"]["maps"]).astype(np.float32) >= 0.5).astype(np.uint8)
+    )
     otsu = compose_cfg(tmp, ["mask=pseudo", *FAST_TEACHER, "mask.threshold.strategy=otsu"])
     assert ensure_pseudo_masks(otsu, dm)[1]["dir"] not in (info["dir"], info2["dir"])
     retrained = compose_cfg(tmp, ["mask=pseudo", *FAST_TEACHER, "teacher.params.optimizer.lr=0.001"])
@@ -128,6 +133,33 @@ def test_user_checkpoint_must_match_architecture(pseudo_run):
     )
     with pytest.raises(UserError, match="nope.ckpt not found"):
         train(missing)
+
+
+def test_edited_mask_rebuilds_only_the_pseudo_masks_and_says_so(pseudo_run, caplog):
+    """#7: the teacher and its maps never read GT masks; the pseudo masks' recorded quality does. The edit is
+    undone at the end (mtime too), and the original artefacts are then found again by their content."""
+    tmp, cfg, first = pseudo_run
+    dm = build_datamodule(cfg)
+    dm.prepare()
+    row = next(r for r in dm.manifest["samples"] if r["gt_mask"] and r["part"] == "train")
+    path = dm.category_dir / row["gt_mask"]
+    original, st = path.read_bytes(), path.stat()
+    try:
+        path.write_bytes(png_bytes(np.full((128, 128), 255, np.uint8)))
+        edited = build_datamodule(cfg)
+        edited.prepare()
+        with caplog.at_level(logging.WARNING, logger="mvtec_seg.data.files"):
+            _, info = ensure_pseudo_masks(cfg, edited)
+        assert info["dir"] != first["pseudo"]["dir"] and info["maps"] == first["pseudo"]["maps"]
+        assert info["teacher"] == first["pseudo"]["teacher"]
+        lines = [r.getMessage() for r in caplog.records if "rebuilding the pseudo masks" in r.getMessage()]
+        assert len(lines) == 1 and f"changed: {row['gt_mask']}" in lines[0]
+    finally:
+        path.write_bytes(original)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    dm.manifest = None
+    dm.prepare()
+    assert ensure_pseudo_masks(cfg, dm)[1]["dir"] == first["pseudo"]["dir"]
 
 
 def test_missing_texture_folder_is_a_clear_error(tmp_path):

@@ -1,44 +1,86 @@
 """Decode and resize a category once; every later run memory-maps the cached arrays.
 
-Decoding 900x900 PNGs dominates a small run's data time, so the cache is keyed by the category's file
-fingerprint and the image size and shared by all jobs (built once under a lock, written atomically).
+Decoding 900x900 PNGs dominates a small run's data time, so the cache is shared by all jobs (built once under
+a lock, written atomically). It is keyed by the content of every image and mask (`data.files`), the manifest's
+row order and the image size: a replaced image, an edited mask or another root with other bytes rebuilds it,
+and the rebuild names the file that changed.
 """
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from mvtec_seg.data.files import announce_rebuild, data_record, file_state, files_key, write_record
 from mvtec_seg.data.mvtec import image_hw, load_mask, load_rgb
-from mvtec_seg.io_utils import build_once
+from mvtec_seg.io_utils import build_once, content_key
+
+log = logging.getLogger(__name__)
 
 
-def decode_sample(category_dir: Path, row: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
+def manifest_files(manifest: dict) -> list[str]:
+    """Every image and mask of a manifest (paths relative to the category folder)."""
+    rows = manifest["samples"]
+    return [r["image"] for r in rows] + [r["gt_mask"] for r in rows if r["gt_mask"] is not None]
+
+
+def decode_sample(
+    category_dir: Path, row: dict, size: int, soft_masks: list[Path] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """One manifest row -> (uint8 RGB [size,size,3], uint8 mask [size,size] in {0,1})."""
     image_path = category_dir / row["image"]
     image = load_rgb(image_path, size)
     if row["gt_mask"] is None:
         return image, np.zeros((size, size), dtype=np.uint8)
-    mask = load_mask(category_dir / row["gt_mask"], size, image_size_hw=image_hw(image_path))
+    mask = load_mask(category_dir / row["gt_mask"], size, image_hw(image_path), soft_masks)
     return image, mask
 
 
+def decoded_dir(manifest: dict, cache_dir: Path, size: int, state: dict[str, str]) -> Path:
+    """The cache folder for these files' bytes, in this manifest's order, at this size."""
+    order = [r["image"] for r in manifest["samples"]]
+    key = content_key({"files": files_key({"files": state}), "order": order, "size": int(size)})
+    return Path(cache_dir) / "decoded" / manifest["category"] / f"{key}_{size}px"
+
+
 def decoded_arrays(
-    manifest: dict, category_dir: Path, cache_dir: Path, size: int, workers: int = 2
+    manifest: dict,
+    category_dir: Path,
+    cache_dir: Path,
+    size: int,
+    workers: int = 2,
+    state: dict[str, str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Images [N,size,size,3] and GT masks [N,size,size] (uint8) in manifest order, from the disk cache."""
+    """Images [N,size,size,3] and GT masks [N,size,size] (uint8) in manifest order, from the disk cache.
+
+    `state` is `data.files.file_state` of `manifest_files(manifest)` (computed here when not given).
+    """
     category_dir = Path(category_dir)
     rows = manifest["samples"]
-    target = Path(cache_dir) / "decoded" / manifest["category"] / f"{manifest['fingerprint']}_{size}px"
+    if state is None:
+        state = file_state(category_dir, manifest_files(manifest))
+    record = data_record(category_dir, state)
+    target = decoded_dir(manifest, cache_dir, size, state)
 
     def build(tmp: Path) -> None:
+        announce_rebuild(target, record, f"the decoded arrays of {manifest['category']}")
+        soft: list[Path] = []
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            decoded = list(pool.map(lambda r: decode_sample(category_dir, r, size), rows))
+            decoded = list(pool.map(lambda r: decode_sample(category_dir, r, size, soft), rows))
+        if soft:
+            log.warning(
+                "%d mask(s) are not binary (first: %s): thresholded at half their range — save masks as "
+                "0/255 PNGs to silence this",
+                len(soft),
+                sorted(soft)[0],
+            )
         tmp.mkdir(parents=True)
         np.save(tmp / "images.npy", np.stack([d[0] for d in decoded]))
         np.save(tmp / "masks.npy", np.stack([d[1] for d in decoded]))
+        write_record(tmp, record)
 
     build_once(target, build)
     images = np.load(target / "images.npy", mmap_mode="r")

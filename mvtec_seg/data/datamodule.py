@@ -9,7 +9,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from mvtec_seg.data.cache import decoded_arrays
+from mvtec_seg.data.cache import decoded_arrays, manifest_files
+from mvtec_seg.data.files import data_record, file_state
 from mvtec_seg.data.split import load_or_create_manifest, part_counts
 
 
@@ -108,6 +109,7 @@ class MVTecDataModule(pl.LightningDataModule):
         self.target_masks: np.ndarray | None = None
         self.manifest: dict | None = None
         self.manifest_path: Path | None = None
+        self.file_state: dict[str, str] = {}
 
     def prepare(self) -> dict:
         """Scan, split and decode (once; cached). Safe to call repeatedly, and before the trainer exists."""
@@ -115,10 +117,26 @@ class MVTecDataModule(pl.LightningDataModule):
             self.manifest_path, self.manifest = load_or_create_manifest(
                 self.category_dir, self.cache_dir, self.category, self.seed, self.split_ratios, self.protocol
             )
+            self.file_state = file_state(self.category_dir, manifest_files(self.manifest))
             self.images, self.gt_masks = decoded_arrays(
-                self.manifest, self.category_dir, self.cache_dir, self.image_size, self.decode_workers
+                self.manifest,
+                self.category_dir,
+                self.cache_dir,
+                self.image_size,
+                self.decode_workers,
+                self.file_state,
             )
         return self.manifest
+
+    def data_record(self, indices: np.ndarray | None = None, masks: bool = False) -> dict:
+        """The root and the digests of the images (and masks) of these manifest rows (default: all): what
+        an artefact derived from them is keyed by (`data.files`)."""
+        rows = self.prepare()["samples"]
+        picked = [rows[int(i)] for i in (range(len(rows)) if indices is None else indices)]
+        paths = [r["image"] for r in picked] + (
+            [r["gt_mask"] for r in picked if r["gt_mask"]] if masks else []
+        )
+        return data_record(self.category_dir, {p: self.file_state[p] for p in paths})
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()

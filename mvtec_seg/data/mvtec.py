@@ -53,13 +53,27 @@ class Sample:
         return asdict(self)
 
 
+def _dead_link(path: Path) -> None:
+    """Stop on a symlink that leads nowhere (broken, or a loop): `is_file`/`is_dir` would silently skip it."""
+    if path.is_symlink() and not path.exists():
+        raise UserError(
+            f"{path} is a symlink that leads nowhere (broken or a loop) — fix the link or remove it"
+        )
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files of a folder (by suffix); other files (notes, thumbnails) are ignored."""
+    entries = sorted(folder.iterdir())
+    for p in entries:
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            _dead_link(p)
+    return [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def scan_category(category_dir: Path | str) -> list[Sample]:
     """List every image of a category in MVTec layout, checking that each defect image has exactly one mask."""
     root = Path(category_dir)
+    _dead_link(root)
     if not root.is_dir():
         raise UserError(
             f"data folder not found: {root} — set data.root to the folder that holds your MVTec AD categories "
@@ -77,6 +91,8 @@ def scan_category(category_dir: Path | str) -> list[Sample]:
         )
     samples = [Sample(p.relative_to(root).as_posix(), None, "good", "train") for p in _images_in(train_good)]
     gt_root = root / "ground_truth"
+    for entry in sorted(test_dir.iterdir()):
+        _dead_link(entry)
     for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir()):
         defect = defect_dir.name
         images = _images_in(defect_dir)
@@ -84,6 +100,11 @@ def scan_category(category_dir: Path | str) -> list[Sample]:
             samples += [Sample(p.relative_to(root).as_posix(), None, "good", "test") for p in images]
             continue
         mask_dir = gt_root / defect
+        if images and not mask_dir.is_dir():
+            raise UserError(
+                f"{defect_dir} has no ground-truth folder {mask_dir} — add {mask_dir}/<image name>_mask.png "
+                f"for each of its {len(images)} images, or remove {defect_dir}"
+            )
         masks = {p.name for p in _images_in(mask_dir)} if mask_dir.is_dir() else set()
         expected = {f"{p.stem}_mask.png" for p in images}
         missing = sorted(expected - masks)
@@ -115,6 +136,8 @@ def scan_category(category_dir: Path | str) -> list[Sample]:
 def open_image(path: Path) -> Image.Image:
     """Open an image file, turning decoder failures into a UserError naming the file."""
     try:
+        if path.stat().st_size == 0:
+            raise UserError(f"image {path} is an empty file (0 bytes) — replace or remove the file")
         img = Image.open(path)
         img.load()
     except (OSError, UnidentifiedImageError, ValueError) as err:
@@ -135,10 +158,14 @@ def load_rgb(path: Path, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_mask(path: Path, size: int, image_size_hw: tuple[int, int] | None = None) -> np.ndarray:
+def load_mask(
+    path: Path, size: int, image_size_hw: tuple[int, int] | None = None, soft_masks: list[Path] | None = None
+) -> np.ndarray:
     """Decode a mask, resize it with bilinear interpolation and binarise at half its range.
 
     Thresholding at half the range after resizing keeps the mask's area; thresholding at > 0 would dilate it.
+    A mask with more than two grey levels (anti-aliased, or saved as JPEG) is thresholded the same way, not
+    refused; its path is appended to `soft_masks` so the caller can warn once.
     """
     img = open_image(path)
     if image_size_hw is not None and (img.height, img.width) != tuple(image_size_hw):
@@ -147,6 +174,8 @@ def load_mask(path: Path, size: int, image_size_hw: tuple[int, int] | None = Non
             f"masks must have the size of their images"
         )
     arr = np.asarray(img.convert("L"), dtype=np.float32)
+    if soft_masks is not None and len(np.unique(arr)) > 2:
+        soft_masks.append(path)
     hi = float(arr.max())
     if hi <= 0:
         return np.zeros((size, size), dtype=np.uint8)

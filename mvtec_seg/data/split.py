@@ -71,6 +71,23 @@ def _fingerprint(samples: list[Sample]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _files_of(rows) -> set[str]:
+    """The image and mask files named by samples or manifest rows (defect types are their folders)."""
+    get = (lambda r, k: r[k]) if rows and isinstance(rows[0], dict) else getattr
+    return {get(r, "image") for r in rows} | {get(r, "gt_mask") for r in rows if get(r, "gt_mask")}
+
+
+def describe_file_changes(manifest: dict, samples: list[Sample], limit: int = 3) -> str:
+    """'added: a, b (+3 more); removed: c' between a manifest's files and a fresh scan."""
+    before, after = _files_of(manifest["samples"]), _files_of(samples)
+    parts = []
+    for label, names in (("added", sorted(after - before)), ("removed", sorted(before - after))):
+        if names:
+            more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+            parts.append(f"{label}: {', '.join(names[:limit])}{more}")
+    return "; ".join(parts) or "the same files under other defect types"
+
+
 def manifest_path(cache_dir: Path, category: str, seed: int, protocol: str = "split") -> Path:
     name = (
         f"seed{seed}.json" if protocol == "split" else f"{protocol}.json"
@@ -102,8 +119,14 @@ def load_or_create_manifest(
             manifest = json.loads(path.read_text())
             if manifest.get("fingerprint") != fp:
                 raise UserError(
-                    f"split manifest {path} was made from different files than {category_dir} now holds — "
+                    f"split manifest {path} was made from different files than {category_dir} now holds "
+                    f"({describe_file_changes(manifest, samples)}) — "
                     f"delete it to make a new split (earlier results used the old one)"
+                )
+            if [float(r) for r in manifest.get("ratios", ratios)] != [float(r) for r in ratios]:
+                raise UserError(
+                    f"split manifest {path} was made with data.split_ratios={manifest['ratios']}, not "
+                    f"{list(ratios)} — use those, or another seed, or delete it to make a new split"
                 )
             return path, manifest
         manifest = {

@@ -1,0 +1,268 @@
+"""The bad-input battery (#7): each broken dataset or setting stops with one `error:` line that names the path
+or setting and the fix, a non-zero exit and no traceback.
+
+Most cases run in-process (`train(cfg)` raising `UserError`, or the CLI's `main()` with `sys.argv` set) to keep
+the module fast; `test_cli_exit_code_and_no_traceback` proves the same through a real process.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import _save, compose_cfg, make_fake_mvtec, run_cli
+
+from mvtec_seg import __main__ as cli
+from mvtec_seg import io_utils
+from mvtec_seg.data.datamodule import MVTecDataModule
+from mvtec_seg.data.mvtec import scan_category
+from mvtec_seg.errors import UserError
+from mvtec_seg.train import train
+
+BASE = ["category=custom", "category.name=widget", "debug=fast", "data.image_size=32"]
+
+
+@pytest.fixture
+def widget(tmp_path: Path) -> Path:
+    return make_fake_mvtec(tmp_path / "data", name="widget")
+
+
+def _cfg(tmp_path: Path, root: Path, *extra: str):
+    return compose_cfg(tmp_path, [f"data.root={root}", *BASE, *extra])
+
+
+def _user_error(cfg, *expected: str) -> str:
+    """train(cfg) stops with one line holding `expected` and a fix (after the dash), before any training."""
+    with pytest.raises(UserError) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and " — " in msg, msg
+    for part in expected:
+        assert part in msg, msg
+    assert not list(Path(cfg.paths.run_dir).rglob("*.ckpt"))
+    return msg
+
+
+def _cli(capsys, run: Callable[[], object]) -> tuple[int, list[str]]:
+    """`run` inside the CLI's error handling (`main()` minus Hydra's argv parsing, which needs its own
+    process): (exit code, `error:` lines). `test_cli_exit_code_and_no_traceback` runs the real thing."""
+    with pytest.raises(SystemExit) as stop, cli.one_line_errors():
+        run()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return stop.value.code, [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+def _unwritable(tmp_path: Path) -> Path:
+    """A folder this process cannot write to: chmod 555, or (as root, whom modes do not stop) under /sys."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            (candidate / "probe").mkdir()
+        except OSError:
+            return candidate / "mvtec_seg_readonly"
+        (candidate / "probe").rmdir()
+    pytest.skip("no folder here is read-only to this process")
+
+
+# --- broken data trees: train(cfg) stops with the UserError, naming the file -----------------------------------
+
+
+def _empty_train(cat: Path) -> str:
+    for p in (cat / "train" / "good").iterdir():
+        p.unlink()
+    return "train/good is missing or has no images"
+
+
+def _no_gt_folder(cat: Path) -> str:
+    shutil.rmtree(cat / "ground_truth" / "hole")
+    return "test/hole has no ground-truth folder"
+
+
+def _mask_missing(cat: Path) -> str:
+    (cat / "ground_truth" / "hole" / "001_mask.png").unlink()
+    return "missing mask"
+
+
+def _mask_without_image(cat: Path) -> str:
+    (cat / "test" / "hole" / "001.png").unlink()
+    return "001_mask.png has no test image"
+
+
+def _mask_other_size(cat: Path) -> str:
+    _save(cat / "ground_truth" / "scratch" / "002_mask.png", np.zeros((20, 30), np.uint8))
+    return "002_mask.png is 30x20 but its image is 40x40"
+
+
+def _corrupt_png(cat: Path) -> str:
+    png = cat / "train" / "good" / "003.png"
+    png.write_bytes(png.read_bytes()[:200])  # truncated
+    return "cannot read image"
+
+
+def _not_an_image(cat: Path) -> str:
+    (cat / "test" / "good" / "001.png").write_text("these are notes, not pixels\n")
+    return "cannot read image"
+
+
+def _empty_image(cat: Path) -> str:
+    (cat / "test" / "scratch" / "000.png").write_bytes(b"")
+    return "000.png is an empty file (0 bytes)"
+
+
+def _symlink_loop(cat: Path) -> str:
+    os.symlink("loop.png", cat / "train" / "good" / "loop.png")
+    return "train/good/loop.png is a symlink that leads nowhere"
+
+
+def _folder_symlink_loop(cat: Path) -> str:
+    os.symlink("crack", cat / "test" / "crack")
+    return "test/crack is a symlink that leads nowhere"
+
+
+DATA_CASES: dict[str, Callable[[Path], str]] = {
+    "empty_train_good": _empty_train,
+    "defect_without_ground_truth_folder": _no_gt_folder,
+    "mask_missing_for_one_image": _mask_missing,
+    "mask_for_a_missing_image": _mask_without_image,
+    "mask_of_another_size": _mask_other_size,
+    "corrupt_png": _corrupt_png,
+    "non_image_file": _not_an_image,
+    "empty_image_file": _empty_image,
+    "symlink_loop": _symlink_loop,
+    "folder_symlink_loop": _folder_symlink_loop,
+}
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_broken_tree_is_one_line_naming_the_file(tmp_path, widget, case):
+    expected = DATA_CASES[case](widget)
+    msg = _user_error(_cfg(tmp_path, widget.parent), expected)
+    assert str(widget) in msg
+
+
+def test_missing_root(tmp_path):
+    _user_error(_cfg(tmp_path, tmp_path / "nowhere"), f"category folder not found: {tmp_path / 'nowhere'}")
+
+
+def test_unknown_category(tmp_path, capsys):
+    code, lines = _cli(capsys, lambda: compose_cfg(tmp_path, ["category=nope"]))
+    assert code == 2 and len(lines) == 1
+    assert "Could not find 'category/nope'" in lines[0] and "bottle" in lines[0]  # lists the options
+
+
+def test_other_files_are_ignored_not_read(widget):
+    """Files without an image suffix (notes, `Thumbs.db`) are not part of the data: documented, not an error."""
+    before = scan_category(widget)
+    (widget / "train" / "good" / "notes.txt").write_text("camera 2\n")
+    (widget / "test" / "hole" / "Thumbs.db").write_bytes(b"\0" * 10)
+    assert scan_category(widget) == before
+
+
+def test_non_binary_mask_is_thresholded_with_a_warning(tmp_path, widget, caplog):
+    """Decision: a mask with more than two grey levels (anti-aliased, JPEG) is binarised at half its range,
+    as every mask is, and the decode warns once naming the first such file; it is not refused."""
+    soft = np.zeros((40, 40), np.uint8)
+    soft[10:20, 10:20] = 200
+    soft[20:30, 10:20] = 60  # below half the range: not defect
+    _save(widget / "ground_truth" / "hole" / "000_mask.png", soft)
+    dm = MVTecDataModule(widget, tmp_path / "cache", "widget", image_size=40)
+    with caplog.at_level(logging.WARNING, logger="mvtec_seg.data.cache"):
+        dm.prepare()
+    lines = [r.getMessage() for r in caplog.records if "not binary" in r.getMessage()]
+    assert len(lines) == 1 and "hole/000_mask.png" in lines[0]
+    row = next(
+        i for i, r in enumerate(dm.manifest["samples"]) if r["gt_mask"] == "ground_truth/hole/000_mask.png"
+    )
+    mask = np.asarray(dm.gt_masks[row])
+    assert mask[10:20, 10:20].all() and not mask[20:30].any() and mask.sum() == 100
+
+
+# --- outputs that cannot be written ----------------------------------------------------------------------------
+
+
+def test_read_only_output_folder(tmp_path, widget, capsys):
+    folder = _unwritable(tmp_path)
+    cfg = _cfg(tmp_path, widget.parent, f"paths.run_dir={folder / 'run'}")
+    code, lines = _cli(capsys, lambda: train(cfg))
+    assert code == 2 and len(lines) == 1, lines
+    assert f"cannot access {folder}" in lines[0] and "paths.output_dir" in lines[0]
+
+
+def test_full_disk_during_a_write(tmp_path, widget, monkeypatch):
+    """Simulated: the atomic writer's write raises ENOSPC. One line naming the file; no half-written file."""
+
+    def full(fd: int, data: bytes) -> None:
+        os.close(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(io_utils, "_write_file", full)
+    cfg = _cfg(tmp_path, widget.parent)
+    msg = _user_error(cfg, "cannot write", "No space left on device", "config.yaml")
+    assert str(Path(cfg.paths.run_dir)) in msg
+    assert not list(Path(cfg.paths.run_dir).glob(".*.tmp"))
+
+
+def test_full_disk_through_the_cli(tmp_path, widget, monkeypatch, capsys):
+    def full(fd: int, data: bytes) -> None:
+        os.close(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(io_utils, "_write_file", full)
+    code, lines = _cli(capsys, lambda: train(_cfg(tmp_path, widget.parent)))
+    assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0]
+
+
+# --- settings --------------------------------------------------------------------------------------------------
+
+
+def test_config_typo(tmp_path, capsys):
+    code, lines = _cli(capsys, lambda: compose_cfg(tmp_path, ["modle=unet"]))
+    assert code == 2 and len(lines) == 1
+    assert "unknown setting 'modle'" in lines[0] and "did you mean model=unet?" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.image_size=-1", "data.image_size=-1 must be a positive"),
+        ("data.split_ratios=[0.7,0.1,0.1]", "data.split_ratios=[0.7, 0.1, 0.1] must be"),
+        ("mask.threshold.quantile=2", "mask.threshold.quantile=2 must be a fraction between 0 and 1"),
+    ],
+)
+def test_out_of_range_settings(tmp_path, widget, override, expected):
+    extra = ["mask=pseudo"] if override.startswith("mask.") else []
+    _user_error(_cfg(tmp_path, widget.parent, *extra, override), expected)
+    assert not (Path(tmp_path) / "cache").exists()  # stopped before reading anything
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case, override, expected",
+    [  # a Hydra error, a write Hydra makes, and a UserError from train (the data cases: test_e2e.py)
+        ("typo", "modle=unet", "unknown setting 'modle'"),
+        ("read_only_output", "hydra.run.dir={ro}/run", "cannot access {ro}"),
+        ("image_size", "data.image_size=-1", "data.image_size=-1"),
+    ],
+)
+def test_cli_exit_code_and_no_traceback(tmp_path, widget, case, override, expected):
+    ro = _unwritable(tmp_path) if "{ro}" in override else None
+    args = [
+        f"data.root={widget.parent}",
+        *BASE,
+        f"paths.output_dir={tmp_path / 'out'}",
+        override.format(ro=ro),
+    ]
+    proc = run_cli(args, tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and expected.format(ro=ro) in lines[0], proc.stderr[-2000:]
