@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from mvtec_seg.errors import UserError
+from mvtec_seg.interrupt import Interrupted, install_handlers
 
 log = logging.getLogger("mvtec_seg")
 
@@ -29,7 +30,7 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
     except UserError as err:
-        if multirun:  # one bad job must not stop the sweep
+        if multirun:  # one bad job must not stop the sweep; `sweep.FailedJobs` lists it at the end
             log.error("job %s failed: %s", cfg.task_name, err)
             return None
         print(f"error: {err}", file=sys.stderr)
@@ -45,7 +46,22 @@ def _main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time unless the user asks
-    _main()
+    install_handlers()
+    try:
+        _main()
+    except Interrupted as err:  # SIGTERM/SIGINT at any stage: one line, exit 143/130
+        print(f"error: {err.message()}", file=sys.stderr)
+        exit_now(err.exit_code)
+
+
+def exit_now(code: int) -> None:
+    """Exit at once: every `finally` has run (summary written, W&B finished, Lightning torn down) and
+    every artefact is renamed into place or not at all; what is left, the interpreter's teardown of torch
+    and friends, takes seconds on a busy machine, longer than a scheduler's grace period."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ is ever seen in training. Evaluation goes through the shared `AnomalyModule` cod
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from mvtec_seg.errors import UserError
@@ -37,6 +36,7 @@ class TransFusion(AnomalyModule):
         self.model = TransFusionModel(**net)
         self.criterion = TransFusionLoss(**(loss or {}))
         self._generator: AnomalyGenerator | None = None
+        self._generator_state: Tensor | None = None  # from a checkpoint, applied when the generator is built
 
     @property
     def anomaly_generator(self) -> AnomalyGenerator:
@@ -44,11 +44,27 @@ class TransFusion(AnomalyModule):
         if self._generator is None:
             args = dict(self.hparams.anomalies)
             kind = args.pop("kind", "object")
+            if self._generator_state is not None and args.get("seed") is None:
+                args["seed"] = (
+                    0  # replaced by the saved state below: draw nothing from the restored global RNG
+                )
             try:
                 self._generator = AnomalyGenerator(object_category=kind != "texture", **args)
             except ValueError as err:
                 raise UserError(f"teacher.params.anomalies: {err}") from None
+            if self._generator_state is not None:
+                self._generator.generator.set_state(self._generator_state)
         return self._generator
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The anomaly generator's private RNG, so a resumed training draws the anomalies it would have."""
+        if self._generator is not None:
+            checkpoint["anomaly_generator_rng"] = self._generator.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._generator_state = checkpoint.get("anomaly_generator_rng")
+        if self._generator is not None and self._generator_state is not None:
+            self._generator.generator.set_state(self._generator_state)
 
     def on_fit_start(self) -> None:
         _ = self.anomaly_generator  # fail before the first step on a bad texture folder
@@ -61,13 +77,7 @@ class TransFusion(AnomalyModule):
             material["x0"], material["mask"], material["appearance"], material["prev_mask"], t
         )
         terms = self.criterion(out)
-        if not torch.isfinite(terms["loss"]):
-            ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "none yet"
-            raise UserError(
-                f"TransFusion loss became non-finite at epoch {self.current_epoch}, step {self.global_step} "
-                f"(terms: { {k: float(v.detach()) for k, v in terms.items()} }); last good checkpoint: {ckpt} — lower "
-                f"teacher.params.optimizer.lr or use trainer.precision=32-true"
-            )
+        self.check_finite_loss(terms, "lower teacher.params.optimizer.lr or use trainer.precision=32-true")
         self.log_dict(
             {f"train/{k}": v.detach() for k, v in terms.items()},
             on_step=False,
