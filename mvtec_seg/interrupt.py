@@ -11,6 +11,7 @@ every artefact is written to a temporary and renamed, so nothing half-written is
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from typing import Any
 __all__ = ["Interrupted", "current_stage", "install_handlers", "stage"]
 
 _STAGES: list[str] = []
+_MAIN_PID: int | None = None
 
 
 class Interrupted(BaseException):  # noqa: N818 (a signal, like KeyboardInterrupt, not an error)
@@ -56,6 +58,8 @@ def stage(name: str) -> Iterator[None]:
 
 
 def _raise(signum: int, frame: Any) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked data-loader worker: end quietly, as torch expects
+        raise KeyboardInterrupt
     # a second signal while unwinding (Ctrl+C twice) must not cut short the cleanup of the first
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -64,7 +68,9 @@ def _raise(signum: int, frame: Any) -> None:
 
 def install_handlers() -> None:
     """SIGTERM and SIGINT raise `Interrupted` (main thread only; elsewhere Python cannot set handlers)."""
+    global _MAIN_PID
     if threading.current_thread() is not threading.main_thread():
         return
+    _MAIN_PID = os.getpid()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _raise)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mvtec_seg.summary import SUMMARY_FILE
 
@@ -72,7 +73,7 @@ def failed_jobs(sweep_dir: Path | str, since: float | None = None) -> tuple[list
         reason = _reason(job)
         if reason is None:
             continue
-        overrides = OmegaConf.load(job / ".hydra" / "overrides.yaml")
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
         logs = sorted(job.glob("*.log"))
         failed.append(
             FailedJob(
