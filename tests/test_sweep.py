@@ -127,4 +127,6 @@ def test_sweep_with_failed_jobs_lists_them_and_exits_nonzero(tmp_path):
         for p in (tmp_path / "sweep").glob("*/summary.json")
     }
     assert summaries["synthetic"]["status"] == "dry_run" and summaries["synthetic"]["error"] is None
-    assert summaries["bottle"]["status"] == "failed" and summaries["bottle"]["error"].startswith(reason.rstrip("…"))
+    assert summaries["bottle"]["status"] == "failed" and summaries["bottle"]["error"].startswith(
+        reason.rstrip("…")
+    )
