@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from mvtec_seg.errors import UserError
+from mvtec_seg.interrupt import Interrupted, install_handlers
 from mvtec_seg.io_utils import WRITE_ERRNOS, write_error
 
 log = logging.getLogger("mvtec_seg")
@@ -36,7 +37,7 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
     except UserError as err:
-        if multirun:  # one bad job must not stop the sweep
+        if multirun:  # one bad job must not stop the sweep; `sweep.FailedJobs` lists it at the end
             log.error("job %s failed: %s", cfg.task_name, err)
             return None
         print(f"error: {err}", file=sys.stderr)
@@ -96,8 +97,23 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time unless the user asks
     # Hydra prints its own errors over several lines; let them through to be said here in one.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    with one_line_errors():
-        _main()
+    install_handlers()
+    try:
+        with one_line_errors():
+            _main()
+    except Interrupted as err:  # SIGTERM/SIGINT at any stage: one line, exit 143/130
+        print(f"error: {err.message()}", file=sys.stderr)
+        exit_now(err.exit_code)
+
+
+def exit_now(code: int) -> None:
+    """Exit at once: every `finally` has run (summary written, W&B finished, Lightning torn down) and
+    every artefact is renamed into place or not at all; what is left, the interpreter's teardown of torch
+    and friends, takes seconds on a busy machine, longer than a scheduler's grace period."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

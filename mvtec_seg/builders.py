@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from mvtec_seg.callbacks import RngState
 from mvtec_seg.data.datamodule import MVTecDataModule
 from mvtec_seg.data.mvtec import MVTEC_CATEGORIES
 from mvtec_seg.errors import UserError
@@ -108,6 +109,27 @@ def max_epochs(cfg: DictConfig) -> int:
         if cfg.trainer.get("max_epochs") is not None
         else int(cfg.model.max_epochs)
     )
+
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def resume_callbacks(dirpath: Path | str) -> list[pl.Callback]:
+    """What makes a training resumable after any kill: `<dirpath>/last.ckpt` written at the end of every
+    epoch (after validation, so it holds the best-checkpoint tracking too) and the RNG states in it.
+
+    Lightning writes checkpoints to a temporary and renames it, so a kill mid-write leaves the previous one.
+    """
+    last = pl.callbacks.ModelCheckpoint(
+        dirpath=dirpath,
+        filename=Path(LAST_CHECKPOINT).stem,
+        monitor=None,
+        save_top_k=1,
+        every_n_epochs=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+    return [last, RngState()]
 
 
 def build_trainer(

@@ -3,6 +3,7 @@ once the test loop has gathered every rank's maps."""
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,35 @@ class Throughput(pl.Callback):
         if self._single is not None and self._single[1] > 0:
             return self._single[0] / self._single[1]
         return float("nan")
+
+
+class RngState(pl.Callback):
+    """Puts the global torch (CPU and CUDA), numpy and Python RNG states into every checkpoint and restores
+    them on resume, so a resumed run draws the same augmentations, timesteps and dropout as one that was
+    never stopped (Lightning saves optimizer, scheduler and loop state, not these).
+
+    Plain lists and tensors only, so checkpoints still load with `weights_only=True`.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, key, pos, has_gauss, gauss = np.random.get_state()
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, key.tolist(), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        kind, key, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
+        version, internal, gauss_next = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        if state_dict.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
 class TestArtefacts(pl.Callback):

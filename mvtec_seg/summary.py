@@ -53,6 +53,9 @@ class RunSummary:
     `metrics` holds the sectioned test metrics (`test/pixel_AUPRO`, ...); `mask` is `none` for a model that
     uses no mask source (TransFusion); `pseudo` is the pseudo-mask record (threshold, quality vs GT);
     `teacher_overlap` counts the val/test normal images an authors' teacher checkpoint was trained on.
+    `status` is `running`, `ok`, `dry_run`, `failed` or `interrupted`; `error` the one-line reason of a
+    failed or interrupted run. `teacher_params` counts the TransFusion teacher a run uses (mask=pseudo,
+    model=transfusion), `params` the model it scores.
     """
 
     category: str
@@ -62,6 +65,7 @@ class RunSummary:
     status: str = "running"
     task_name: str | None = None
     params: int | None = None
+    teacher_params: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     time: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(TIME_KEYS))
     throughput: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(THROUGHPUT_KEYS))
@@ -69,9 +73,8 @@ class RunSummary:
     pseudo: dict[str, Any] | None = None
     checkpoint: str | None = None
     run_dir: str | None = None
-    teacher_overlap: dict[str, int] | None = (
-        None  # {val, test}: normal images an authors' checkpoint trained on
-    )
+    teacher_overlap: dict[str, int] | None = None  # {val, test}: seen by an authors' checkpoint
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +98,7 @@ class RunSummary:
             status=str(data.get("status", "unknown")),
             task_name=data.get("task_name"),
             params=_int_or_none(data.get("params")),
+            teacher_params=_int_or_none(data.get("teacher_params")),
             metrics={str(k): number(v) for k, v in metrics.items()},
             time={k: number(time_in.get(k)) for k in TIME_KEYS},
             throughput={k: number(thr_in.get(k)) for k in THROUGHPUT_KEYS},
@@ -105,6 +109,7 @@ class RunSummary:
             teacher_overlap=data["teacher_overlap"]
             if isinstance(data.get("teacher_overlap"), dict)
             else None,
+            error=data.get("error") if isinstance(data.get("error"), str) else None,
         )
 
     def test_metric(self, name: str) -> float:

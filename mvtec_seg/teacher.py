@@ -22,10 +22,18 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from mvtec_seg.builders import build_datamodule, build_module, build_trainer, evaluation_settings
+from mvtec_seg.builders import (
+    LAST_CHECKPOINT,
+    build_datamodule,
+    build_module,
+    build_trainer,
+    evaluation_settings,
+    resume_callbacks,
+)
 from mvtec_seg.callbacks import Throughput
 from mvtec_seg.data.files import announce_rebuild, files_key, write_record
 from mvtec_seg.errors import UserError
+from mvtec_seg.interrupt import stage
 from mvtec_seg.io_utils import atomic_write_json, build_once, content_key, file_lock
 from mvtec_seg.models.base import AnomalyModule, parameter_count
 from mvtec_seg.models.transfusion.official import (
@@ -99,6 +107,7 @@ def build_teacher(cfg: DictConfig) -> AnomalyModule:
     return build_module(cfg.teacher.module, cfg.teacher.params, cfg)
 
 
+@stage("teacher training")
 def _train_teacher(cfg: DictConfig, final: Path) -> None:
     tc = cfg.teacher
     work = final.with_name(final.name + ".partial")
@@ -108,25 +117,17 @@ def _train_teacher(cfg: DictConfig, final: Path) -> None:
     dm = build_datamodule(cfg, train_subset="normal", batch_size=int(tc.batch_size), augment=False)
     module = build_teacher(cfg)
     throughput = Throughput()
-    ckpt = pl.callbacks.ModelCheckpoint(
-        dirpath=work,
-        filename="last",
-        monitor=None,
-        save_top_k=1,
-        every_n_epochs=1,
-        enable_version_counter=False,
-    )
     trainer = build_trainer(
         cfg,
         int(tc.max_epochs),
-        [throughput, ckpt],
+        [throughput, *resume_callbacks(work)],
         pl.loggers.CSVLogger(str(work), name="", version=""),
         single_device=True,
         limit_train_batches=tc.get("limit_train_batches"),
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    resume = work / "last.ckpt"
+    resume = work / LAST_CHECKPOINT
     if resume.exists():
         log.info("resuming TransFusion training from %s", resume)
     t0 = time.perf_counter()
@@ -266,6 +267,7 @@ def maps_dir(dm, teacher: Teacher) -> Path:
     return teacher.dir / "maps" / key
 
 
+@stage("teacher maps")
 def teacher_maps(cfg: DictConfig, dm, teacher: Teacher) -> np.ndarray:
     """Anomaly maps of every manifest image ([N,H,W] float16, manifest order), computed once per teacher and
     image set, in `maps_dir(dm, teacher) / "maps.npy"`."""
@@ -274,6 +276,7 @@ def teacher_maps(cfg: DictConfig, dm, teacher: Teacher) -> np.ndarray:
 
     def build(tmp: Path) -> None:
         announce_rebuild(folder, record, f"the TransFusion maps of {cfg.category.name}")
+        log.info("computing teacher maps of %d images into %s", len(dm.manifest["samples"]), folder)
         trainer = build_trainer(
             cfg, 1, single_device=True, limit_train_batches=None, limit_val_batches=0, num_sanity_val_steps=0
         )

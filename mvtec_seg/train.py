@@ -2,7 +2,10 @@
 
 One path through a run: check the data and split it; get the model (`model.source=fit`: train a segmenter
 on the mask source; `teacher`: the shared TransFusion teacher, trained once per category in the cache);
-test it on the test part; record and finish. `dry_run=true` stops after building the model and trainer.
+test it on the test part; record and finish. `dry_run=true` stops after building every model the run would
+use (the teacher included) and the trainer. Whatever happens, `summary.json` is written: `ok`, `dry_run`,
+`failed` or `interrupted`, with the one-line reason in `error`. `resume=true` continues the segmenter from
+`<run_dir>/checkpoints/last.ckpt` (weights, optimizer, scheduler, epoch, RNG states).
 `__main__` is a thin Hydra wrapper around this, so tests compose configs and call it directly.
 """
 
@@ -15,17 +18,26 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 
-from mvtec_seg.builders import build_datamodule, build_model, build_trainer, max_epochs
+from mvtec_seg.builders import (
+    LAST_CHECKPOINT,
+    build_datamodule,
+    build_model,
+    build_trainer,
+    max_epochs,
+    resume_callbacks,
+)
 from mvtec_seg.callbacks import TestArtefacts, Throughput
 from mvtec_seg.data.datamodule import MVTecDataModule
 from mvtec_seg.errors import UserError
+from mvtec_seg.interrupt import Interrupted, stage
 from mvtec_seg.loggers import run_loggers
 from mvtec_seg.models.base import AnomalyModule, parameter_count
 from mvtec_seg.outputs import RunOutputs
 from mvtec_seg.pseudo.masks import ensure_pseudo_masks
-from mvtec_seg.teacher import ensure_teacher, teacher_overlap
+from mvtec_seg.teacher import build_teacher, ensure_teacher, teacher_overlap
 
 log = logging.getLogger(__name__)
 MODEL_SOURCES = ("fit", "teacher")
@@ -42,7 +54,8 @@ class RunParts:
 
 
 def run_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RunParts]:
-    """The run's Trainer: checkpoints (best by `checkpoint.monitor`), loggers, throughput, test artefacts."""
+    """The run's Trainer: checkpoints (best by `checkpoint.monitor`; `last.ckpt` every epoch, with the RNG
+    states, for `resume=true`), loggers, throughput, test artefacts."""
     ev = cfg.evaluation
     monitor = cfg.checkpoint.monitor
     parts = RunParts(
@@ -53,7 +66,6 @@ def run_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RunParts]:
             filename="best",
             monitor=monitor,
             mode=cfg.checkpoint.mode,
-            save_last=monitor is not None,
             save_top_k=1,
         ),
         wandb=None,
@@ -62,7 +74,7 @@ def run_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RunParts]:
     trainer = build_trainer(
         cfg,
         max_epochs(cfg),
-        [parts.throughput, parts.artefacts, parts.checkpoint],
+        [parts.throughput, parts.artefacts, parts.checkpoint, *resume_callbacks(run_dir / "checkpoints")],
         loggers or False,
         enable_checkpointing=True,
         default_root_dir=str(run_dir),
@@ -78,12 +90,15 @@ def _fit(
     if cfg.ckpt_path is not None:
         out.summary.checkpoint = str(cfg.ckpt_path)
         return out.summary.checkpoint
-    last = out.run_dir / "checkpoints" / "last.ckpt"
+    last = out.run_dir / "checkpoints" / LAST_CHECKPOINT
     resume = str(last) if cfg.get("resume") and last.exists() else None
     if resume:
         log.warning("resuming training from %s", last)
+    elif cfg.get("resume"):
+        log.warning("resume=true but %s does not exist: training from the start", last)
     t0 = time.perf_counter()
-    trainer.fit(model, datamodule=dm, ckpt_path=resume)
+    with stage("segmenter training"):
+        trainer.fit(model, datamodule=dm, ckpt_path=resume)
     out.summary.time["train_s"] = time.perf_counter() - t0
     out.summary.throughput["train_images_per_s"] = parts.throughput.images_per_s
     out.summary.checkpoint = parts.checkpoint.best_model_path or None
@@ -106,6 +121,8 @@ def _prepare_model(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> Ano
         masks, info = ensure_pseudo_masks(cfg, dm)
         dm.set_target_masks(masks)
         out.summary.pseudo = info
+        with torch.device("meta"):  # counted, not used: no memory, no random draws
+            out.summary.teacher_params = parameter_count(build_teacher(cfg))
     model = build_model(cfg)
     out.summary.params = parameter_count(model)
     return model
@@ -141,33 +158,63 @@ def check_config(cfg: DictConfig) -> None:
         )
 
 
+def _dry_run(cfg: DictConfig, out: RunOutputs) -> None:
+    """Build every model the run would use and record their sizes: the scored model, and the teacher
+    when the run needs one (`mask=pseudo`, or the teacher is the model)."""
+    out.summary.params = parameter_count(build_model(cfg))
+    if cfg.model.source == "teacher":
+        out.summary.teacher_params = out.summary.params
+    elif cfg.mask.name == "pseudo":
+        out.summary.teacher_params = parameter_count(build_teacher(cfg))
+
+
+def one_line(err: BaseException) -> str:
+    """The failure reason as one line (a UserError's message already is one)."""
+    text = " ".join(str(err).split()) if isinstance(err, UserError | Interrupted) else None
+    if text is None:
+        first = str(err).strip().splitlines()
+        text = f"{type(err).__name__}: {first[0]}" if first else type(err).__name__
+    return text[:500]
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job and return its summary (also written to `<run_dir>/summary.json`)."""
     check_config(cfg)
     pl.seed_everything(int(cfg.seed), workers=True)
     run_dir = Path(cfg.paths.run_dir)
     out = RunOutputs(run_dir, cfg)
-    dm = build_datamodule(cfg, train_subset="all")
-    dm.prepare()  # scans, validates and splits: bad data stops here, before any training
-    out.set_split(dm)
-
-    if cfg.dry_run:  # build the model the run would score and its trainer; train nothing
-        out.summary.params = parameter_count(build_model(cfg))
-        trainer, _ = run_trainer(cfg, run_dir)
-        return out.finish(status="dry_run", trainer=trainer)
-
-    model = _prepare_model(cfg, dm, out)
-    trainer, parts = run_trainer(cfg, run_dir)
-    status = "failed"
+    status, trainer, parts = "failed", None, None
     try:
-        ckpt_path = _fit(cfg, model, dm, trainer, parts, out) if cfg.model.source == "fit" else None
-        trainer.test(model, datamodule=dm, ckpt_path=ckpt_path, verbose=False)
-        out.summary.metrics = dict(model.computed_metrics["test"])
-        test_s = parts.throughput.test_s
-        out.summary.time["test_s"] = test_s
-        if parts.artefacts.n_images and test_s:
-            out.summary.throughput["test_images_per_s"] = parts.artefacts.n_images / test_s
-        status = "ok"
+        with stage("data check, split and decoding"):
+            dm = build_datamodule(cfg, train_subset="all")
+            dm.prepare()  # scans, validates and splits: bad data stops here, before any training
+        out.set_split(dm)
+        if cfg.dry_run:  # build what the run would use, train nothing
+            _dry_run(cfg, out)
+            trainer, parts = run_trainer(cfg, run_dir)
+            status = "dry_run"
+        else:
+            model = _prepare_model(cfg, dm, out)
+            trainer, parts = run_trainer(cfg, run_dir)
+            ckpt_path = _fit(cfg, model, dm, trainer, parts, out) if cfg.model.source == "fit" else None
+            with stage("testing"):
+                trainer.test(model, datamodule=dm, ckpt_path=ckpt_path, verbose=False)
+            out.summary.metrics = dict(model.computed_metrics["test"])
+            test_s = parts.throughput.test_s
+            out.summary.time["test_s"] = test_s
+            if parts.artefacts.n_images and test_s:
+                out.summary.throughput["test_images_per_s"] = parts.artefacts.n_images / test_s
+            status = "ok"
+    except BaseException as err:
+        status = "interrupted" if isinstance(err, Interrupted) else "failed"
+        out.summary.error = one_line(err)
+        raise
     finally:
-        out.finish(status, trainer, parts.wandb, parts.artefacts.overlay_paths)
+        with stage("writing the run folder"):
+            out.finish(
+                status,
+                trainer,
+                parts.wandb if parts else None,
+                parts.artefacts.overlay_paths if parts else (),
+            )
     return out.summary.to_dict()

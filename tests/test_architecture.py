@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mvtec_seg"
 LAYERS: dict[str, int] = {
     "errors": 0,
     "config": 0,
+    "interrupt": 0,
     "io_utils": 1,
     "summary": 2,
     "metrics": 2,
@@ -27,6 +28,7 @@ LAYERS: dict[str, int] = {
     "outputs": 6,
     "builders": 6,
     "report": 6,
+    "sweep": 6,
     "teacher": 7,
     "pseudo": 8,
     "train": 9,

@@ -13,6 +13,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from PIL import Image
 from mvtec_seg import report
 from mvtec_seg.errors import UserError
 from mvtec_seg.report import plots
+from mvtec_seg.report.collect import collect_runs
 
 MAP = 16  # saved map size (the fake category's images are 40x40: the report resizes them)
 METRIC_KEYS = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")
@@ -334,3 +336,24 @@ def test_only_unfinished_runs_is_a_user_error(tmp_path: Path) -> None:
     (run / "summary.json").write_text(json.dumps({"category": "a", "model": "unet", "status": "failed"}))
     with pytest.raises(UserError, match=r"no finished run.*failed: 1"):
         report.build_report(tmp_path)
+
+
+def test_failed_runs_are_marked_with_their_reason(sweep: dict[str, Any], tmp_path: Path) -> None:
+    result = sweep["result"]
+    assert [f["status"] for f in result["failed"]] == ["failed"]
+    md = result["report_md"].read_text()
+    assert "## Failed runs (1, left out of the tables)" in md
+    assert "| **FAILED** | beta | deeplab | gt | 0 | no reason recorded |" in md
+    # a failed run that a later run of the same cell replaced is not marked
+    root = tmp_path / "redo"
+    for status, error in (("failed", "mask ... is 48x32 | wrong"), ("ok", None)):
+        run = root / status
+        run.mkdir(parents=True)
+        data = {"category": "a", "model": "unet", "mask": "gt", "seed": 0, "status": status, "error": error}
+        (run / "summary.json").write_text(json.dumps(data))
+        time.sleep(0.02)
+    coll = collect_runs(root)
+    assert coll.failed == [] and coll.skipped_status == {"failed": 1}
+    (root / "failed" / "summary.json").touch()  # now the failure is the newer one
+    failed = collect_runs(root).failed
+    assert [f.summary.error for f in failed] == ["mask ... is 48x32 | wrong"]

@@ -100,3 +100,33 @@ def test_glob_sweep_over_all_15_categories(tmp_path):
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")]
     assert sorted(s["category"] for s in summaries) == sorted(MVTEC_CATEGORIES)
     assert all(s["status"] == "dry_run" and s["split"]["n_test"] > 0 for s in summaries)
+
+
+def test_sweep_with_failed_jobs_lists_them_and_exits_nonzero(tmp_path):
+    """One job of two fails (no such category folder): the sweep runs both, then prints a table of the
+    failed jobs (overrides, one-line reason, log path) and exits 1; the failed job's summary says why."""
+    args = [
+        "-m",
+        "category=synthetic,bottle",
+        "dry_run=true",
+        "data.image_size=32",
+        f"data.root={tmp_path / 'data'}",
+        f"paths.output_dir={tmp_path / 'out'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    proc = run_cli(args, tmp_path, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    table = proc.stderr[proc.stderr.index("1 of 2 sweep jobs failed:") :].splitlines()
+    row = next(line for line in table if "category=bottle" in line)
+    overrides, reason, log = (cell.strip() for cell in row.split(" | "))
+    assert "dry_run=true" in overrides and reason.startswith("category folder not found")
+    assert Path(log).is_file() and Path(log).parent.name.startswith("1_")
+    summaries = {
+        json.loads(p.read_text())["category"]: json.loads(p.read_text())
+        for p in (tmp_path / "sweep").glob("*/summary.json")
+    }
+    assert summaries["synthetic"]["status"] == "dry_run" and summaries["synthetic"]["error"] is None
+    assert summaries["bottle"]["status"] == "failed" and summaries["bottle"]["error"].startswith(
+        reason.rstrip("…")
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mvtec_seg.data.cache import decoded_arrays, manifest_files
 from mvtec_seg.data.files import data_record, file_state
@@ -62,6 +62,27 @@ class ManifestDataset(Dataset):
             "path": row["image"],
             "index": torch.tensor(j, dtype=torch.long),
         }
+
+
+class EpochShuffle(Sampler[int]):
+    """A fresh permutation each epoch drawn from (seed, epoch) alone, not from the global RNG: epoch k sees
+    the same order whether the run went straight through or was resumed from a checkpoint.
+
+    Lightning calls `set_epoch` at the start of every training epoch (as for a `DistributedSampler`).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        key = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(key)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class MVTecDataModule(pl.LightningDataModule):
@@ -180,10 +201,11 @@ class MVTecDataModule(pl.LightningDataModule):
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = self._sampler(ds, shuffle)
+        if sampler is None and shuffle:
+            sampler = EpochShuffle(len(ds), self.seed)
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
             sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -6,12 +6,15 @@ probabilities for segmenters). Scores are never normalised per image: the image 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
+from mvtec_seg.errors import UserError
 from mvtec_seg.metrics import METRIC_NAMES, AnomalyMetrics
 
 
@@ -61,6 +64,31 @@ class AnomalyModule(pl.LightningModule):
         raise NotImplementedError
 
     # -- shared --------------------------------------------------------------------------------------
+    def check_finite_loss(self, terms: dict[str, Tensor], fix: str) -> None:
+        """Stop with one clear line when `terms["loss"]` is NaN/inf, before it reaches the weights.
+
+        Raised inside `training_step`, so no optimizer step and no checkpoint follow: the last checkpoint
+        written (`last.ckpt`, once per epoch) stays the last good one, and the message names it.
+        """
+        if bool(torch.isfinite(terms["loss"])):
+            return
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        raise UserError(
+            f"{type(self).__name__} loss became non-finite at epoch {self.current_epoch}, step "
+            f"{self.global_step} (terms: {values}); last good checkpoint: {self._last_checkpoint()} — {fix}"
+        )
+
+    def _last_checkpoint(self) -> str:
+        trainer = self._trainer
+        callbacks = trainer.checkpoint_callbacks if trainer is not None else []
+        paths = [
+            Path(p)
+            for cb in callbacks
+            for p in (getattr(cb, "last_model_path", ""), getattr(cb, "best_model_path", ""))
+            if p and Path(p).is_file()
+        ]
+        return str(max(paths, key=lambda p: p.stat().st_mtime_ns)) if paths else "none yet"
+
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         amap = self.anomaly_map(image)
         return {"anomaly_map": amap, "pred_score": amap.flatten(1).amax(1)}

@@ -15,6 +15,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mvtec_seg.data.files import announce_rebuild, files_key, write_record
+from mvtec_seg.interrupt import stage
 from mvtec_seg.io_utils import atomic_save_png, atomic_write_json, build_once, content_key
 from mvtec_seg.metrics import precision_recall_iou
 from mvtec_seg.pseudo.thresholds import choose_threshold
@@ -23,6 +24,7 @@ from mvtec_seg.teacher import ensure_teacher, maps_dir, teacher_maps
 log = logging.getLogger(__name__)
 
 
+@stage("pseudo masks")
 def write_pseudo_masks(
     out: Path, maps: np.ndarray, dm, settings: dict, category: str, teacher_dir: Path
 ) -> None:

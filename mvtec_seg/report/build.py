@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mvtec_seg.errors import UserError
+from mvtec_seg.interrupt import Interrupted, install_handlers, stage
 from mvtec_seg.io_utils import atomic_write_text
 from mvtec_seg.report.aggregate import aggregate
 from mvtec_seg.report.collect import collect_runs
@@ -60,11 +61,16 @@ def build_report(folder: Path | str, out: Path | str | None = None) -> dict[str,
         "n_runs": len(coll.runs),
         "skipped": dict(coll.skipped_status),
         "unreadable": list(coll.unreadable),
+        "failed": [
+            {"run_dir": str(r.run_dir), "status": r.summary.status, "error": r.summary.error}
+            for r in coll.failed
+        ],
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: returns 0, or 2 with a one-line message on bad input (no traceback)."""
+    """CLI: returns 0, or 2 with a one-line message on bad input (no traceback), or 128 + the signal on
+    SIGTERM/SIGINT."""
     parser = argparse.ArgumentParser(
         prog="python -m mvtec_seg.report",
         description="Gather the summary.json of every finished run below FOLDER into report.md/csv and plots.",
@@ -73,11 +79,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: FOLDER)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_handlers()
     try:
-        result = build_report(args.folder, args.out)
+        with stage("report"):
+            result = build_report(args.folder, args.out)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:  # every report file is written atomically: nothing half-written stays
+        print(f"error: {err.message()}", file=sys.stderr)
+        return err.exit_code
+    for failed in result["failed"]:
+        print(f"failed run: {failed['run_dir']}: {failed['error'] or failed['status']}", file=sys.stderr)
     print(
         f"report: {result['report_md']} and {result['report_csv']} "
         f"({result['n_runs']} runs, {len(result['categories'])} categories, {len(result['plots'])} plots)"

@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 Cell = tuple[str, str]
 COST_KEYS: tuple[str, ...] = ("train_images_per_s", "test_images_per_s", "train_s")
+FAILED_STATUSES: tuple[str, ...] = ("failed", "interrupted")
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,22 @@ class Collected:
     n_files: int = 0
     skipped_status: dict[str, int] = field(default_factory=dict)
     unreadable: list[str] = field(default_factory=list)
+    failed: list[Run] = field(default_factory=list)  # failed/interrupted runs not redone since; marked
+
+
+def _mtime(run: Run) -> int:
+    return (run.run_dir / SUMMARY_FILE).stat().st_mtime_ns
+
+
+def _redone(failed: Run, latest: dict[tuple, Run]) -> bool:
+    """A failure that a later run of the same (category, model, mask, seed) replaced is not marked."""
+    ok = latest.get((failed.category, failed.model, failed.mask, failed.seed))
+    return ok is not None and _mtime(ok) >= _mtime(failed)
 
 
 def collect_runs(folder: Path | str) -> Collected:
-    """Read every summary.json below ``folder``; keep status "ok", count the others by status.
+    """Read every summary.json below ``folder``; keep status "ok", count the others by status, and keep
+    the failed and interrupted ones (not redone since) for the report to mark.
 
     Raises UserError when the folder is missing or holds no finished run, so the CLI can say so in a line.
     """
@@ -87,6 +100,8 @@ def collect_runs(folder: Path | str) -> Collected:
             status = str(data.get("status", "unknown"))
             if status != "ok":
                 out.skipped_status[status] = out.skipped_status.get(status, 0) + 1
+                if status in FAILED_STATUSES:
+                    out.failed.append(Run(RunSummary.from_dict(data), path.parent))
                 continue
             out.runs.append(Run(RunSummary.from_dict(data), path.parent))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -100,6 +115,7 @@ def collect_runs(folder: Path | str) -> Collected:
             out.skipped_status["superseded"] = out.skipped_status.get("superseded", 0) + 1
         latest[key] = run
     out.runs = sorted(latest.values(), key=lambda r: str(r.run_dir))
+    out.failed = [f for f in out.failed if not _redone(f, latest)]
     if out.n_files == 0:
         raise UserError(
             f"no summary.json found under {root} — pass the output or sweep folder that holds the run folders"

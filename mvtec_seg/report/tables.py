@@ -213,6 +213,26 @@ def _uses_undefined(t: Table) -> bool:
     return any(s.n_values > s.n for s in t.metric.values())
 
 
+def _failed_runs(coll: Collected, link) -> list[str]:
+    """**FAILED** rows for the runs that failed or were interrupted (left out of every table below)."""
+    if not coll.failed:
+        return []
+    lines = [
+        f"## Failed runs ({len(coll.failed)}, left out of the tables)",
+        "",
+        "| status | category | model | mask | seed | reason | run folder |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in coll.failed:
+        s = run.summary
+        reason = (s.error or "no reason recorded").replace("|", "\\|")
+        lines.append(
+            f"| **{s.status.upper()}** | {s.category} | {s.model} | {s.mask} | {s.seed} | {reason} | "
+            f"`{link(run.run_dir)}` |"
+        )
+    return [*lines, ""]
+
+
 def markdown(
     folder: Path,
     out: Path,
@@ -242,6 +262,7 @@ def markdown(
     ]
     if coll.unreadable:
         lines += ["Unreadable summaries (left out):", *[f"- `{u}`" for u in coll.unreadable[:10]], ""]
+    lines += _failed_runs(coll, link)
 
     lines += ["## Test metrics", ""]
     for m in METRIC_LABELS:

@@ -28,6 +28,7 @@ class Segmenter(AnomalyModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits = self.net(batch["image"])
         terms = self.criterion(logits, batch["target_mask"])
+        self.check_finite_loss(terms, "lower model.params.optimizer.lr or use trainer.precision=32-true")
         self.log_dict(
             {f"train/{k}": v.detach() for k, v in terms.items()},
             prog_bar=False,

@@ -1,0 +1,232 @@
+"""#7 trustworthy runs: resume after SIGKILL equals an uninterrupted run (segmenter and teacher), a
+non-finite segmenter loss stops cleanly, same seed = same manifest and metrics, dry runs count the teacher,
+SIGTERM/SIGINT end the CLI at once with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_cfg
+
+from mvtec_seg.builders import build_datamodule
+from mvtec_seg.errors import UserError
+from mvtec_seg.models.segmenter.loss import SegmentationLoss
+from mvtec_seg.teacher import teacher_dir
+from mvtec_seg.train import train
+
+TINY = ["debug=fast", "data.image_size=32", "trainer.limit_val_batches=1", "evaluation.max_overlays=0"]
+TOLERANCE = 1e-6  # resumed vs uninterrupted, and run vs rerun, on CPU (measured: bitwise equal)
+
+# Runs `train` in a child process that SIGKILLs itself at the start of epoch KILL_AT, i.e. right after
+# the checkpoints of the epoch before were written: a real kill, with no cleanup of any kind.
+KILLED_CHILD = """
+import os, signal, sys
+import pytorch_lightning as pl
+import mvtec_seg.builders, mvtec_seg.teacher, mvtec_seg.train
+from conftest import compose_cfg
+from pathlib import Path
+
+class Kill(pl.Callback):
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+original = mvtec_seg.builders.resume_callbacks
+patched = lambda d: [*original(d), Kill()]
+mvtec_seg.train.resume_callbacks = patched
+mvtec_seg.teacher.resume_callbacks = patched
+mvtec_seg.train.train(compose_cfg(Path(sys.argv[1]), sys.argv[2:]))
+"""
+
+
+def _killed_run(tmp: Path, overrides: list[str], kill_at: int) -> None:
+    env = {**os.environ, "KILL_AT": str(kill_at), "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_CHILD, str(tmp), *overrides],
+        cwd=Path(__file__).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+def _close(a: dict, b: dict) -> None:
+    assert set(a) == set(b) and a
+    for k in a:
+        assert a[k] == pytest.approx(b[k], abs=TOLERANCE, nan_ok=True), k
+
+
+@pytest.mark.slow
+def test_segmenter_resume_after_sigkill_equals_uninterrupted(tmp_path):
+    overrides = [*TINY, "trainer.max_epochs=4"]
+    straight = train(compose_cfg(tmp_path / "straight", overrides))
+    _killed_run(tmp_path / "killed", overrides, kill_at=2)
+    last = tmp_path / "killed" / "run" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and "optimizer_states" in ckpt  # two epochs done, then killed
+    assert any("RngState" in key for key in ckpt["callbacks"])
+    resumed = train(compose_cfg(tmp_path / "killed", [*overrides, "resume=true"]))
+    assert resumed["status"] == "ok"
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 3
+    _close(resumed["metrics"], straight["metrics"])
+
+
+@pytest.mark.slow
+def test_teacher_resume_after_sigkill_equals_uninterrupted(tmp_path):
+    overrides = [*TINY, "model=transfusion", "teacher.max_epochs=4", "teacher.limit_train_batches=2"]
+    straight = train(compose_cfg(tmp_path / "straight", overrides))
+    _killed_run(tmp_path / "killed", overrides, kill_at=2)
+    cfg = compose_cfg(tmp_path / "killed", overrides)
+    dm = build_datamodule(cfg)
+    dm.prepare()
+    final = teacher_dir(cfg, dm)
+    partial = final.with_name(final.name + ".partial")
+    assert not final.exists()
+    assert torch.load(partial / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
+    resumed = train(cfg)
+    assert json.loads((final / "info.json").read_text())["epochs"] == 4
+    _close(resumed["metrics"], straight["metrics"])
+
+
+def test_non_finite_segmenter_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    original = SegmentationLoss.forward
+    calls = {"n": 0}
+
+    def flaky(self, logits, target):
+        calls["n"] += 1
+        terms = original(self, logits, target)
+        if calls["n"] == 3:  # first batch of epoch 2 (2 batches per epoch)
+            terms["loss"] = terms["loss"] * float("inf")
+        return terms
+
+    monkeypatch.setattr(SegmentationLoss, "forward", flaky)
+    cfg = compose_cfg(tmp_path, [*TINY, "trainer.max_epochs=3"])
+    with pytest.raises(UserError, match=r"Segmenter loss became non-finite at epoch 1.*last\.ckpt"):
+        train(cfg)
+    run = Path(cfg.paths.run_dir)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "non-finite" in summary["error"]
+    monkeypatch.setattr(SegmentationLoss, "forward", original)
+    again = train(compose_cfg(tmp_path, [*TINY, "trainer.max_epochs=3", "resume=true"]))
+    assert again["status"] == "ok" and again["error"] is None
+
+
+def test_same_seed_same_manifest_and_metrics_other_seed_other_split(tmp_path):
+    runs = [train(compose_cfg(tmp_path / name, [*TINY, "trainer.max_epochs=2"])) for name in "ab"]
+    manifests = [Path(r["split"]["manifest"]) for r in runs]
+    assert manifests[0] != manifests[1]  # separate caches: each run made its own
+    assert manifests[0].read_bytes() == manifests[1].read_bytes()
+    _close(runs[0]["metrics"], runs[1]["metrics"])
+    other = build_datamodule(compose_cfg(tmp_path / "c", [*TINY, "seed=1"]))
+    parts = [
+        [r["part"] for r in json.loads(m.read_text())["samples"]]
+        for m in (manifests[0], Path(other.prepare() and other.manifest_path))
+    ]
+    assert parts[0] != parts[1] and sorted(parts[0]) == sorted(parts[1])  # same counts, other images
+
+
+def test_dry_run_builds_and_counts_the_teacher(tmp_path):
+    cfg = compose_cfg(tmp_path, ["dry_run=true", "model=unet", "mask=pseudo"])
+    summary = train(cfg)
+    assert summary["status"] == "dry_run" and summary["params"] > 10_000_000
+    assert 1_000_000 < summary["teacher_params"] < 5_000_000
+    assert not (Path(cfg.paths.cache_dir) / "transfusion").exists()  # built, not trained
+    on_disk = json.loads((Path(cfg.paths.run_dir) / "summary.json").read_text())
+    assert on_disk["teacher_params"] == summary["teacher_params"]
+    gt = train(compose_cfg(tmp_path / "gt", ["dry_run=true", "model=unet", "mask=gt"]))
+    assert gt["teacher_params"] is None
+
+
+def test_dry_run_paper_teacher_parameter_count(tmp_path):
+    summary = train(compose_cfg(tmp_path, ["experiment=transfusion_paper", "dry_run=true"]))
+    assert summary["params"] == summary["teacher_params"] == 54_559_431
+
+
+def _start_cli(tmp: Path, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    log = tmp / "cli.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mvtec_seg", *args], cwd=tmp, env=env, stdout=fh, stderr=fh, text=True
+        )
+    return proc, log
+
+
+def _signal_when(proc: subprocess.Popen, log: Path, marker: str, sig: int) -> float:
+    """Send `sig` once `marker` shows in the log; seconds from the signal to the process's end."""
+    deadline = time.monotonic() + 600
+    while marker not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_sigterm_during_teacher_maps_exits_at_once_and_rerun_rebuilds(tmp_path):
+    args = [
+        "model=unet",
+        "mask=pseudo",
+        *TINY,
+        "data.image_size=64",  # maps of 64 px images take long enough to be caught in the act
+        "teacher.max_epochs=1",
+        f"paths.output_dir={tmp_path / 'out'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc, log = _start_cli(tmp_path, args)
+    seconds = _signal_when(proc, log, "computing teacher maps", signal.SIGTERM)
+    text = log.read_text()
+    assert proc.returncode == 143 and seconds < 10, (proc.returncode, seconds)
+    assert "Traceback" not in text
+    lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "interrupted by SIGTERM during teacher maps" in lines[0]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["error"]
+    maps = list((tmp_path / "out" / "_cache" / "transfusion").rglob("*maps.npy*"))
+    assert [p.name for p in maps] == ["maps.npy.lock"]  # no maps, no half-written temporary
+    proc, log = _start_cli(tmp_path, args)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert "computing teacher maps" in log.read_text()  # built again, not read half-made
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_sigint_during_segmenter_training_exits_at_once(tmp_path):
+    args = [
+        *TINY,
+        "trainer.max_epochs=1000",
+        f"paths.output_dir={tmp_path / 'out'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc, log = _start_cli(tmp_path, args)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 600
+    while not last.exists():  # one epoch done
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - t0 < 10
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "interrupted by SIGINT during segmenter training" in lines[0]
+    assert "Traceback" not in text
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] >= 0  # complete, loadable
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "interrupted"
