@@ -51,7 +51,9 @@ class RunSummary:
     """What one run records (field order is the order in `summary.json`).
 
     `metrics` holds the sectioned test metrics (`test/pixel_AUPRO`, ...); `mask` is `none` for a model that
-    uses no mask source (TransFusion); `pseudo` is the pseudo-mask record (threshold, quality vs GT).
+    uses no mask source (TransFusion); `pseudo` is the pseudo-mask record (threshold, quality vs GT);
+    `decision_threshold` is the map threshold `python -m mvtec_seg.predict` decides with (`value`, chosen
+    on the val part by `rule`; see `inference.choose_threshold`).
     """
 
     category: str
@@ -66,6 +68,7 @@ class RunSummary:
     throughput: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(THROUGHPUT_KEYS))
     split: dict[str, Any] = field(default_factory=dict)
     pseudo: dict[str, Any] | None = None
+    decision_threshold: dict[str, Any] | None = None
     checkpoint: str | None = None
     run_dir: str | None = None
 
@@ -96,6 +99,9 @@ class RunSummary:
             throughput={k: number(thr_in.get(k)) for k in THROUGHPUT_KEYS},
             split=data["split"] if isinstance(data.get("split"), dict) else {},
             pseudo=data["pseudo"] if isinstance(data.get("pseudo"), dict) else None,
+            decision_threshold=(
+                data["decision_threshold"] if isinstance(data.get("decision_threshold"), dict) else None
+            ),
             checkpoint=data.get("checkpoint"),
             run_dir=data.get("run_dir"),
         )

@@ -29,7 +29,10 @@ LAYERS: dict[str, int] = {
     "report": 6,
     "teacher": 7,
     "pseudo": 8,
+    "inference": 8,
     "train": 9,
+    "predict": 9,
+    "export": 9,
     "__main__": 10,
 }
 
