@@ -154,10 +154,10 @@ def predict(
     image_size: int | None = None,
 ) -> dict[str, Any]:
     """Predict every input image; returns `{csv, output, rows, threshold, trained}`."""
+    trained: Trained = load_trained(run, image_size)
     files = input_files(str(input))
     for f, _ in files:  # an unreadable header stops here, before anything is written
         image_hw(f)
-    trained: Trained = load_trained(run, image_size)
     if threshold is None:
         if trained.threshold is None:
             where = trained.run_dir or trained.checkpoint
