@@ -68,7 +68,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 @torch.no_grad()
 def anomaly_maps(module: AnomalyModule, images: Tensor) -> Tensor:
-    """[B,3,S,S] in [0,1] -> float32 [B,S,S] on the CPU, on the module's device, in eval mode, fp32."""
+    """[B,3,S,S] in [0,1] -> float32 [B,S,S]: computed in fp32 and eval mode on the module's device, returned
+    on the CPU (the one inference path of predict and the threshold choice)."""
     module.eval()
     device = next(module.parameters()).device
     return module.anomaly_map(images.to(device)).float().cpu()
