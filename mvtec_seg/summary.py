@@ -56,6 +56,8 @@ class RunSummary:
     `status` is `running`, `ok`, `dry_run`, `failed` or `interrupted`; `error` the one-line reason of a
     failed or interrupted run. `teacher_params` counts the TransFusion teacher a run uses (mask=pseudo,
     model=transfusion), `params` the model it scores.
+    `decision_threshold` is the map threshold `python -m mvtec_seg.predict` decides with (`value`, chosen
+    on the val part by `rule`; see `inference.choose_threshold`).
     """
 
     category: str
@@ -71,6 +73,7 @@ class RunSummary:
     throughput: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(THROUGHPUT_KEYS))
     split: dict[str, Any] = field(default_factory=dict)
     pseudo: dict[str, Any] | None = None
+    decision_threshold: dict[str, Any] | None = None
     checkpoint: str | None = None
     run_dir: str | None = None
     teacher_overlap: dict[str, int] | None = None  # {val, test}: seen by an authors' checkpoint
@@ -104,6 +107,9 @@ class RunSummary:
             throughput={k: number(thr_in.get(k)) for k in THROUGHPUT_KEYS},
             split=data["split"] if isinstance(data.get("split"), dict) else {},
             pseudo=data["pseudo"] if isinstance(data.get("pseudo"), dict) else None,
+            decision_threshold=(
+                data["decision_threshold"] if isinstance(data.get("decision_threshold"), dict) else None
+            ),
             checkpoint=data.get("checkpoint"),
             run_dir=data.get("run_dir"),
             teacher_overlap=data["teacher_overlap"]

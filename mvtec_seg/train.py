@@ -32,6 +32,7 @@ from mvtec_seg.builders import (
 from mvtec_seg.callbacks import TestArtefacts, Throughput
 from mvtec_seg.data.datamodule import MVTecDataModule
 from mvtec_seg.errors import UserError
+from mvtec_seg.inference import choose_threshold
 from mvtec_seg.interrupt import Interrupted, stage
 from mvtec_seg.loggers import run_loggers
 from mvtec_seg.models.base import AnomalyModule, parameter_count
@@ -177,6 +178,11 @@ def one_line(err: BaseException) -> str:
     return text[:500]
 
 
+def targets_name(cfg: DictConfig) -> str:
+    """What the val part is scored against: the mask source for a segmenter, GT for the teacher."""
+    return cfg.mask.name if cfg.model.source == "fit" else "gt"
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job and return its summary (also written to `<run_dir>/summary.json`)."""
     check_config(cfg)
@@ -200,6 +206,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             with stage("testing"):
                 trainer.test(model, datamodule=dm, ckpt_path=ckpt_path, verbose=False)
             out.summary.metrics = dict(model.computed_metrics["test"])
+            if trainer.is_global_zero:  # the tested weights' decision threshold, for `mvtec_seg.predict`
+                out.summary.decision_threshold = choose_threshold(
+                    model,
+                    dm.dataset("val"),
+                    dm.eval_batch_size,
+                    targets_name(cfg),
+                    trainer.strategy.root_device,
+                )
             test_s = parts.throughput.test_s
             out.summary.time["test_s"] = test_s
             if parts.artefacts.n_images and test_s:

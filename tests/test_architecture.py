@@ -31,7 +31,10 @@ LAYERS: dict[str, int] = {
     "sweep": 6,
     "teacher": 7,
     "pseudo": 8,
+    "inference": 8,
     "train": 9,
+    "predict": 9,
+    "export": 9,
     "__main__": 10,
 }
 

@@ -130,3 +130,32 @@ def test_interrupted_run_resumes(tmp_path, caplog):
     assert f"resuming training from {last}" in caplog.text
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2 * step_after_first  # continued from the first run's step count
+
+
+def test_decision_threshold_is_the_best_val_f1_and_predict_uses_it(fast_run, tmp_path):
+    """The run records the val-part map value with the highest pixel F1 (no threshold on a fine grid does
+    better); `predict` decides with it by default."""
+    from mvtec_seg.builders import build_datamodule
+    from mvtec_seg.predict import predict
+
+    cfg, summary = fast_run
+    rec = summary["decision_threshold"]
+    assert rec["n_images"] == summary["split"]["n_val"] and rec["targets"] == "gt"
+    run = Path(cfg.paths.run_dir)
+    model = Segmenter.load_from_checkpoint(run / "checkpoints" / "best.ckpt", map_location="cpu").eval()
+    dm = build_datamodule(cfg)
+    dm.prepare()
+    val = [dm.dataset("val")[i] for i in range(len(dm.dataset("val")))]
+    with torch.no_grad():
+        maps = model.anomaly_map(torch.stack([v["image"] for v in val])).numpy()
+    gt = np.stack([v["target_mask"][0].numpy() > 0.5 for v in val])
+
+    def f1(t: float) -> float:
+        tp = np.count_nonzero((maps >= t) & gt)
+        return 2 * tp / (np.count_nonzero(maps >= t) + np.count_nonzero(gt))
+
+    assert f1(rec["value"]) == pytest.approx(rec["f1"], abs=1e-9)
+    assert all(f1(t) <= rec["f1"] + 1e-12 for t in np.quantile(maps, np.linspace(0, 1, 201)))
+    first = sorted(Path(cfg.data.root).rglob("test/*/000.png"))[0]
+    result = predict(run, str(first), output=tmp_path / "p")
+    assert result["threshold"] == rec["value"] and len(result["rows"]) == 1

@@ -357,3 +357,26 @@ def test_failed_runs_are_marked_with_their_reason(sweep: dict[str, Any], tmp_pat
     (root / "failed" / "summary.json").touch()  # now the failure is the newer one
     failed = collect_runs(root).failed
     assert [f.summary.error for f in failed] == ["mask ... is 48x32 | wrong"]
+
+
+def test_html_page_is_the_markdown_with_images_embedded(sweep: dict[str, Any]) -> None:
+    """report.html: every heading, table row and figure of report.md, images as data URIs (self-contained)."""
+    import base64
+    import html as html_lib
+
+    result = sweep["result"]
+    out = result["report_md"].parent
+    md, page = result["report_md"].read_text(), result["report_html"].read_text()
+    assert result["report_html"] == out / "report.html" and page.startswith("<!DOCTYPE html>")
+    for line in md.splitlines():
+        if line.startswith("#"):
+            assert html_lib.escape(line.lstrip("#").strip(), quote=False) in page, line
+    md_rows = [line for line in md.splitlines() if line.startswith("|") and not line.startswith("|:")]
+    assert page.count("<tr>") == len(md_rows)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert len(srcs) == len(links) and "http" not in "".join(srcs)
+    for link, src in zip(links, srcs, strict=True):
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]) == (out / link).read_bytes()
+    assert "<td class=num>0." in page  # numbers right-aligned as in the Markdown table

@@ -145,17 +145,23 @@ def open_image(path: Path) -> Image.Image:
     return img
 
 
-def load_rgb(path: Path, size: int) -> np.ndarray:
-    """Decode any image (grayscale, RGBA, 16-bit, any size) to uint8 RGB resized to size x size."""
+def load_rgb(path: Path, size: int | None) -> np.ndarray:
+    """Decode any image (grayscale, RGBA, 16-bit, any size) to uint8 RGB resized to size x size
+    (`size=None`: at its own size)."""
     img = open_image(path)
     if img.mode in ("I;16", "I;16B", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         hi = max(float(arr.max()), 1.0)
         img = Image.fromarray((arr / hi * 255.0).round().astype(np.uint8))
-    img = img.convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return rgb if size is None else resize_rgb(rgb, size)
+
+
+def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
+    """uint8 RGB [H,W,3] -> [size,size,3], bilinear: the one resize every model input goes through."""
+    if rgb.shape[:2] == (size, size):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
 def load_mask(

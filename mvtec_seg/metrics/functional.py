@@ -41,6 +41,7 @@ __all__ = [
     "binary_clf_curve",
     "compute_all",
     "image_and_pixel_metrics",
+    "f1_optimal_threshold",
     "image_scores",
     "iou",
     "precision_recall_iou",
@@ -617,6 +618,22 @@ def iou(preds: ArrayLike, target: ArrayLike, threshold: float = 0.5, *, name: st
     inter = int(np.count_nonzero(p & t))
     union = int(np.count_nonzero(p | t))
     return _ratio(inter, union, name, "empty prediction and empty ground truth (union is 0)")
+
+
+def f1_optimal_threshold(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
+    """(threshold, F1): the score threshold (``pred = score >= threshold``) with the highest pixel F1,
+    the highest such threshold on ties. Exact: every distinct score is a candidate.
+
+    ``(NaN, NaN)`` with a warning when there is no positive (every threshold has F1 = 0).
+    """
+    fps, tps, thr = binary_clf_curve(scores, labels)
+    n_pos = int(tps[-1]) if tps.numel() else 0
+    if n_pos == 0:
+        nan = _undefined("F1-optimal threshold", "no positive sample")
+        return nan, nan
+    f1 = 2 * tps.double() / (tps + fps + n_pos).double()  # 2TP / (2TP + FP + FN)
+    best = int(torch.argmax(f1))  # first maximum = highest threshold
+    return float(thr[best]), float(f1[best])
 
 
 def image_scores(anomaly_map: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 """Gather the ``summary.json`` of every finished run below a folder into one comparison report.
 
 ``python -m mvtec_seg.report <folder> [--out DIR]`` writes ``report.md`` (readable tables and embedded
-plots), ``report.csv`` (one wide table, full precision) and ``report_plots/*.png``.
+plots), ``report.html`` (the same on one self-contained page, images embedded), ``report.csv`` (one wide
+table, full precision) and ``report_plots/*.png``.
 
 Why it looks the way it does:
 
@@ -18,7 +19,8 @@ Why it looks the way it does:
   never per-image normalisation, which would make a normal image's noise look like a defect.
 
 Modules: `collect` (summaries, read through `mvtec_seg.summary.RunSummary`), `aggregate` (statistics),
-`tables` (CSV and Markdown; the CSV columns are documented there), `plots` (bars, image grids), `build`.
+`tables` (CSV and Markdown; the CSV columns are documented there), `plots` (bars, image grids), `html`
+(the page from the Markdown), `build`.
 """
 
 from mvtec_seg.report.aggregate import CELL_ORDER, Stat, Table, aggregate

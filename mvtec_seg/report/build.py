@@ -14,6 +14,7 @@ from mvtec_seg.interrupt import Interrupted, install_handlers, stage
 from mvtec_seg.io_utils import atomic_write_text
 from mvtec_seg.report.aggregate import aggregate
 from mvtec_seg.report.collect import collect_runs
+from mvtec_seg.report.html import markdown_to_html
 from mvtec_seg.report.plots import BAR_METRICS, bar_plot, category_grid, safe_name
 from mvtec_seg.report.tables import csv_columns, csv_rows, csv_text, markdown
 
@@ -22,7 +23,8 @@ PLOTS_DIR = "report_plots"
 
 
 def build_report(folder: Path | str, out: Path | str | None = None) -> dict[str, Any]:
-    """Write report.md, report.csv and report_plots/ for every finished run below ``folder``.
+    """Write report.md, report.html (the same page, self-contained), report.csv and report_plots/ for every
+    finished run below ``folder``.
 
     Returns the paths written, the CSV columns and rows (None = gap), categories and cells, so a caller or
     a test can check numbers without parsing files.
@@ -49,10 +51,13 @@ def build_report(folder: Path | str, out: Path | str | None = None) -> dict[str,
     columns = csv_columns(t)
     rows = csv_rows(t)
     csv_path = atomic_write_text(out_dir / "report.csv", csv_text(columns, rows))
-    md_path = atomic_write_text(out_dir / "report.md", markdown(folder, out_dir, t, coll, plots, grids))
+    md_text = markdown(folder, out_dir, t, coll, plots, grids)
+    md_path = atomic_write_text(out_dir / "report.md", md_text)
+    html_path = atomic_write_text(out_dir / "report.html", markdown_to_html(md_text, out_dir))
     return {
         "report_md": md_path,
         "report_csv": csv_path,
+        "report_html": html_path,
         "plots": [*plots.values(), *[p for p, _ in grids.values() if p is not None]],
         "columns": columns,
         "rows": rows,
@@ -73,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     SIGTERM/SIGINT."""
     parser = argparse.ArgumentParser(
         prog="python -m mvtec_seg.report",
-        description="Gather the summary.json of every finished run below FOLDER into report.md/csv and plots.",
+        description="Gather the summary.json of every finished run below FOLDER into report.md/html/csv and plots.",
     )
     parser.add_argument("folder", type=Path, help="output or sweep folder holding run folders")
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: FOLDER)")
@@ -92,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for failed in result["failed"]:
         print(f"failed run: {failed['run_dir']}: {failed['error'] or failed['status']}", file=sys.stderr)
     print(
-        f"report: {result['report_md']} and {result['report_csv']} "
+        f"report: {result['report_md']}, {result['report_html']} and {result['report_csv']} "
         f"({result['n_runs']} runs, {len(result['categories'])} categories, {len(result['plots'])} plots)"
     )
     return 0

@@ -1,0 +1,248 @@
+"""A trained model in use: loaded from a run folder or a checkpoint, batched anomaly maps, and the decision
+threshold a run records.
+
+Shared by `train` (which chooses the threshold at the end of a run), `predict` and `export`, so "the run's
+model", "its input size" and "its threshold" mean one thing everywhere.
+
+Decision threshold rule (`THRESHOLD_RULE`): the map value that maximises pixel F1 on the **val part** against
+the run's training targets (GT with `mask=gt`, the pseudo masks with `mask=pseudo`, GT for TransFusion),
+with the model that was tested; every distinct map value is a candidate
+(`metrics.f1_optimal_threshold`). A pixel is anomalous when `map >= threshold`; an image when its score
+(the max of its map) is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from mvtec_seg.errors import UserError
+from mvtec_seg.metrics import f1_optimal_threshold
+from mvtec_seg.models.base import AnomalyModule
+from mvtec_seg.summary import SUMMARY_FILE, RunSummary
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_RULE = "max pixel F1 on the val part (map >= threshold)"
+SEGMENTER_CLASS = "mvtec_seg.models.segmenter.Segmenter"
+TRANSFUSION_CLASS = "mvtec_seg.models.transfusion.lightning_model.TransFusion"
+DEVICES = ("auto", "cpu", "gpu", "cuda")
+
+
+@dataclass
+class Trained:
+    """A loaded model and what using it needs: its input size, batch size and decision threshold."""
+
+    module: AnomalyModule
+    model: str  # unet, deeplab, transfusion, ...
+    image_size: int
+    threshold: float | None  # the run's decision threshold (None: not recorded)
+    checkpoint: Path
+    run_dir: Path | None
+    batch_size: int = 8
+
+
+# ------------------------------------------------------------------------------------------- inference
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto`: the GPU when one is present, else the CPU; `gpu`/`cuda` insist on a GPU."""
+    if name not in DEVICES:
+        raise UserError(f"trainer={name!r} is not one of {DEVICES}")
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer={name} but no CUDA GPU is visible — use trainer=cpu or trainer=auto")
+    use_gpu = name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
+@torch.no_grad()
+def anomaly_maps(module: AnomalyModule, images: Tensor) -> Tensor:
+    """[B,3,S,S] in [0,1] -> float32 [B,S,S]: computed in fp32 and eval mode on the module's device, returned
+    on the CPU (the one inference path of predict and the threshold choice)."""
+    module.eval()
+    device = next(module.parameters()).device
+    return module.anomaly_map(images.to(device)).float().cpu()
+
+
+def resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Float [h,w] map -> [H,W], bilinear (a map back at its input image's size)."""
+    amap = np.asarray(amap, dtype=np.float32)
+    if amap.shape == tuple(hw):
+        return amap
+    return np.asarray(Image.fromarray(amap, mode="F").resize((hw[1], hw[0]), Image.BILINEAR))
+
+
+def choose_threshold(
+    module: AnomalyModule, dataset: Dataset, batch_size: int, targets: str, device: torch.device | None = None
+) -> dict[str, Any]:
+    """The decision threshold by `THRESHOLD_RULE` on `dataset` (the val part, `target_mask` = the run's
+    targets); `value` is None when undefined (no anomalous val pixel)."""
+    if device is not None:
+        module.to(device)
+    maps, masks = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        maps.append(anomaly_maps(module, batch["image"]))
+        masks.append(batch["target_mask"][:, 0] > 0.5)
+    if not maps:
+        return {"value": None, "rule": THRESHOLD_RULE, "f1": None, "targets": targets, "n_images": 0}
+    value, f1 = f1_optimal_threshold(torch.cat(maps), torch.cat(masks))
+    return {
+        "value": value if math.isfinite(value) else None,
+        "rule": THRESHOLD_RULE,
+        "f1": f1 if math.isfinite(f1) else None,
+        "targets": targets,
+        "n_images": int(sum(len(m) for m in maps)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def parse_key_values(
+    argv: Sequence[str], spec: dict[str, tuple[type, Any]], required: Sequence[str] = (), usage: str = ""
+) -> dict[str, Any]:
+    """`key=value` arguments (the CLI's form) typed by `spec` (key -> (type, default)); `null` is None.
+
+    Values stay raw strings before typing (a glob like `[ab]*.png` is a path, not a list). Unknown keys,
+    bad values and missing required keys are a UserError.
+    """
+    usage_line = f" — usage: {usage.strip().splitlines()[0].strip('`:')}" if usage else ""
+    out = {k: default for k, (_, default) in spec.items()}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise UserError(f"argument {arg!r} is not key=value{usage_line}")
+        if key not in spec:
+            raise UserError(f"unknown argument {key!r} — known: {', '.join(spec)}")
+        kind = spec[key][0]
+        try:
+            out[key] = None if value in ("null", "None", "") else kind(value)
+        except ValueError:
+            raise UserError(f"{key}={value!r} is not a valid {kind.__name__}") from None
+    missing = [k for k in required if out.get(k) is None]
+    if missing:
+        raise UserError(f"{missing[0]}= is required{usage_line}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _read_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(
+            f"cannot read checkpoint {path}: {first} — pass a .ckpt written by mvtec_seg"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("hyper_parameters"), dict):
+        raise UserError(
+            f"{path} is not a mvtec_seg checkpoint (no hyper_parameters) — pass a run folder or the "
+            f"checkpoints/best.ckpt of a run"
+        )
+    return state
+
+
+def _load_module(target: str, path: Path) -> AnomalyModule:
+    try:
+        return get_class(target).load_from_checkpoint(path, map_location="cpu")
+    except Exception as err:
+        detail = " ".join(str(err).split())[:300]
+        raise UserError(
+            f"checkpoint {path} does not load as {target.rsplit('.', 1)[-1]} ({type(err).__name__}: {detail})"
+            f" — pass the checkpoint of a U-Net, DeepLabv3+ or TransFusion run"
+        ) from None
+
+
+def _run_checkpoint(run_dir: Path, summary: RunSummary) -> Path:
+    """The tested checkpoint: `checkpoints/best.ckpt` in the folder (it may have moved), else the one the
+    summary names (TransFusion's lives in the shared cache)."""
+    best = run_dir / "checkpoints" / "best.ckpt"
+    if best.is_file():
+        return best
+    if summary.checkpoint and Path(summary.checkpoint).is_file():
+        return Path(summary.checkpoint)
+    raise UserError(
+        f"run {run_dir} has no checkpoint (no checkpoints/best.ckpt; summary.json names "
+        f"{summary.checkpoint!r}) — pass a finished run folder or a .ckpt"
+    )
+
+
+def _load_run(run_dir: Path, ckpt: Path | None) -> Trained:
+    try:
+        summary = RunSummary.from_dict(json.loads((run_dir / SUMMARY_FILE).read_text()))
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(
+            f"cannot read run folder {run_dir}: {err} — pass a run folder written by mvtec_seg"
+        ) from None
+    ckpt = ckpt or _run_checkpoint(run_dir, summary)
+    if cfg.model.get("source") == "teacher" and cfg.teacher.get("checkpoint"):
+        from mvtec_seg.teacher import load_teacher_checkpoint  # a user's TransFusion, maybe a bare state dict
+
+        module = load_teacher_checkpoint(cfg, ckpt)
+    else:
+        _read_checkpoint(ckpt)
+        module = _load_module(str(cfg.model.module), ckpt)
+    threshold = (summary.decision_threshold or {}).get("value")
+    return Trained(
+        module=module,
+        model=summary.model,
+        image_size=int(cfg.data.image_size),
+        threshold=float(threshold) if threshold is not None else None,
+        checkpoint=ckpt,
+        run_dir=run_dir,
+        batch_size=int(cfg.data.get("eval_batch_size") or 8),
+    )
+
+
+def _load_bare(ckpt: Path, image_size: int | None) -> Trained:
+    hparams = _read_checkpoint(ckpt)["hyper_parameters"]
+    is_transfusion = "anomalies" in hparams
+    module = _load_module(TRANSFUSION_CLASS if is_transfusion else SEGMENTER_CLASS, ckpt)
+    net = hparams.get("net") or {}
+    size = image_size or net.get("image_size")
+    if size is None:
+        raise UserError(
+            f"{ckpt} is not inside a run folder and does not record its input size — pass image_size=<the "
+            f"data.image_size it was trained with>, or run=<its run folder>"
+        )
+    return Trained(
+        module=module,
+        model="transfusion" if is_transfusion else str(net.get("arch", "segmenter")),
+        image_size=int(size),
+        threshold=None,
+        checkpoint=ckpt,
+        run_dir=None,
+    )
+
+
+def load_trained(run: str | Path, image_size: int | None = None) -> Trained:
+    """A trained model from a run folder, a run's `.ckpt` (its run folder gives the size and threshold),
+    or a bare `.ckpt` (TransFusion records its size; a segmenter needs `image_size`)."""
+    path = Path(run).expanduser()
+    if not path.exists():
+        raise UserError(f"run not found: {path} — pass run=<run folder> or run=<checkpoint .ckpt>")
+    if path.is_dir():
+        if not (path / SUMMARY_FILE).is_file():
+            raise UserError(
+                f"{path} is not a run folder (no {SUMMARY_FILE}) — pass the folder of one finished run"
+            )
+        trained = _load_run(path, None)
+    else:
+        parent = path.parent.parent
+        in_run = path.parent.name == "checkpoints" and (parent / SUMMARY_FILE).is_file()
+        trained = _load_run(parent, path) if in_run else _load_bare(path, image_size)
+    if image_size is not None and trained.run_dir is not None and int(image_size) != trained.image_size:
+        log.warning("image_size=%s overrides the run's data.image_size=%s", image_size, trained.image_size)
+        trained.image_size = int(image_size)
+    trained.module.eval()
+    return trained

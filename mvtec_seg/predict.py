@@ -1,0 +1,224 @@
+"""`python -m mvtec_seg.predict run=<run folder or .ckpt> input=<folder, file or glob> [output=<folder>]`:
+a trained model on new images.
+
+Other settings (key=value like the rest of the CLI): `threshold=` (default: the run's
+`decision_threshold` from `summary.json`), `trainer=auto|cpu|gpu` (auto: the GPU when present),
+`batch_size=` (default: the run's `data.eval_batch_size`), `image_size=` (only for a checkpoint outside a
+run folder whose input size is not recorded).
+
+Images are read and resized exactly as in training (`data.mvtec.load_rgb`: grey, RGBA and 16-bit become
+RGB; bilinear to `data.image_size`); maps are computed in fp32 and resized back to each input's size.
+Per image, in `output` (default `<run>/predictions/`), named after the input's path below the input folder
+(`test/crack/000.png` -> `test_crack_000`):
+
+- `<name>_map.npy`: the anomaly map, float32 `[H,W]` at the input's size (exact values, any range; for
+  segmenters probabilities);
+- `<name>_overlay.png`: the map in 'jet' over the image on the fixed scale [0, 1] (`viz.heat_overlay`);
+- `<name>_mask.png`: 8-bit, 255 where `map >= threshold`;
+- a row of `predictions.csv`: `path, name, image_score` (max of the map at the model's size, the score
+  the run's metrics use), `decision` (`anomalous` when `image_score >= threshold`, else `normal`),
+  `defect_area_px` (mask pixels at the input's size).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mvtec_seg.data.mvtec import IMAGE_SUFFIXES, image_hw, load_rgb, resize_rgb
+from mvtec_seg.errors import UserError
+from mvtec_seg.inference import (
+    Trained,
+    anomaly_maps,
+    load_trained,
+    parse_key_values,
+    pick_device,
+    resize_map,
+)
+from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_CSV = "predictions.csv"
+CSV_COLUMNS: tuple[str, ...] = ("path", "name", "image_score", "decision", "defect_area_px")
+OVERLAY_RANGE: tuple[float, float] = (0.0, 1.0)  # segmenter probabilities; TransFusion's map is in [0,1] too
+ARGS: dict[str, tuple[type, Any]] = {  # key -> (type, default)
+    "run": (str, None),
+    "input": (str, None),
+    "output": (str, None),
+    "threshold": (float, None),
+    "trainer": (str, "auto"),
+    "batch_size": (int, None),
+    "image_size": (int, None),
+}
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _flat_name(rel: Path) -> str:
+    """'test/crack/000.png' -> 'test_crack_000': one flat output folder."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", rel.with_suffix("").as_posix()).strip("_.") or "image"
+
+
+def input_files(spec: str) -> list[tuple[Path, str]]:
+    """(file, output name) for a folder (its images, recursively), one file, or a glob pattern."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if _is_image(p))
+        if not files:
+            raise UserError(f"input folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        root = path
+    elif path.is_file():
+        files, root = [path], path.parent
+    elif glob.has_magic(spec):
+        files = sorted(p for p in map(Path, glob.glob(str(path), recursive=True)) if _is_image(p))
+        if not files:
+            raise UserError(f"input pattern {spec!r} matches no image files")
+        root = Path(_common_parent(files))
+    else:
+        raise UserError(f"input not found: {path} — pass input=<image folder, image file or glob pattern>")
+    named, seen = [], set()
+    for f in files:
+        name = _flat_name(f.relative_to(root))
+        base, k = name, 2
+        while name in seen:  # 'a_b/c' and 'a/b_c' flatten alike
+            name, k = f"{base}_{k}", k + 1
+        seen.add(name)
+        named.append((f, name))
+    return named
+
+
+def _common_parent(files: list[Path]) -> str:
+    import os
+
+    return os.path.commonpath([str(f.parent.resolve()) for f in files]) if files else "."
+
+
+# ---------------------------------------------------------------------------------------------- predict
+@dataclass
+class Prediction:
+    path: str
+    name: str
+    image_score: float
+    decision: str
+    defect_area_px: int
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _write_outputs(out: Path, name: str, image: np.ndarray, amap: np.ndarray, threshold: float) -> int:
+    """The three files of one image (map, overlay, mask) at its own size; returns the defect area."""
+    from mvtec_seg.viz import heat_overlay
+
+    full = resize_map(amap, image.shape[:2])
+    mask = full >= threshold
+    _save_npy(out / f"{name}_map.npy", full.astype(np.float32))
+    atomic_save_png(out / f"{name}_overlay.png", heat_overlay(image, full, *OVERLAY_RANGE))
+    atomic_save_png(out / f"{name}_mask.png", mask)
+    return int(mask.sum())
+
+
+def _progress(total: int, batch_size: int):
+    from tqdm.auto import tqdm
+
+    # a bar only for inputs of several batches, and only on a terminal (None: tqdm checks)
+    return tqdm(total=total, unit="img", desc="predict", disable=True if total <= batch_size else None)
+
+
+def predict(
+    run: str | Path,
+    input: str,
+    output: str | Path | None = None,
+    threshold: float | None = None,
+    trainer: str = "auto",
+    batch_size: int | None = None,
+    image_size: int | None = None,
+) -> dict[str, Any]:
+    """Predict every input image; returns `{csv, output, rows, threshold, trained}`."""
+    trained: Trained = load_trained(run, image_size)
+    files = input_files(str(input))
+    for f, _ in files:  # an unreadable header stops here, before anything is written
+        image_hw(f)
+    if threshold is None:
+        if trained.threshold is None:
+            where = trained.run_dir or trained.checkpoint
+            raise UserError(
+                f"{where} records no decision threshold (summary.json decision_threshold; runs before it was "
+                f"added, or a bare checkpoint) — pass threshold=<map value>"
+            )
+        threshold = trained.threshold
+    threshold = float(threshold)
+    if output is None:
+        output = (trained.run_dir or trained.checkpoint.parent) / "predictions"
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(str(trainer))
+    trained.module.to(device)
+    bs = int(batch_size or trained.batch_size)
+    if bs < 1:
+        raise UserError(f"batch_size={bs} must be at least 1")
+    rows: list[Prediction] = []
+    with ThreadPoolExecutor(max(1, min(4, bs))) as pool, _progress(len(files), bs) as bar:
+        for start in range(0, len(files), bs):
+            chunk = files[start : start + bs]
+            images = list(pool.map(lambda item: load_rgb(item[0], None), chunk))
+            batch = torch.from_numpy(np.stack([resize_rgb(im, trained.image_size) for im in images]))
+            maps = anomaly_maps(trained.module, batch.permute(0, 3, 1, 2).float().div_(255.0)).numpy()
+            for (f, name), image, amap in zip(chunk, images, maps, strict=True):
+                score = float(amap.max())
+                area = _write_outputs(out, name, image, amap, threshold)
+                decision = "anomalous" if score >= threshold else "normal"
+                rows.append(Prediction(str(f), name, score, decision, area))
+            bar.update(len(chunk))
+    csv_path = _write_csv(out / PREDICTIONS_CSV, rows)
+    return {"csv": csv_path, "output": out, "rows": rows, "threshold": threshold, "trained": trained}
+
+
+def _write_csv(path: Path, rows: list[Prediction]) -> Path:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow([r.path, r.name, repr(r.image_score), r.decision, r.defect_area_px])
+    return atomic_write_text(path, buf.getvalue())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: returns 0, or 2 with a one-line message on bad input (no traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = parse_key_values(argv, ARGS, required=("run", "input"), usage=__doc__)
+        result = predict(**args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    n_anom = sum(r.decision == "anomalous" for r in result["rows"])
+    print(
+        f"predictions: {len(result['rows'])} images, {n_anom} anomalous at threshold "
+        f"{result['threshold']:.6g} -> {result['csv']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
