@@ -173,19 +173,25 @@ def ensure_teacher(cfg: DictConfig, dm) -> Teacher:
     return Teacher(module, info, final)
 
 
+def predict_maps(cfg: DictConfig, module: AnomalyModule, dm) -> np.ndarray:
+    """A model's anomaly maps of every manifest image ([N,H,W] float16, manifest order)."""
+    trainer = build_trainer(
+        cfg, 1, single_device=True, limit_train_batches=None, limit_val_batches=0, num_sanity_val_steps=0
+    )
+    outputs = trainer.predict(module, dataloaders=dm.predict_dataloader())
+    index = torch.cat([o["index"] for o in outputs]).numpy()
+    maps = torch.cat([o["anomaly_map"] for o in outputs]).numpy()
+    ordered = np.empty_like(maps, dtype=np.float16)
+    ordered[index] = maps.astype(np.float16)
+    return ordered
+
+
 def teacher_maps(cfg: DictConfig, dm, teacher: Teacher) -> np.ndarray:
     """Anomaly maps of every manifest image ([N,H,W] float16, manifest order), computed once per teacher."""
     target = teacher.dir / "maps.npy"
 
     def build(tmp: Path) -> None:
-        trainer = build_trainer(
-            cfg, 1, single_device=True, limit_train_batches=None, limit_val_batches=0, num_sanity_val_steps=0
-        )
-        outputs = trainer.predict(teacher.module, dataloaders=dm.predict_dataloader())
-        index = torch.cat([o["index"] for o in outputs]).numpy()
-        maps = torch.cat([o["anomaly_map"] for o in outputs]).numpy()
-        ordered = np.empty_like(maps, dtype=np.float16)
-        ordered[index] = maps.astype(np.float16)
+        ordered = predict_maps(cfg, teacher.module, dm)
         with open(tmp, "wb") as fh:
             np.save(fh, ordered)
 
