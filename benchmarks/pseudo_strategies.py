@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import shlex
 import shutil
 import sys
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--teacher-epochs", type=int, default=25, help="TransFusion epochs, real categories")
     ap.add_argument("--synthetic-teacher-epochs", type=int, default=30)
     ap.add_argument("--unet-epochs", type=int, default=15)
+    ap.add_argument("--unet-crop", type=int, default=None, help="train U-Nets on random crops of this size")
+    ap.add_argument("--skip-references", action="store_true", help="no TransFusion / U-Net(GT) rows")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs under outputs/benchmarks/")
     args = ap.parse_args(argv)
     unknown = [s for s in args.strategies if s not in STRATEGIES]
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     unet = [
         "experiment=unet_fast_cpu",
         f"data.image_size={args.image_size}",
-        "data.train_crop=null",
+        f"data.train_crop={args.unet_crop or 'null'}",
         f"model.max_epochs={args.unet_epochs}",
     ]
     rows: list[dict] = []
@@ -172,16 +175,21 @@ def main(argv: list[str] | None = None) -> None:
                 base += [f"data.root={args.root}", f"teacher.max_epochs={args.teacher_epochs}"]
             base += [f"data.image_size={args.image_size}"] + (TINY if args.tiny else [])
             runs = out_root / "benchmarks" / "pseudo_strategies" / cat
-            tf = _run(base + ["model=transfusion"], runs / "transfusion", args.reuse)
-            rows.append(_row(cat, "TransFusion (teacher)", tf))
-            gt = _run(base + unet + ["mask=gt"] + (TINY if args.tiny else []), runs / "unet_gt", args.reuse)
-            rows.append(_row(cat, "U-Net (GT)", gt))
-            for i, name in enumerate(args.strategies):
+            if not args.skip_references:
+                tf = _run(base + ["model=transfusion"], runs / "transfusion", args.reuse)
+                rows.append(_row(cat, "TransFusion (teacher)", tf))
+                gt = _run(
+                    base + unet + ["mask=gt"] + (TINY if args.tiny else []), runs / "unet_gt", args.reuse
+                )
+                rows.append(_row(cat, "U-Net (GT)", gt))
+            for name in args.strategies:
                 over = base + unet + ["mask=pseudo", *STRATEGIES[name]] + (TINY if args.tiny else [])
-                rows.append(_row(cat, name, _run(over, runs / f"unet_pseudo_{i}", args.reuse)))
+                slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+                rows.append(_row(cat, name, _run(over, runs / f"unet_pseudo_{slug}", args.reuse)))
         notes.insert(
             0,
-            f"U-Net: `experiment=unet_fast_cpu` at {args.image_size} px whole images, {args.unet_epochs} epochs; "
+            f"U-Net: `experiment=unet_fast_cpu` at {args.image_size} px, trained on "
+            f"{f'random {args.unet_crop} px crops' if args.unet_crop else 'whole images'}, {args.unet_epochs} epochs; "
             f"teacher: the default CPU TransFusion ({args.teacher_epochs} epochs on real categories, "
             f"{args.synthetic_teacher_epochs} on synthetic), one per category shared by all rows. Mask quality "
             "on the train part against GT; metrics on the test part against GT.",
