@@ -267,6 +267,19 @@ def maps_dir(dm, teacher: Teacher) -> Path:
     return teacher.dir / "maps" / key
 
 
+def predict_maps(cfg: DictConfig, module: AnomalyModule, dm) -> np.ndarray:
+    """A model's anomaly maps of every manifest image ([N,H,W] float16, manifest order)."""
+    trainer = build_trainer(
+        cfg, 1, single_device=True, limit_train_batches=None, limit_val_batches=0, num_sanity_val_steps=0
+    )
+    outputs = trainer.predict(module, dataloaders=dm.predict_dataloader())
+    index = torch.cat([o["index"] for o in outputs]).numpy()
+    maps = torch.cat([o["anomaly_map"] for o in outputs]).numpy()
+    ordered = np.empty_like(maps, dtype=np.float16)
+    ordered[index] = maps.astype(np.float16)
+    return ordered
+
+
 @stage("teacher maps")
 def teacher_maps(cfg: DictConfig, dm, teacher: Teacher) -> np.ndarray:
     """Anomaly maps of every manifest image ([N,H,W] float16, manifest order), computed once per teacher and
@@ -277,14 +290,7 @@ def teacher_maps(cfg: DictConfig, dm, teacher: Teacher) -> np.ndarray:
     def build(tmp: Path) -> None:
         announce_rebuild(folder, record, f"the TransFusion maps of {cfg.category.name}")
         log.info("computing teacher maps of %d images into %s", len(dm.manifest["samples"]), folder)
-        trainer = build_trainer(
-            cfg, 1, single_device=True, limit_train_batches=None, limit_val_batches=0, num_sanity_val_steps=0
-        )
-        outputs = trainer.predict(teacher.module, dataloaders=dm.predict_dataloader())
-        index = torch.cat([o["index"] for o in outputs]).numpy()
-        maps = torch.cat([o["anomaly_map"] for o in outputs]).numpy()
-        ordered = np.empty_like(maps, dtype=np.float16)
-        ordered[index] = maps.astype(np.float16)
+        ordered = predict_maps(cfg, teacher.module, dm)
         tmp.mkdir(parents=True)
         np.save(tmp / "maps.npy", ordered)
         write_record(tmp, record)

@@ -37,7 +37,8 @@ from mvtec_seg.interrupt import Interrupted, stage
 from mvtec_seg.loggers import run_loggers
 from mvtec_seg.models.base import AnomalyModule, parameter_count
 from mvtec_seg.outputs import RunOutputs
-from mvtec_seg.pseudo.masks import ensure_pseudo_masks
+from mvtec_seg.pseudo.masks import ensure_pseudo_masks, load_targets
+from mvtec_seg.pseudo.self_training import self_train
 from mvtec_seg.teacher import build_teacher, ensure_teacher, teacher_overlap
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,15 @@ def _fit(
     return out.summary.checkpoint
 
 
+def _set_pseudo_targets(cfg: DictConfig, dm: MVTecDataModule) -> dict:
+    """Put the pseudo targets (and loss weights) on `dm`: the teacher's, or after `mask.rounds` rounds of
+    self-training; returns their record (thresholds, quality vs GT of every round)."""
+    _, info = ensure_pseudo_masks(cfg, dm)
+    info = self_train(cfg, dm, info)
+    dm.set_target_masks(*load_targets(info))
+    return info
+
+
 def _prepare_model(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> AnomalyModule:
     """The model to test, recorded in the summary: the ensured teacher, or an untrained segmenter whose
     targets (GT, or pseudo masks built on first use) are set on `dm`."""
@@ -119,9 +129,7 @@ def _prepare_model(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> Ano
         out.summary.checkpoint = teacher.checkpoint
         return teacher.module
     if cfg.mask.name == "pseudo":
-        masks, info = ensure_pseudo_masks(cfg, dm)
-        dm.set_target_masks(masks)
-        out.summary.pseudo = info
+        out.summary.pseudo = _set_pseudo_targets(cfg, dm)
         with torch.device("meta"):  # counted, not used: no memory, no random draws
             out.summary.teacher_params = parameter_count(build_teacher(cfg))
     model = build_model(cfg)

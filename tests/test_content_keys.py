@@ -14,7 +14,7 @@ from conftest import _save, compose_cfg, make_fake_mvtec
 
 from mvtec_seg.data.datamodule import MVTecDataModule
 from mvtec_seg.errors import UserError
-from mvtec_seg.pseudo.masks import pseudo_dir
+from mvtec_seg.pseudo.masks import teacher_pseudo_dir
 from mvtec_seg.teacher import Teacher, maps_dir, teacher_dir
 
 
@@ -78,7 +78,7 @@ def test_mask_edited_in_place_rebuilds_and_names_it(tmp_path, caplog):
     dm = _dm(cat, cache)
     cfg = compose_cfg(tmp_path, ["mask=pseudo"])
     teacher = Teacher(module=None, info={}, dir=teacher_dir(cfg, dm))
-    before = (teacher.dir, maps_dir(dm, teacher), pseudo_dir(cfg, dm, teacher))
+    before = (teacher.dir, maps_dir(dm, teacher), teacher_pseudo_dir(cfg, dm, teacher))
     edited = np.zeros((40, 40), np.uint8)
     edited[0:5, 0:5] = 255  # another defect region; same file size is possible, same mtime is forced
     _rewrite_keeping_mtime(cat / "ground_truth" / "scratch" / "002_mask.png", edited)
@@ -94,7 +94,7 @@ def test_mask_edited_in_place_rebuilds_and_names_it(tmp_path, caplog):
     teacher2 = Teacher(module=None, info={}, dir=teacher_dir(cfg, dm2))
     # the teacher and its maps never see GT masks; the pseudo masks' recorded quality does
     assert teacher2.dir == before[0] and maps_dir(dm2, teacher2) == before[1]
-    assert pseudo_dir(cfg, dm2, teacher2) != before[2]
+    assert teacher_pseudo_dir(cfg, dm2, teacher2) != before[2]
 
 
 def test_image_replaced_rebuilds_what_reads_it(tmp_path, caplog):

@@ -38,7 +38,7 @@ def test_pseudo_run_builds_teacher_masks_and_reports_quality(pseudo_run):
     assert summary["status"] == "ok" and summary["mask"] == "pseudo"
     info = summary["pseudo"]
     assert info["strategy"] == "quantile" and np.isfinite(info["threshold"])
-    assert set(info["quality"]["train"]) == {"IoU", "precision", "recall"}
+    assert set(info["quality"]["train"]) == {"IoU", "precision", "recall", "normal_nonempty"}
     pdir = Path(info["dir"])
     masks = np.load(pdir / "masks.npy")
     assert masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 1}

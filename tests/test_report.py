@@ -70,7 +70,7 @@ def _predictions(run_dir: Path, manifest: Path, model: str, seed: int, drop: int
 
 def _pseudo(category: str) -> dict[str, Any]:
     q = (
-        {"IoU": 0.41, "precision": 0.52, "recall": 0.63}
+        {"IoU": 0.41, "precision": 0.52, "recall": 0.63, "normal_nonempty": 0.25}
         if category == "alpha"
         else {
             "IoU": 0.21,
@@ -257,6 +257,8 @@ def test_pseudo_quality_and_column_order(sweep: dict[str, Any]) -> None:
     assert _f(rows["beta"]["pseudo/train_recall.mean"]) == pytest.approx(0.43)
     assert _f(rows["alpha"]["pseudo/threshold.mean"]) == pytest.approx(0.37)
     assert _f(rows["mean"]["pseudo/train_precision.mean"]) == pytest.approx((0.52 + 0.32) / 2)
+    assert _f(rows["alpha"]["pseudo/train_normal_nonempty.mean"]) == pytest.approx(0.25)
+    assert rows["beta"]["pseudo/train_normal_nonempty.n"] == "0"  # an older record without it: a gap
     assert result["cells"] == [
         ("transfusion", "none"),
         ("unet", "gt"),

@@ -26,8 +26,10 @@ class ManifestDataset(Dataset):
         indices: np.ndarray,
         augment: bool = False,
         crop: int | None = None,
+        target_weights: np.ndarray | None = None,
     ) -> None:
         self.images, self.gt_masks, self.target_masks = images, gt_masks, target_masks
+        self.target_weights = target_weights
         self.rows, self.indices, self.augment = rows, np.asarray(indices, dtype=np.int64), augment
         self.crop = crop
 
@@ -43,20 +45,26 @@ class ManifestDataset(Dataset):
             if self.target_masks is None
             else torch.from_numpy(np.array(self.target_masks[j])).float()[None]
         )
+        weight = (
+            torch.ones_like(target)
+            if self.target_weights is None
+            else torch.from_numpy(np.array(self.target_weights[j])).float()[None]
+        )
         if self.augment:
             dims = [d for d, flip in ((-1, torch.rand(()) < 0.5), (-2, torch.rand(()) < 0.5)) if flip]
             if dims:
-                image, gt, target = (t.flip(dims) for t in (image, gt, target))
+                image, gt, target, weight = (t.flip(dims) for t in (image, gt, target, weight))
         if self.crop and self.crop < image.shape[-1]:
             top, left = (int(v) for v in torch.randint(0, image.shape[-1] - self.crop + 1, (2,)))
-            image, gt, target = (
-                t[..., top : top + self.crop, left : left + self.crop] for t in (image, gt, target)
+            image, gt, target, weight = (
+                t[..., top : top + self.crop, left : left + self.crop] for t in (image, gt, target, weight)
             )
         row = self.rows[j]
         return {
             "image": image,
             "gt_mask": gt,
             "target_mask": target,
+            "target_weight": weight,
             "gt_label": torch.tensor(row["label"], dtype=torch.long),
             "defect_type": row["defect_type"],
             "path": row["image"],
@@ -128,6 +136,7 @@ class MVTecDataModule(pl.LightningDataModule):
         self.shard_evaluation = shard_evaluation
         self.protocol = protocol  # "split" (seeded 7:1:2) or "official" (MVTec AD's train/good and test/)
         self.target_masks: np.ndarray | None = None
+        self.target_weights: np.ndarray | None = None
         self.manifest: dict | None = None
         self.manifest_path: Path | None = None
         self.file_state: dict[str, str] = {}
@@ -162,12 +171,14 @@ class MVTecDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
 
-    def set_target_masks(self, masks: np.ndarray) -> None:
-        """Use these masks ([N,H,W] in manifest order) as training/validation targets instead of GT."""
+    def set_target_masks(self, masks: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Use these targets ([N,H,W] in manifest order, binary or soft in [0,1]) for training/validation
+        instead of GT, with optional per-pixel loss weights (`target_weight`; 0 = ignore; default 1)."""
         self.prepare()
-        if masks.shape != self.gt_masks.shape:
-            raise ValueError(f"target masks have shape {masks.shape}, expected {self.gt_masks.shape}")
-        self.target_masks = masks
+        for name, arr in (("target masks", masks), ("target weights", weights)):
+            if arr is not None and arr.shape != self.gt_masks.shape:
+                raise ValueError(f"{name} have shape {arr.shape}, expected {self.gt_masks.shape}")
+        self.target_masks, self.target_weights = masks, weights
 
     def indices(self, part: str, normal_only: bool = False) -> np.ndarray:
         rows = self.prepare()["samples"]
@@ -181,8 +192,9 @@ class MVTecDataModule(pl.LightningDataModule):
     ) -> ManifestDataset:
         rows = self.prepare()["samples"]
         target = self.target_masks if part in ("train", "val") else None
+        weight = self.target_weights if part in ("train", "val") else None
         idx = self.indices(part, normal_only)
-        return ManifestDataset(self.images, self.gt_masks, target, rows, idx, augment, crop)
+        return ManifestDataset(self.images, self.gt_masks, target, rows, idx, augment, crop, weight)
 
     def counts(self) -> dict[str, int]:
         return part_counts(self.prepare())

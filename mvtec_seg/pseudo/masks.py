@@ -1,8 +1,16 @@
-"""Pseudo masks: the teacher's maps thresholded (never looking at GT), written once per teacher and setting.
+"""Pseudo masks: the teacher's maps turned into training targets by `rules.py` (never looking at GT),
+written once per teacher and setting.
 
-The masks are keyed by the teacher's maps (`teacher.maps_dir`: the weights and the images' bytes), the split,
-the threshold settings and the bytes of the GT masks their recorded quality is scored against, so two jobs
-with the same settings share one set and a changed setting or file builds a new one beside it.
+The targets are keyed by their source (the teacher's maps folder `teacher.maps_dir`, keyed by the weights
+and the images' bytes, or a self-training round), the `mask.*` rule settings, the split and the bytes of the GT
+masks their recorded quality is scored against (`pseudo_dir` and `round_dir` are the one place keys are
+computed), so two jobs with the same settings share one set and a changed setting or file builds a new one
+beside it.
+
+A set's folder: `masks.npy` (uint8 {0,1}, the mask scored against GT), `target.npy` (what the segmenter
+trains on: the mask, or the soft map as float16), `weight.npy` (uint8 per-pixel loss weight, only for
+`mask.target=ignore`), one PNG per image, `info.json` (thresholds, settings, quality per part) and
+`files.json` (the fingerprints of the files it was made from).
 """
 
 from __future__ import annotations
@@ -18,77 +26,123 @@ from mvtec_seg.data.files import announce_rebuild, files_key, write_record
 from mvtec_seg.interrupt import stage
 from mvtec_seg.io_utils import atomic_save_png, atomic_write_json, build_once, content_key
 from mvtec_seg.metrics import precision_recall_iou
-from mvtec_seg.pseudo.thresholds import choose_threshold
+from mvtec_seg.pseudo.rules import derive_targets, strategy_label
 from mvtec_seg.teacher import ensure_teacher, maps_dir, teacher_maps
 
 log = logging.getLogger(__name__)
+PARTS = ("train", "val", "test")
+
+
+def mask_settings(cfg: DictConfig) -> dict:
+    """The rule settings a set of targets depends on: `cfg.mask` without `name` and `rounds`."""
+    settings = OmegaConf.to_container(cfg.mask, resolve=True)
+    return {k: v for k, v in settings.items() if k not in ("name", "rounds")}
+
+
+def pseudo_dir(source_dir: Path, settings: dict, extra: dict | None = None) -> Path:
+    """Where the targets derived from `source_dir`'s maps under `settings` live (`extra`: what else they
+    depend on, e.g. a self-training round's segmenter)."""
+    key = content_key(settings if extra is None else {"settings": settings, **extra})
+    return Path(source_dir) / "pseudo" / key
+
+
+def round_dir(previous_set: Path, spec: dict) -> Path:
+    """Where a self-training round trained on `previous_set`'s targets keeps its maps (and, below, its sets)."""
+    return Path(previous_set) / "self_training" / content_key(spec)
+
+
+def mask_quality(masks: np.ndarray, dm) -> dict:
+    """Per part: IoU, precision, recall against GT and the fraction of normal images with a non-empty mask
+    (what the normal images would teach as false positives)."""
+    quality = {}
+    for part in PARTS:
+        idx = dm.indices(part)
+        q = precision_recall_iou(masks[idx], np.asarray(dm.gt_masks[idx]))
+        normal = dm.indices(part, normal_only=True)
+        nonempty = masks[normal].reshape(len(normal), -1).any(axis=1) if len(normal) else np.zeros(0)
+        q["normal_nonempty"] = float(nonempty.mean()) if len(normal) else float("nan")
+        quality[part] = q
+    return quality
 
 
 @stage("pseudo masks")
-def write_pseudo_masks(
-    out: Path, maps: np.ndarray, dm, settings: dict, category: str, teacher_dir: Path
-) -> None:
-    """Threshold `maps` ([N,H,W], manifest order) under `settings` and write `masks.npy`, one PNG per image
-    and `info.json` (threshold, settings, quality against GT per part) into the new folder `out`."""
+def write_pseudo_masks(out: Path, maps: np.ndarray, dm, settings: dict, category: str, source: Path) -> None:
+    """Derive the targets of `maps` ([N,H,W], manifest order) under `settings` and write them into the new
+    folder `out` (see the module docstring)."""
     rows = dm.manifest["samples"]
     log.warning("building pseudo masks for %s (%s) in %s", category, settings, out)
-    threshold = choose_threshold(
-        maps,
-        dm.indices("train"),
-        dm.indices("train", normal_only=True),
-        settings["strategy"],
-        settings.get("quantile", 0.995),
-        settings.get("fixed", 0.5),
-    )
-    masks = (np.asarray(maps, dtype=np.float32) >= threshold).astype(np.uint8)
+    t = derive_targets(maps, dm.indices("train"), dm.indices("train", normal_only=True), settings)
     out.mkdir(parents=True)
-    np.save(out / "masks.npy", masks)
+    np.save(out / "masks.npy", t.mask)
+    np.save(out / "target.npy", t.target)
+    if t.weight is not None:
+        np.save(out / "weight.npy", t.weight)
     for i, row in enumerate(rows):
         name = f"{i:05d}_{row['defect_type']}_{Path(row['image']).stem}.png"
-        atomic_save_png(out / "png" / name, masks[i] * 255)
-    quality = {
-        part: precision_recall_iou(masks[dm.indices(part)], np.asarray(dm.gt_masks[dm.indices(part)]))
-        for part in ("train", "val", "test")
-    }
+        atomic_save_png(out / "png" / name, t.mask[i] * 255)
     atomic_write_json(
         out / "info.json",
         {
-            "threshold": threshold,
+            **t.record,
             "settings": settings,
-            "teacher": str(teacher_dir),
-            "quality": quality,
+            "teacher": str(source),
+            "quality": mask_quality(t.mask, dm),
             "n": len(rows),
         },
     )
 
 
-def pseudo_dir(cfg: DictConfig, dm, teacher) -> Path:
-    """The folder of the pseudo masks for these maps, split, threshold settings and GT mask bytes."""
-    settings = OmegaConf.to_container(cfg.mask.threshold, resolve=True)
-    split = [[r["image"], r["part"]] for r in dm.manifest["samples"]]
-    data = files_key(dm.data_record(masks=True))
+def read_pseudo(pdir: Path) -> dict:
+    """The record of a written set, with its folder and strategy."""
+    info = json.loads((pdir / "info.json").read_text())
+    info["dir"] = str(pdir)
+    info["strategy"] = info["settings"]["threshold"]["strategy"]
+    info["label"] = strategy_label(info["settings"])
+    return info
+
+
+def load_targets(info: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """The training target ([N,H,W]) and per-pixel weight (or None) of a set written by this module."""
+    pdir = Path(info["dir"])
+    target = pdir / "target.npy"
+    weight = pdir / "weight.npy"
     return (
-        maps_dir(dm, teacher) / "pseudo" / content_key({"settings": settings, "split": split, "data": data})
+        np.load(target if target.exists() else pdir / "masks.npy"),
+        np.load(weight) if weight.exists() else None,
     )
 
 
-def ensure_pseudo_masks(cfg: DictConfig, dm) -> tuple[np.ndarray, dict]:
-    """Binary pseudo masks ([N,H,W] uint8, manifest order) and their record (threshold, quality vs GT);
-    the teacher is ensured first (trained once if needed)."""
-    teacher = ensure_teacher(cfg, dm)
-    maps = teacher_maps(cfg, dm, teacher)
-    settings = OmegaConf.to_container(cfg.mask.threshold, resolve=True)
+def _data_extra(dm) -> dict:
+    """What a set depends on besides its maps and rules: the split and the GT masks' bytes (its quality)."""
+    split = [[r["image"], r["part"]] for r in dm.manifest["samples"]]
+    return {"split": split, "data": files_key(dm.data_record(masks=True))}
+
+
+def ensure_masks_from(maps: np.ndarray, source: Path, cfg: DictConfig, dm, extra: dict | None = None):
+    """Binary masks and record of `maps` (from `source`) under the configured rules, built once."""
+    settings = mask_settings(cfg)
     record = dm.data_record(masks=True)
-    pdir = pseudo_dir(cfg, dm, teacher)
+    pdir = pseudo_dir(source, settings, {**_data_extra(dm), **(extra or {})})
 
     def build(tmp: Path) -> None:
         announce_rebuild(pdir, record, f"the pseudo masks of {cfg.category.name}")
-        write_pseudo_masks(tmp, maps, dm, settings, cfg.category.name, teacher.dir)
+        write_pseudo_masks(tmp, maps, dm, settings, cfg.category.name, source)
         write_record(tmp, record)
 
     build_once(pdir, build)
-    info = json.loads((pdir / "info.json").read_text())
-    info["dir"] = str(pdir)
+    return np.load(pdir / "masks.npy"), read_pseudo(pdir)
+
+
+def teacher_pseudo_dir(cfg: DictConfig, dm, teacher) -> Path:
+    """The folder of the teacher's pseudo masks for this run's rules, split and data."""
+    return pseudo_dir(maps_dir(dm, teacher), mask_settings(cfg), _data_extra(dm))
+
+
+def ensure_pseudo_masks(cfg: DictConfig, dm) -> tuple[np.ndarray, dict]:
+    """Binary pseudo masks ([N,H,W] uint8, manifest order) and their record (thresholds, quality vs GT);
+    the teacher is ensured first (trained once if needed). `load_targets(record)` gives what to train on."""
+    teacher = ensure_teacher(cfg, dm)
+    maps = teacher_maps(cfg, dm, teacher)
+    masks, info = ensure_masks_from(maps, maps_dir(dm, teacher), cfg, dm)
     info["maps"] = str(maps_dir(dm, teacher) / "maps.npy")
-    info["strategy"] = settings["strategy"]
-    return np.load(pdir / "masks.npy"), info
+    return masks, info

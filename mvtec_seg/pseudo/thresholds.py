@@ -4,6 +4,7 @@
 - `quantile`: a high quantile of the map values on the normal images of the train part: the level that
   normal pixels rarely exceed, so it adapts to the map's scale.
 - `otsu`: Otsu's threshold on the map values of the train part.
+- `hysteresis`: the `quantile` level is the high threshold (`rules.py` adds the low one and grows regions).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from skimage.filters import threshold_otsu
 
-STRATEGIES = ("fixed", "quantile", "otsu")
+STRATEGIES = ("fixed", "quantile", "otsu", "hysteresis")
 
 
 def choose_threshold(
@@ -22,12 +23,12 @@ def choose_threshold(
     quantile: float = 0.995,
     fixed: float = 0.5,
 ) -> float:
-    """The binarisation threshold for `maps` ([N,H,W] over the manifest) under a strategy."""
+    """The binarisation (for `hysteresis`: the high) threshold for `maps` ([N,H,W] over the manifest)."""
     if strategy == "fixed":
         return float(fixed)
-    if strategy == "quantile":
+    if strategy in ("quantile", "hysteresis"):
         if len(normal_train_idx) == 0:
-            raise ValueError("mask.threshold.strategy=quantile needs normal images in the train part")
+            raise ValueError(f"mask.threshold.strategy={strategy} needs normal images in the train part")
         return float(np.quantile(np.asarray(maps[normal_train_idx], dtype=np.float32), quantile))
     if strategy == "otsu":
         return float(threshold_otsu(np.asarray(maps[train_idx], dtype=np.float32).ravel()))

@@ -22,7 +22,7 @@ CELL_ORDER: tuple[Cell, ...] = (
     ("deeplab", "gt"),
     ("deeplab", "pseudo"),
 )
-QUALITY_KEYS: tuple[str, ...] = ("IoU", "precision", "recall")
+QUALITY_KEYS: tuple[str, ...] = ("IoU", "precision", "recall", "normal_nonempty")
 
 
 def _order_cells(cells: Iterable[Cell]) -> list[Cell]:
@@ -145,7 +145,9 @@ def aggregate(runs: Sequence[Run]) -> Table:
         quality[(cat, "threshold")] = _stat([number(info.get("threshold")) for info in records])
         for key in QUALITY_KEYS:
             quality[(cat, key)] = _stat([_quality(info, key) for info in records])
-        strategy[cat] = "/".join(sorted({str(info.get("strategy", "?")) for info in records}))
+        strategy[cat] = "/".join(
+            sorted({str(info.get("label") or info.get("strategy", "?")) for info in records})
+        )
     gap_models = [
         m for m in dict.fromkeys(m for m, _ in cells) if (m, "gt") in cells and (m, "pseudo") in cells
     ]

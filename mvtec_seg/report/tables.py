@@ -2,7 +2,8 @@
 
 CSV columns (``.mean``, ``.std``, ``.n``; empty = missing, ``n = 0`` = run present, metric undefined):
 ``<model>/<mask>/<metric>.*`` for the five test metrics, ``gap/<model>/<metric>`` (pseudo minus gt),
-``pseudo/strategy``, ``pseudo/threshold.*``, ``pseudo/train_<IoU|precision|recall>.*`` and
+``pseudo/strategy``, ``pseudo/threshold.*``, ``pseudo/train_<IoU|precision|recall|normal_nonempty>.*``
+(``normal_nonempty``: fraction of normal train images with a non-empty mask) and
 ``<model>/<mask>/<train_images_per_s|test_images_per_s|train_s>.*``.
 """
 
@@ -173,11 +174,11 @@ def _gap_table(t: Table) -> list[str]:
 
 
 def _quality_table(t: Table) -> list[str]:
-    header = ["category", "strategy", "threshold", "IoU", "precision", "recall"]
+    header = ["category", "strategy", "threshold", "IoU", "precision", "recall", "normal non-empty"]
     rows = []
     for cat in t.categories:
         if (cat, "IoU") not in t.quality:
-            rows.append([cat, GAP, GAP, GAP, GAP, GAP])
+            rows.append([cat] + [GAP] * (len(header) - 1))
             continue
         rows.append(
             [cat, t.strategy.get(cat, GAP), _fmt(t.quality.get((cat, "threshold")), digits=4)]

@@ -10,7 +10,7 @@ from mvtec_seg.models.segmenter.torch_model import SegmentationNet
 
 
 class Segmenter(AnomalyModule):
-    """Supervised defect segmenter trained on `target_mask` (GT or pseudo)."""
+    """Supervised defect segmenter trained on `target_mask` (GT or pseudo), weighted by `target_weight`."""
 
     def __init__(
         self,
@@ -27,7 +27,7 @@ class Segmenter(AnomalyModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits = self.net(batch["image"])
-        terms = self.criterion(logits, batch["target_mask"])
+        terms = self.criterion(logits, batch["target_mask"], batch.get("target_weight"))
         self.check_finite_loss(terms, "lower model.params.optimizer.lr or use trainer.precision=32-true")
         self.log_dict(
             {f"train/{k}": v.detach() for k, v in terms.items()},

@@ -1,0 +1,151 @@
+"""Rules that turn anomaly maps into training targets, none of them looking at GT.
+
+Why more than one threshold: a quantile of the normal pixels marks that share of every normal image as
+defective, so the normal images (most of the train part) teach false positives. The rules below use the
+normal train images' distribution in other ways:
+
+- gating: an image whose score (max of its map) stays within the normal images' scores gets an empty mask;
+- hysteresis (`skimage.filters.apply_hysteresis_threshold`): a region needs one pixel above the high
+  threshold and grows through pixels above the low one;
+- regions (`skimage.morphology`): regions below `min_area` pixels are dropped, holes up to `fill_holes`
+  pixels filled;
+- target `ignore`: pixels between the low and the high threshold that the rules left out get weight 0;
+- target `soft`: the map calibrated to [0, 1] between the low and the high threshold (soft BCE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from skimage.filters import apply_hysteresis_threshold
+from skimage.morphology import remove_small_holes, remove_small_objects
+
+from mvtec_seg.pseudo.thresholds import choose_threshold
+
+TARGETS = ("hard", "ignore", "soft")
+
+
+@dataclass
+class Targets:
+    """Derived targets over the manifest: `mask` (uint8 {0,1}, scored against GT), `target` (what the
+    segmenter is trained on: the mask, or the soft map), `weight` (uint8 per-pixel loss weight, or None)
+    and the record of the thresholds used."""
+
+    mask: np.ndarray
+    target: np.ndarray
+    weight: np.ndarray | None
+    record: dict
+
+
+def strategy_label(settings: dict, rounds: int = 0) -> str:
+    """A short name of the rules, e.g. `hysteresis 0.98/0.995 + gate 0.95 + area 16 + ignore + 1 round`."""
+    th = settings["threshold"]
+    s = th["strategy"]
+    if s == "quantile":
+        s += f" {th.get('quantile')}"
+    elif s == "hysteresis":
+        s += f" {th.get('low_quantile')}/{th.get('quantile')}"
+    elif s == "fixed":
+        s += f" {th.get('fixed')}"
+    parts = [s]
+    if (settings.get("gate") or {}).get("quantile") is not None:
+        parts.append(f"gate {settings['gate']['quantile']}")
+    regions = settings.get("regions") or {}
+    if regions.get("min_area"):
+        parts.append(f"area {regions['min_area']}")
+    if regions.get("fill_holes"):
+        parts.append(f"holes {regions['fill_holes']}")
+    if settings.get("target", "hard") != "hard":
+        parts.append(settings["target"])
+    if rounds:
+        parts.append(f"{rounds} round" + ("s" if rounds > 1 else ""))
+    return " + ".join(parts)
+
+
+def image_scores(maps: np.ndarray) -> np.ndarray:
+    """Image score = max of its map (as everywhere in the project)."""
+    return np.asarray(maps, dtype=np.float32).reshape(len(maps), -1).max(axis=1)
+
+
+def gate_level(maps: np.ndarray, normal_idx: np.ndarray, quantile: float | None) -> float | None:
+    """The image score at or below which an image counts as normal (None: gating off)."""
+    if quantile is None:
+        return None
+    if len(normal_idx) == 0:
+        raise ValueError("mask.gate.quantile needs normal images in the train part")
+    return float(np.quantile(image_scores(maps[normal_idx]), float(quantile)))
+
+
+def hysteresis_masks(maps: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Per image: pixels above `low` connected to a pixel above `high`."""
+    return np.stack(
+        [apply_hysteresis_threshold(np.asarray(m, dtype=np.float32), low, high) for m in maps]
+    ).astype(np.uint8)
+
+
+def clean_regions(masks: np.ndarray, min_area: int = 0, fill_holes: int = 0) -> np.ndarray:
+    """Drop regions smaller than `min_area` pixels and fill holes of at most `fill_holes` pixels."""
+    out = np.asarray(masks).astype(bool)
+    for i in range(len(out)):
+        if min_area > 1:
+            out[i] = remove_small_objects(out[i], max_size=int(min_area) - 1)
+        if fill_holes > 0:
+            out[i] = remove_small_holes(out[i], max_size=int(fill_holes))
+    return out.astype(np.uint8)
+
+
+def calibrate(maps: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Scores mapped linearly to [0, 1]: 0 at the low threshold, 1 at the high one (float32)."""
+    span = max(high - low, 1e-12)
+    return np.clip((np.asarray(maps, dtype=np.float32) - low) / span, 0.0, 1.0)
+
+
+def derive_targets(
+    maps: np.ndarray, train_idx: np.ndarray, normal_idx: np.ndarray, settings: dict
+) -> Targets:
+    """Apply the rules in `settings` (`cfg.mask` without `name`/`rounds`) to every map of the manifest.
+
+    Thresholds come from the train part only (`normal_idx`: its normal images); never from GT.
+    """
+    th = settings["threshold"]
+    strategy = th["strategy"]
+    maps = np.asarray(maps, dtype=np.float32)
+    high = choose_threshold(
+        maps,
+        train_idx,
+        normal_idx,
+        strategy,
+        th.get("quantile", 0.995),
+        th.get("fixed", 0.5),
+    )
+    target_kind = settings.get("target", "hard")
+    if target_kind not in TARGETS:
+        raise ValueError(f"mask.target={target_kind!r} is not one of {TARGETS}")
+    needs_low = strategy == "hysteresis" or target_kind != "hard"
+    low = high
+    if needs_low:
+        if len(normal_idx) == 0:
+            raise ValueError("mask.threshold.low_quantile needs normal images in the train part")
+        low = min(high, float(np.quantile(maps[normal_idx], float(th.get("low_quantile", 0.98)))))
+    masks = hysteresis_masks(maps, low, high) if strategy == "hysteresis" else (maps >= high).astype(np.uint8)
+    regions = settings.get("regions") or {}
+    masks = clean_regions(masks, int(regions.get("min_area", 0)), int(regions.get("fill_holes", 0)))
+    level = gate_level(maps, normal_idx, (settings.get("gate") or {}).get("quantile"))
+    gated = image_scores(maps) <= level if level is not None else np.zeros(len(maps), dtype=bool)
+    masks[gated] = 0
+    weight = None
+    target: np.ndarray = masks
+    if target_kind == "ignore":
+        uncertain = (maps >= low) & (maps < high) & (masks == 0) & ~gated[:, None, None]
+        weight = (~uncertain).astype(np.uint8)
+    elif target_kind == "soft":
+        target = calibrate(maps, low, high).astype(np.float16)
+        target[gated] = 0
+    record = {
+        "threshold": high,
+        "low_threshold": low,
+        "gate_level": level,
+        "n_gated": int(gated.sum()),
+    }
+    return Targets(masks, target, weight, record)

@@ -1,0 +1,78 @@
+"""Self-training (`mask.rounds=k`): retrain the segmenter on the current pseudo targets, derive new targets
+from its own maps on the manifest by the same rules (thresholds from the train part's normal images, never
+GT), k times. Each round's maps and masks are cached under the previous round's set, keyed by the segmenter
+settings, and scored against GT like the first set.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from mvtec_seg.builders import build_model, build_trainer, max_epochs
+from mvtec_seg.io_utils import build_once
+from mvtec_seg.pseudo.masks import ensure_masks_from, load_targets, round_dir
+from mvtec_seg.pseudo.rules import strategy_label
+from mvtec_seg.teacher import predict_maps
+
+log = logging.getLogger(__name__)
+
+
+def round_spec(cfg: DictConfig, round_index: int) -> dict:
+    """What a round's segmenter (and so its maps) depends on besides the previous targets."""
+    data = cfg.data
+    return {
+        "round": round_index,
+        "seed": int(cfg.seed),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "epochs": max_epochs(cfg),
+        "limit_train_batches": cfg.trainer.get("limit_train_batches"),
+        "data": {k: data.get(k) for k in ("image_size", "batch_size", "train_crop", "augment")},
+    }
+
+
+def _round_maps(cfg: DictConfig, dm, info: dict) -> np.ndarray:
+    """Train a segmenter on `info`'s targets (train part, final weights) and predict every image."""
+    target, weight = load_targets(info)
+    dm.set_target_masks(target, weight)
+    model = build_model(cfg)
+    trainer = build_trainer(
+        cfg,
+        max_epochs(cfg),
+        single_device=True,
+        enable_checkpointing=False,
+        limit_train_batches=cfg.trainer.get("limit_train_batches"),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, train_dataloaders=dm.train_dataloader())
+    return predict_maps(cfg, model, dm)
+
+
+def _record(info: dict) -> dict:
+    keys = ("dir", "threshold", "low_threshold", "gate_level", "n_gated", "quality")
+    return {k: info.get(k) for k in keys}
+
+
+def self_train(cfg: DictConfig, dm, info: dict) -> dict:
+    """The record of the last round's targets (`info` itself when `mask.rounds` is 0), with `rounds`: every
+    round's record (round 0 = the teacher's masks)."""
+    rounds = int(cfg.mask.get("rounds") or 0)
+    records = [{"round": 0, **_record(info)}]
+    for r in range(1, rounds + 1):
+        source = round_dir(Path(info["dir"]), round_spec(cfg, r))
+        maps_file = source / "maps.npy"
+
+        def build(tmp: Path, previous: dict = info, r: int = r) -> None:
+            log.warning("self-training round %d of %d: training on %s", r, rounds, previous["dir"])
+            with open(tmp, "wb") as fh:
+                np.save(fh, _round_maps(cfg, dm, previous))
+
+        build_once(maps_file, build)
+        _, info = ensure_masks_from(np.load(maps_file), source, cfg, dm)
+        records.append({"round": r, **_record(info)})
+    label = strategy_label(info["settings"], rounds)
+    return {**info, "label": label, "round": rounds, "rounds": records}

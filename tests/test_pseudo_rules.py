@@ -1,0 +1,189 @@
+"""Pseudo-mask rules (gating, hysteresis, regions, ignore, soft), the weighted loss, and the new options end
+to end (self-training round included) in `debug=fast`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_cfg
+from segmentation_models_pytorch.losses import DiceLoss
+
+from mvtec_seg.builders import build_datamodule
+from mvtec_seg.models.segmenter.loss import SegmentationLoss, weighted_bce, weighted_dice
+from mvtec_seg.pseudo.masks import load_targets
+from mvtec_seg.pseudo.rules import (
+    calibrate,
+    clean_regions,
+    derive_targets,
+    gate_level,
+    hysteresis_masks,
+    strategy_label,
+)
+from mvtec_seg.train import train
+
+
+def _settings(**over) -> dict:
+    s = {
+        "threshold": {"strategy": "quantile", "quantile": 0.9, "low_quantile": 0.5, "fixed": 0.5},
+        "gate": {"quantile": None},
+        "regions": {"min_area": 0, "fill_holes": 0},
+        "target": "hard",
+    }
+    for k, v in over.items():
+        s[k] = {**s[k], **v} if isinstance(v, dict) else v
+    return s
+
+
+def _maps() -> np.ndarray:
+    """Images 0-1 normal noise in [0, 0.4]; image 2 a 3x3 blob at 0.9 with a 0.6 halo and a lone 0.95 pixel;
+    image 3 a weak blob at 0.45 only."""
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(0.0, 0.4, (4, 12, 12)).astype(np.float32)
+    maps[2, 2:7, 2:7] = 0.6
+    maps[2, 3:6, 3:6] = 0.9
+    maps[2, 10, 10] = 0.95
+    maps[3, 5:8, 5:8] = 0.45
+    return maps
+
+
+def test_gating_empties_images_within_the_normal_score_distribution():
+    maps = _maps()
+    normal = np.array([0, 1])
+    level = gate_level(maps, normal, 1.0)
+    assert level == pytest.approx(maps[:2].max())
+    plain = derive_targets(maps, np.arange(4), normal, _settings())
+    gated = derive_targets(maps, np.arange(4), normal, _settings(gate={"quantile": 1.0}))
+    assert plain.mask[:2].any()  # the 0.9 quantile of normal pixels marks pixels of the normal images
+    assert not gated.mask[:2].any() and gated.record["n_gated"] == 2
+    assert np.array_equal(gated.mask[2:], plain.mask[2:])  # anomalous images untouched
+
+
+def test_hysteresis_grows_from_high_seeds_through_low_pixels():
+    maps = _maps()
+    m = hysteresis_masks(maps, low=0.5, high=0.8)
+    assert m[2, 2:7, 2:7].all()  # halo joined through the 0.9 core
+    assert not m[3].any()  # 0.45 never reaches low
+    assert not hysteresis_masks(maps[3:], low=0.42, high=0.8).any()  # above low but no seed: dropped
+    assert m[2, 10, 10] == 1 and m.sum() == 25 + 1
+
+
+def test_region_rules_drop_small_regions_and_fill_holes():
+    mask = np.zeros((1, 10, 10), dtype=np.uint8)
+    mask[0, 1:6, 1:6] = 1
+    mask[0, 3, 3] = 0  # a 1-pixel hole
+    mask[0, 8, 8] = 1  # a 1-pixel region
+    out = clean_regions(mask, min_area=2, fill_holes=1)
+    assert out[0, 8, 8] == 0 and out[0, 3, 3] == 1 and out.sum() == 25
+    assert np.array_equal(clean_regions(mask), mask)  # defaults change nothing
+
+
+def test_ignore_weights_zero_only_uncertain_unmarked_pixels():
+    maps = _maps()
+    t = derive_targets(
+        maps,
+        np.arange(4),
+        np.array([0, 1]),
+        _settings(threshold={"strategy": "fixed", "fixed": 0.8}, target="ignore"),
+    )
+    low, high = t.record["low_threshold"], t.record["threshold"]
+    assert high == 0.8 and low < high
+    assert t.weight is not None and t.weight.dtype == np.uint8
+    uncertain = (maps >= low) & (maps < high) & (t.mask == 0)
+    assert np.array_equal(t.weight == 0, uncertain)
+    assert (t.weight[2, 3:6, 3:6] == 1).all() and (t.weight[2, 2, 2] == 0)  # halo ignored, core kept
+
+
+def test_soft_target_is_the_calibrated_map():
+    maps = _maps()
+    t = derive_targets(maps, np.arange(4), np.array([0, 1]), _settings(target="soft", gate={"quantile": 1.0}))
+    low, high = t.record["low_threshold"], t.record["threshold"]
+    assert t.target.dtype == np.float16 and t.weight is None
+    assert not t.target[:2].any()  # gated images: zero target
+    expected = calibrate(maps[2:], low, high)
+    assert np.allclose(t.target[2:].astype(np.float32), expected, atol=1e-3)
+    assert expected.min() == 0.0 and expected.max() == 1.0 and ((expected > 0) & (expected < 1)).any()
+    assert set(np.unique(t.mask)) <= {0, 1}
+
+
+def test_fixed_threshold_is_kept_and_labelled():
+    maps = _maps()
+    t = derive_targets(maps, np.arange(4), np.array([0, 1]), _settings(threshold={"strategy": "fixed"}))
+    assert t.record["threshold"] == 0.5 and np.array_equal(t.mask, (maps >= 0.5).astype(np.uint8))
+    assert strategy_label(_settings(threshold={"strategy": "fixed"})) == "fixed 0.5"
+    label = strategy_label(
+        _settings(threshold={"strategy": "hysteresis"}, gate={"quantile": 0.9}, target="ignore"), 2
+    )
+    assert label == "hysteresis 0.5/0.9 + gate 0.9 + ignore + 2 rounds"
+
+
+def test_weighted_loss_matches_smp_without_weights_and_ignores_weight_zero():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 8, 8)
+    target = (torch.rand(2, 1, 8, 8) > 0.7).float()
+    ones = torch.ones_like(target)
+    ref = DiceLoss(mode="binary", from_logits=True)(logits, target)
+    assert weighted_dice(logits, target) == pytest.approx(float(ref), abs=1e-6)
+    assert weighted_dice(logits, target, ones) == pytest.approx(float(ref), abs=1e-6)
+    bce = torch.nn.BCEWithLogitsLoss()(logits, target)
+    assert weighted_bce(logits, target, ones) == pytest.approx(float(bce), abs=1e-6)
+    # changing logits where the weight is 0 changes neither term
+    weight = ones.clone()
+    weight[:, :, :4] = 0
+    other = logits.clone()
+    other[:, :, :4] += 5.0
+    loss = SegmentationLoss(1.0, 1.0)
+    a, b = loss(logits, target, weight), loss(other, target, weight)
+    assert float(a["loss"]) == pytest.approx(float(b["loss"]))
+    assert float(loss(other, target)["loss"]) != pytest.approx(float(a["loss"]))
+    # soft targets are accepted (soft BCE)
+    soft = torch.rand(2, 1, 8, 8)
+    assert torch.isfinite(loss(logits, soft, ones)["loss"])
+
+
+FAST = ["debug=fast", "teacher.max_epochs=1", "teacher.limit_train_batches=2", "data.image_size=32"]
+
+
+@pytest.mark.slow
+def test_new_options_end_to_end_with_a_self_training_round(tmp_path):
+    over = [
+        "mask=pseudo",
+        *FAST,
+        "mask.threshold.strategy=hysteresis",
+        "mask.gate.quantile=0.9",
+        "mask.regions.min_area=4",
+        "mask.target=ignore",
+        "mask.rounds=1",
+    ]
+    cfg = compose_cfg(tmp_path, over)
+    summary = train(cfg)
+    assert summary["status"] == "ok"
+    info = summary["pseudo"]
+    assert info["round"] == 1 and [r["round"] for r in info["rounds"]] == [0, 1]
+    assert info["label"].startswith("hysteresis") and info["label"].endswith("1 round")
+    first, last = (Path(r["dir"]) for r in info["rounds"])
+    assert last.is_relative_to(first) and (last.parent.parent / "maps.npy").exists()  # round under round 0
+    dm = build_datamodule(cfg)
+    dm.prepare()
+    for record in info["rounds"]:
+        q = record["quality"]["train"]
+        assert set(q) == {"IoU", "precision", "recall", "normal_nonempty"}
+        masks = np.load(Path(record["dir"]) / "masks.npy")
+        normal = dm.indices("train", normal_only=True)
+        assert q["normal_nonempty"] == pytest.approx(masks[normal].reshape(len(normal), -1).any(1).mean())
+        target, weight = load_targets(record)
+        assert weight is not None and weight.shape == target.shape == masks.shape
+    # the datamodule serves the weight map next to the target, flipped and cropped with it
+    target, weight = load_targets(info)
+    dm.set_target_masks(target, weight)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["target_weight"].shape == batch["target_mask"].shape
+    idx = batch["index"].numpy()
+    assert np.array_equal(batch["target_weight"][:, 0].numpy(), weight[idx].astype(np.float32))
+    # a second run reuses every round (no retraining: same folders, same maps file)
+    mtime = (last.parent.parent / "maps.npy").stat().st_mtime_ns
+    again = train(compose_cfg(tmp_path, over + [f"paths.run_dir={tmp_path / 'again'}"]))
+    assert [r["dir"] for r in again["pseudo"]["rounds"]] == [r["dir"] for r in info["rounds"]]
+    assert (last.parent.parent / "maps.npy").stat().st_mtime_ns == mtime
