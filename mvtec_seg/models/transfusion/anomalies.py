@@ -400,6 +400,23 @@ class AnomalyGenerator:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
+    def state_dict(self) -> dict:
+        """The RNG states (host decisions and every device's draws): what a resumed training needs to draw
+        the anomalies it would have drawn. Plain ints, strings and byte tensors (loads with weights_only)."""
+        return {
+            "seed": self.seed,
+            "rng": self.rng.bit_generator.state,
+            "generators": {str(d): g.get_state() for d, g in self._generators.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self.rng = np.random.default_rng(self.seed)
+        self.rng.bit_generator.state = state["rng"]
+        self._generators = {}
+        for device, g_state in state["generators"].items():
+            self.generator(device).set_state(g_state)
+
     # -- parts ------------------------------------------------------------------------------------------
     def cached_foreground(self, images: Tensor, paths: list[str]) -> Tensor:
         """`foreground`, computed once per (path, size, device) and then served from memory."""

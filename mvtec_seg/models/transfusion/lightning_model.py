@@ -45,7 +45,7 @@ class TransFusion(AnomalyModule):
         self._generator: AnomalyGenerator | None = None
         self._nonfinite: tuple[Tensor, Tensor] | None = None  # (first bad step or -1, its terms), on device
         self._term_names: list[str] = []
-        self._generator_state: Tensor | None = None  # from a checkpoint, applied when the generator is built
+        self._generator_state: dict | None = None  # from a checkpoint, applied when the generator is built
 
     @property
     def anomaly_generator(self) -> AnomalyGenerator:
@@ -62,18 +62,18 @@ class TransFusion(AnomalyModule):
             except ValueError as err:
                 raise UserError(f"teacher.params.anomalies: {err}") from None
             if self._generator_state is not None:
-                self._generator.generator.set_state(self._generator_state)
+                self._generator.load_state_dict(self._generator_state)
         return self._generator
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The anomaly generator's private RNG, so a resumed training draws the anomalies it would have."""
         if self._generator is not None:
-            checkpoint["anomaly_generator_rng"] = self._generator.generator.get_state()
+            checkpoint["anomaly_generator_rng"] = self._generator.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._generator_state = checkpoint.get("anomaly_generator_rng")
         if self._generator is not None and self._generator_state is not None:
-            self._generator.generator.set_state(self._generator_state)
+            self._generator.load_state_dict(self._generator_state)
 
     def on_fit_start(self) -> None:
         _ = self.anomaly_generator  # fail before the first step on a bad texture folder
