@@ -19,7 +19,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mvtec_seg.builders import (
     LAST_CHECKPOINT,
@@ -38,7 +38,9 @@ from mvtec_seg.loggers import run_loggers
 from mvtec_seg.models.base import AnomalyModule, parameter_count
 from mvtec_seg.outputs import RunOutputs
 from mvtec_seg.pseudo.masks import ensure_pseudo_masks, load_targets
+from mvtec_seg.pseudo.rules import TARGETS
 from mvtec_seg.pseudo.self_training import self_train
+from mvtec_seg.pseudo.thresholds import STRATEGIES
 from mvtec_seg.teacher import build_teacher, ensure_teacher, teacher_overlap
 
 log = logging.getLogger(__name__)
@@ -159,11 +161,41 @@ def check_config(cfg: DictConfig) -> None:
             f"data.split_ratios={list(ratios)} must be three non-negative fractions (train, val, test) with "
             f"train > 0 that sum to 1 — set it to e.g. [0.7,0.1,0.2]"
         )
-    threshold = cfg.mask.get("threshold") or {}
-    q = threshold.get("quantile")
-    if q is not None and (isinstance(q, bool) or not isinstance(q, int | float) or not 0.0 <= q <= 1.0):
+    _check_mask_config(cfg.mask)
+
+
+def _is_number(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, int | float)
+
+
+def _check_mask_config(mask: DictConfig) -> None:
+    """The `mask.*` rule settings (pseudo masks): names from their lists, fractions in [0, 1], counts >= 0."""
+    threshold = mask.get("threshold") or {}
+    for key, example in (
+        ("threshold.quantile", 0.995),
+        ("threshold.low_quantile", 0.98),
+        ("gate.quantile", 0.95),
+    ):
+        group, name = key.split(".")
+        q = (mask.get(group) or {}).get(name)
+        if q is not None and (not _is_number(q) or not 0.0 <= q <= 1.0):
+            raise UserError(f"mask.{key}={q!r} must be a fraction between 0 and 1 — set it to e.g. {example}")
+    if mask.get("name") != "pseudo":
+        return
+    choices = {"threshold.strategy": STRATEGIES, "target": TARGETS}
+    for key, allowed in choices.items():
+        value = OmegaConf.select(mask, key)
+        if value is not None and value not in allowed:
+            raise UserError(f"mask.{key}={value!r} is not one of {list(allowed)} — pick one of those")
+    for key in ("regions.min_area", "regions.fill_holes", "rounds"):
+        value = OmegaConf.select(mask, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise UserError(f"mask.{key}={value!r} must be a whole number >= 0 — set it to e.g. 0")
+    low, high = threshold.get("low_quantile"), threshold.get("quantile")
+    if threshold.get("strategy") == "hysteresis" and low is not None and high is not None and low > high:
         raise UserError(
-            f"mask.threshold.quantile={q!r} must be a fraction between 0 and 1 — set it to e.g. 0.995"
+            f"mask.threshold.low_quantile={low} is above mask.threshold.quantile={high} — the low threshold "
+            "of the hysteresis must not exceed the high one"
         )
 
 

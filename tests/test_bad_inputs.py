@@ -236,11 +236,18 @@ def test_config_typo(tmp_path, capsys):
         ("data.image_size=-1", "data.image_size=-1 must be a positive"),
         ("data.split_ratios=[0.7,0.1,0.1]", "data.split_ratios=[0.7, 0.1, 0.1] must be"),
         ("mask.threshold.quantile=2", "mask.threshold.quantile=2 must be a fraction between 0 and 1"),
+        ("mask.gate.quantile=-0.1", "mask.gate.quantile=-0.1 must be a fraction between 0 and 1"),
+        ("mask.target=hardest", "mask.target='hardest' is not one of ['hard', 'ignore', 'soft']"),
+        ("mask.regions.min_area=-5", "mask.regions.min_area=-5 must be a whole number >= 0"),
+        (
+            "mask.threshold.strategy=hysteresis mask.threshold.low_quantile=0.999",
+            "mask.threshold.low_quantile=0.999 is above mask.threshold.quantile=0.995",
+        ),
     ],
 )
 def test_out_of_range_settings(tmp_path, widget, override, expected):
     extra = ["mask=pseudo"] if override.startswith("mask.") else []
-    _user_error(_cfg(tmp_path, widget.parent, *extra, override), expected)
+    _user_error(_cfg(tmp_path, widget.parent, *extra, *override.split()), expected)
     assert not (Path(tmp_path) / "cache").exists()  # stopped before reading anything
 
 
