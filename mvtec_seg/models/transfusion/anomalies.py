@@ -300,7 +300,7 @@ def augment(images: Tensor, g: torch.Generator, rng: np.random.Generator, n_ops:
                 x = _augment_rows(x, int(op), g).clamp(0, 1)
             else:
                 idx = _rows(rows, x.device)
-                x = x.index_copy(0, idx, _augment_rows(x.index_select(0, idx), int(op), g).clamp(0, 1))
+                x.index_copy_(0, idx, _augment_rows(x.index_select(0, idx), int(op), g).clamp(0, 1))
     return x.to(images.dtype)
 
 
