@@ -62,13 +62,25 @@ def emit(name: str, result: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+class _BenchParser(argparse.ArgumentParser):
+    def parse_args(self, *a, **kw):  # type: ignore[override]
+        args = super().parse_args(*a, **kw)
+        if args.tiny:
+            # One torch thread: tiny ops on a busy machine otherwise wait at every parallel region's barrier
+            # (a 32 px TransFusion predict took minutes with 2 threads under load, seconds with 1).
+            import torch
+
+            torch.set_num_threads(1)
+        return args
+
+
 def bench_parser(doc: str | None) -> argparse.ArgumentParser:
     """An argument parser with the two options every benchmark script has.
 
-    --tiny: a smoke run of a few seconds (what the test runs; its figures are not measurements);
-    --out DIR: write the markdown section to DIR/<name>.md (`make bench` passes benchmarks/results).
+    --tiny: a smoke run of a few seconds (what the test runs; its figures are not measurements; one torch
+    thread); --out DIR: write the markdown section to DIR/<name>.md (`make bench` passes benchmarks/results).
     """
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _BenchParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--tiny", action="store_true", help="smoke run in seconds (for the test), not a measurement"
     )
