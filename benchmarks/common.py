@@ -9,6 +9,8 @@ import json
 import os
 import platform
 import resource
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -105,13 +107,12 @@ def machine() -> str:
     except (ValueError, OSError, AttributeError):
         pass
     gpu = "no GPU"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = f"GPU {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        pass
+    torch = sys.modules.get("torch")  # not imported here: the runner's header should not pay for torch
+    if torch is not None and torch.cuda.is_available():
+        gpu = f"GPU {torch.cuda.get_device_name(0)}"
+    elif shutil.which("nvidia-smi"):
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip()
+        gpu = listed.splitlines()[0] if listed else gpu
     return f"{cpu}, {os.cpu_count()} cores{mem}, {gpu}"
 
 
