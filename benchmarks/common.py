@@ -9,6 +9,8 @@ import json
 import os
 import platform
 import resource
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,13 +64,25 @@ def emit(name: str, result: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+class _BenchParser(argparse.ArgumentParser):
+    def parse_args(self, *a, **kw):  # type: ignore[override]
+        args = super().parse_args(*a, **kw)
+        if args.tiny:
+            # One torch thread: tiny ops on a busy machine otherwise wait at every parallel region's barrier
+            # (a 32 px TransFusion predict took minutes with 2 threads under load, seconds with 1).
+            import torch
+
+            torch.set_num_threads(1)
+        return args
+
+
 def bench_parser(doc: str | None) -> argparse.ArgumentParser:
     """An argument parser with the two options every benchmark script has.
 
-    --tiny: a smoke run of a few seconds (what the test runs; its figures are not measurements);
-    --out DIR: write the markdown section to DIR/<name>.md (`make bench` passes benchmarks/results).
+    --tiny: a smoke run of a few seconds (what the test runs; its figures are not measurements; one torch
+    thread); --out DIR: write the markdown section to DIR/<name>.md (`make bench` passes benchmarks/results).
     """
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _BenchParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--tiny", action="store_true", help="smoke run in seconds (for the test), not a measurement"
     )
@@ -93,13 +107,12 @@ def machine() -> str:
     except (ValueError, OSError, AttributeError):
         pass
     gpu = "no GPU"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = f"GPU {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        pass
+    torch = sys.modules.get("torch")  # not imported here: the runner's header should not pay for torch
+    if torch is not None and torch.cuda.is_available():
+        gpu = f"GPU {torch.cuda.get_device_name(0)}"
+    elif shutil.which("nvidia-smi"):
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip()
+        gpu = listed.splitlines()[0] if listed else gpu
     return f"{cpu}, {os.cpu_count()} cores{mem}, {gpu}"
 
 

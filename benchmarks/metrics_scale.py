@@ -203,8 +203,9 @@ def report(args, results: list[dict], aupro_rows: list, clf_rows: list, notes: l
     emit("metrics_scale", {"size": args.size, "rounds": args.rounds, "results": results, "notes": notes})
     body = [
         f"{args.size} x {args.size} maps, random blob masks (half the maps anomalous), float32 scores; "
-        f"AUPRO: medians of {args.rounds} alternating runs in one process; AUROC/AP: {args.compare_rounds} "
-        "run(s) of each method, alternating. The machine was shared with other jobs "
+        f"each method run {args.rounds} time(s) for AUPRO and {args.compare_rounds} time(s) for AUROC/AP, "
+        "the methods alternating in one process (median time when run more than once). The machine was "
+        "shared with other jobs "
         "while this ran: compare ratios (same process, alternating), not absolute times.",
         "",
         f"**AUPRO to FPR {FPR_LIMIT}.** Speed-up and memory are ratios to the full-sort baseline (a "

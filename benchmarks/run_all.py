@@ -6,7 +6,7 @@ with ``_`` (helper modules such as common.py have no ``__main__`` guard). Each i
 RESULTS.md = a header (machine, date) + every ``results/*.md`` in name order + every ``results/archive/*.md``
 (hand-written figures kept from before the runner), so a script that was not re-run keeps its last section.
 
-    .venv/bin/python benchmarks/run_all.py [--only NAME ...] [--tiny] [--out DIR] [--results FILE]
+    .venv/bin/python benchmarks/run_all.py [--only NAME ...] [--tiny] [--out DIR] [--results FILE] [--assemble-only]
 """
 
 from __future__ import annotations
@@ -81,7 +81,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--timeout", type=float, default=None, help="seconds per script")
+    ap.add_argument(
+        "--assemble-only", action="store_true", help="run nothing; rebuild RESULTS.md from the sections"
+    )
     args = ap.parse_args()
+    if args.assemble_only:
+        assemble(Path(args.out), Path(args.results))
+        print(f"wrote {args.results}")
+        return
     names = discover()
     only = [n for n in (args.only or []) if n]
     unknown = sorted(set(only) - set(names))
