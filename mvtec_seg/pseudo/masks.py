@@ -118,11 +118,14 @@ def _data_extra(dm) -> dict:
     return {"split": split, "data": files_key(dm.data_record(masks=True))}
 
 
-def ensure_masks_from(maps: np.ndarray, source: Path, cfg: DictConfig, dm, extra: dict | None = None):
-    """Binary masks and record of `maps` (from `source`) under the configured rules, built once."""
+def ensure_masks_from(
+    maps: np.ndarray, source: Path, cfg: DictConfig, dm, extra: dict | None = None, home: Path | None = None
+):
+    """Binary masks and record of `maps` (made by the model in `source`) under the configured rules, built
+    once under `home` (default `source`; the teacher's sets live beside the maps they derive from)."""
     settings = mask_settings(cfg)
     record = dm.data_record(masks=True)
-    pdir = pseudo_dir(source, settings, {**_data_extra(dm), **(extra or {})})
+    pdir = pseudo_dir(home or source, settings, {**_data_extra(dm), **(extra or {})})
 
     def build(tmp: Path) -> None:
         announce_rebuild(pdir, record, f"the pseudo masks of {cfg.category.name}")
@@ -143,6 +146,6 @@ def ensure_pseudo_masks(cfg: DictConfig, dm) -> tuple[np.ndarray, dict]:
     the teacher is ensured first (trained once if needed). `load_targets(record)` gives what to train on."""
     teacher = ensure_teacher(cfg, dm)
     maps = teacher_maps(cfg, dm, teacher)
-    masks, info = ensure_masks_from(maps, maps_dir(dm, teacher), cfg, dm)
+    masks, info = ensure_masks_from(maps, teacher.dir, cfg, dm, home=maps_dir(dm, teacher))
     info["maps"] = str(maps_dir(dm, teacher) / "maps.npy")
     return masks, info
