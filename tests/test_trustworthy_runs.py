@@ -182,14 +182,18 @@ def _start_cli(tmp: Path, args: list[str]) -> tuple[subprocess.Popen, Path]:
 
 def _signal_when(proc: subprocess.Popen, log: Path, marker: str, sig: int) -> float:
     """Send `sig` once `marker` shows in the log; seconds from the signal to the process's end."""
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900
     while marker not in log.read_text():
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{marker!r} never appeared: {log.read_text()[-3000:]}")
         time.sleep(0.05)
     t0 = time.monotonic()
     proc.send_signal(sig)
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()  # a no-op once it has ended
     return time.monotonic() - t0
 
 
@@ -198,8 +202,7 @@ def test_sigterm_during_teacher_maps_exits_at_once_and_rerun_rebuilds(tmp_path):
     args = [
         "model=unet",
         "mask=pseudo",
-        *TINY,
-        "data.image_size=64",  # maps of 64 px images take long enough to be caught in the act
+        *TINY,  # 112 images x 20 reverse steps: the maps stage lasts long enough to be caught in the act
         "teacher.max_epochs=1",
         f"paths.output_dir={tmp_path / 'out'}",
         f"hydra.run.dir={tmp_path / 'run'}",
@@ -216,7 +219,10 @@ def test_sigterm_during_teacher_maps_exits_at_once_and_rerun_rebuilds(tmp_path):
     maps = list((tmp_path / "out" / "_cache" / "transfusion").rglob("*maps.npy*"))
     assert [p.name for p in maps] == ["maps.npy.lock"]  # no maps, no half-written temporary
     proc, log = _start_cli(tmp_path, args)
-    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    try:
+        assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    finally:
+        proc.kill()  # a no-op once it has ended
     assert "computing teacher maps" in log.read_text()  # built again, not read half-made
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "ok"
 
@@ -231,13 +237,18 @@ def test_sigint_during_segmenter_training_exits_at_once(tmp_path):
     ]
     proc, log = _start_cli(tmp_path, args)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900
     while not last.exists():  # one epoch done
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no epoch finished: {log.read_text()[-3000:]}")
         time.sleep(0.05)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == 130 and time.monotonic() - t0 < 10
     text = log.read_text()
     lines = [line for line in text.splitlines() if line.startswith("error:")]
