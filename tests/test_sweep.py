@@ -120,7 +120,7 @@ def test_sweep_with_failed_jobs_lists_them_and_exits_nonzero(tmp_path):
     table = proc.stderr[proc.stderr.index("1 of 2 sweep jobs failed:") :].splitlines()
     row = next(line for line in table if "category=bottle" in line)
     overrides, reason, log = (cell.strip() for cell in row.split(" | "))
-    assert "dry_run=true" in overrides and reason.startswith("category folder not found")
+    assert "dry_run=true" in overrides.lower() and reason.startswith("category folder not found")
     assert Path(log).is_file() and Path(log).parent.name.startswith("1_")
     summaries = {
         json.loads(p.read_text())["category"]: json.loads(p.read_text())
