@@ -49,7 +49,10 @@ def test_shared_stages_computed_once_per_category(sweep):
     for cat in CATEGORIES:
         teachers = [p for p in (cache / "transfusion" / cat).iterdir() if p.is_dir()]
         assert len(teachers) == 1, teachers  # trained once, reused by both segmenters
-        assert len([p for p in (teachers[0] / "pseudo").iterdir() if p.is_dir()]) == 1
+        sets = [
+            p for p in teachers[0].glob("maps/*/pseudo/*") if p.is_dir()
+        ]  # beside the maps they threshold
+        assert len(sets) == 1, sets
         assert len(list((cache / "splits" / cat).glob("*.json"))) == 1
     summaries = [json.loads(p.read_text()) for p in (sweep / "sweep").glob("*/summary.json")]
     for cat in CATEGORIES:

@@ -109,9 +109,9 @@ def test_non_finite_segmenter_loss_stops_and_keeps_last_good_checkpoint(tmp_path
     original = SegmentationLoss.forward
     calls = {"n": 0}
 
-    def flaky(self, logits, target):
+    def flaky(self, logits, target, *weight):
         calls["n"] += 1
-        terms = original(self, logits, target)
+        terms = original(self, logits, target, *weight)
         if calls["n"] == 3:  # first batch of epoch 2 (2 batches per epoch)
             terms["loss"] = terms["loss"] * float("inf")
         return terms
@@ -216,8 +216,9 @@ def test_sigterm_during_teacher_maps_exits_at_once_leaving_no_partial_maps(tmp_p
     assert len(lines) == 1 and "interrupted by SIGTERM during teacher maps" in lines[0]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "SIGTERM" in summary["error"]
-    maps = list((tmp_path / "out" / "_cache" / "transfusion").rglob("*maps.npy*"))
-    assert [p.name for p in maps] == ["maps.npy.lock"]  # no maps, no half-written temporary
+    cache = tmp_path / "out" / "_cache" / "transfusion"
+    assert not list(cache.rglob("maps.npy"))  # no maps ...
+    assert not [p for p in cache.rglob("*") if ".tmp" in p.name or "partial" in p.name]  # ... nor temporaries
     # NOT YET TESTED here: the rerun rebuilding the maps. On the shared 2-core machine the rerun's map
     # stage ran > 15 min without finishing in two tries (hang or load: open question, see CHANGELOG).
 
