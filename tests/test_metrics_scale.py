@@ -20,7 +20,7 @@ from mvtec_seg.metrics import (
     average_precision,
     compute_all,
 )
-from mvtec_seg.metrics import functional as F
+from mvtec_seg.metrics import split as S
 
 TOL = 1e-6
 LIMITS = (0.3, 0.05, 0.5, 1.0)
@@ -29,7 +29,7 @@ LIMITS = (0.3, 0.05, 0.5, 1.0)
 @pytest.fixture
 def torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make CPU tensors take the path CUDA tensors take (torch ops where the tensor lives)."""
-    monkeypatch.setattr(F, "_on_device", lambda x: isinstance(x, torch.Tensor))
+    monkeypatch.setattr(S, "_on_device", lambda x: isinstance(x, torch.Tensor))
 
 
 def _ref_aupro(preds: np.ndarray, target: np.ndarray, limit: float) -> float:
@@ -57,7 +57,7 @@ def test_torch_path_equals_numpy_path(seed: int, monkeypatch: pytest.MonkeyPatch
     p, t = torch.from_numpy(preds).float(), torch.from_numpy(target)[:, None]
     p[-1] = p.min()  # an all-low image: both image classes when the last image is normal
     expected = compute_all(p, t, iou_threshold=0.6, fpr_limit=0.2)
-    monkeypatch.setattr(F, "_on_device", lambda x: isinstance(x, torch.Tensor))
+    monkeypatch.setattr(S, "_on_device", lambda x: isinstance(x, torch.Tensor))
     got = compute_all(p, t, iou_threshold=0.6, fpr_limit=0.2)
     metric = AnomalyMetrics(iou_threshold=0.6, fpr_limit=0.2)
     metric.update(p[:2], t[:2])
@@ -133,7 +133,7 @@ def test_no_anomalous_pixel_and_all_normal_maps() -> None:
 def test_float32_scores_are_not_widened_and_give_the_same_value() -> None:
     preds, target = make_case(5)
     p32 = preds.astype(np.float32)
-    sp = F.split_pixels(p32, target)
+    sp = S.split_pixels(p32, target)
     assert sp.normal.dtype == np.float32 and sp.anomalous.dtype == np.float32
     assert aupro(p32, target) == pytest.approx(aupro(p32.astype(np.float64), target), abs=1e-12)
 
@@ -143,9 +143,9 @@ def test_region_sizes_are_per_image_and_8_connected() -> None:
     mask[0, 0, 0] = mask[0, 1, 1] = True  # diagonal: one region of 2
     mask[0, 3, 3] = True
     mask[1, 0, 0] = True  # same place, other image: its own region
-    sizes, n_regions = F.region_sizes(mask)
+    sizes, n_regions = S.region_sizes(mask)
     assert n_regions == 3 and sizes.tolist() == [2, 2, 1, 1]
-    big = np.zeros((F._LABEL_CHUNK + 3, 3, 3), dtype=bool)
+    big = np.zeros((S._LABEL_CHUNK + 3, 3, 3), dtype=bool)
     big[:, 1, 1] = True
-    sizes, n_regions = F.region_sizes(big)  # several labelling chunks
-    assert n_regions == F._LABEL_CHUNK + 3 and set(sizes.tolist()) == {1}
+    sizes, n_regions = S.region_sizes(big)  # several labelling chunks
+    assert n_regions == S._LABEL_CHUNK + 3 and set(sizes.tolist()) == {1}

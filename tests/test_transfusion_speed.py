@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 
 from mvtec_seg.models.transfusion import anomalies
-from mvtec_seg.models.transfusion.anomalies import AnomalyGenerator, _augment_rows, _autocontrast, _sharpness
+from mvtec_seg.models.transfusion.anomalies import AnomalyGenerator
+from mvtec_seg.models.transfusion.image_ops import _augment_rows, _autocontrast, _sharpness
 from mvtec_seg.models.transfusion.lightning_model import TransFusion
 
 NET = {

@@ -5,7 +5,7 @@ per-batch sums, so every pixel's score is kept (``dist_reduce_fx="cat"``, gather
 exact functional definitions are applied once at ``compute()``.
 
 What is kept (#11), and why it is exact: not the maps and masks, but the pixels already split by the ground
-truth, which is all the exact definitions need (`functional.PixelSplit`): the float32 score of each normal
+truth, which is all the exact definitions need (`split.PixelSplit`): the float32 score of each normal
 pixel (4 bytes), the float32 score and int32 region size of each anomalous pixel (8 bytes; regions are
 8-connected within one image, so they are labelled at ``update``), the number of regions (a sum), and one
 float32 score and uint8 label per image. That is 4 bytes per normal pixel and 8 per anomalous one (MVTec
@@ -23,6 +23,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from mvtec_seg.metrics import functional as F
+from mvtec_seg.metrics import split as S
 
 __all__ = ["BYTES_PER_ANOMALOUS_PIXEL", "BYTES_PER_NORMAL_PIXEL", "AnomalyMetrics"]
 
@@ -101,7 +102,7 @@ class AnomalyMetrics(Metric):
         """Split a batch: anomaly_map [B,H,W], gt_mask [B,H,W] or [B,1,H,W], gt_label [B]."""
         amap, mask, label = _batch(anomaly_map, gt_mask, gt_label)
         anomalous = mask.bool()
-        sizes, n_regions = F.region_sizes(anomalous.cpu())
+        sizes, n_regions = S.region_sizes(anomalous.cpu())
         self.normal_scores.append(amap[~anomalous])
         self.anomalous_scores.append(amap[anomalous])
         self.anomalous_region_sizes.append(torch.from_numpy(sizes).to(amap.device))
@@ -130,9 +131,9 @@ class AnomalyMetrics(Metric):
                 self.image_labels,
             )
         ]
-        if not F._on_device(states[0]):
+        if not S._on_device(states[0]):
             states = [s.cpu().numpy() for s in states]  # numpy's sort is the fast one on CPU
         normal, anomalous, sizes, img_score, img_label = states
-        split = F.PixelSplit(normal, anomalous, 1.0 / F._f64(sizes), int(self.n_regions))
-        values = F.image_and_pixel_metrics(img_score, img_label, split, self.iou_threshold, self.fpr_limit)
+        pixels = S.PixelSplit(normal, anomalous, 1.0 / S._f64(sizes), int(self.n_regions))
+        values = F.image_and_pixel_metrics(img_score, img_label, pixels, self.iou_threshold, self.fpr_limit)
         return {name: self._result(v) for name, v in values.items()}

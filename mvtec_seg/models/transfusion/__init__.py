@@ -1,10 +1,12 @@
 """TransFusion (ECCV 2024): transparency-based diffusion for anomaly detection and localisation.
 
 `torch_model` (network, schedule, reverse process), `loss`, `anomalies` (the synthetic-anomaly generator),
-`lightning_model` (``TransFusion``, imported lazily so the pure parts never need Lightning).
+`image_ops` (its batched image operations), `lightning_model` (``TransFusion``, imported lazily so the
+pure parts never need Lightning).
 """
 
-from mvtec_seg.models.transfusion.anomalies import AnomalyGenerator, estimate_foreground, perlin_noise
+from mvtec_seg.models.transfusion.anomalies import AnomalyGenerator, estimate_foreground
+from mvtec_seg.models.transfusion.image_ops import perlin_noise
 from mvtec_seg.models.transfusion.loss import TransFusionLoss
 from mvtec_seg.models.transfusion.torch_model import PAPER_CONFIG, TransFusionModel, TransFusionUNet
 
