@@ -29,7 +29,14 @@ FAST_TEACHER = ["debug=fast", "teacher.max_epochs=2", "teacher.limit_train_batch
 @pytest.fixture(scope="module")
 def pseudo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pseudo")
-    cfg = compose_cfg(tmp, ["mask=pseudo", *FAST_TEACHER])
+    # the plain quantile rule (the default adds hysteresis, gate, area and a round; see test_pseudo_rules.py)
+    plain = [
+        "mask.threshold.strategy=quantile",
+        "mask.gate.quantile=null",
+        "mask.regions.min_area=0",
+        "mask.rounds=0",
+    ]
+    cfg = compose_cfg(tmp, ["mask=pseudo", *plain, *FAST_TEACHER])
     return tmp, cfg, train(cfg)
 
 
