@@ -64,9 +64,9 @@ def _binary_np(labels: ArrayLike) -> np.ndarray:
     return _to_numpy(labels).reshape(-1) != 0
 
 
-def _stack_3d(x: ArrayLike, name: str) -> np.ndarray:
-    """Bring [H,W], [N,H,W] or [N,1,H,W] to [N,H,W] so all images are labelled in one call."""
-    a = _to_numpy(x)
+def _as_3d(a: Array, name: str) -> Array:
+    """Bring [H,W], [N,H,W] or [N,1,H,W] to [N,H,W] (numpy or torch alike) so all images are labelled in
+    one call."""
     if a.ndim == 4 and a.shape[1] == 1:
         a = a[:, 0]
     elif a.ndim == 2:
@@ -74,6 +74,11 @@ def _stack_3d(x: ArrayLike, name: str) -> np.ndarray:
     if a.ndim != 3:
         raise ValueError(f"{name} must have shape [N,H,W] or [N,1,H,W], got {tuple(a.shape)}")
     return a
+
+
+def _stack_3d(x: ArrayLike, name: str) -> np.ndarray:
+    """`_as_3d` of a CPU numpy copy/view."""
+    return _as_3d(_to_numpy(x), name)
 
 
 def _check_same_shape(a: np.ndarray, b: np.ndarray, na: str, nb: str) -> None:

@@ -26,6 +26,7 @@ from mvtec_seg.metrics.inputs import (
     _SLICE_8_CONNECTED,
     Array,
     ArrayLike,
+    _as_3d,
     _binary_np,
     _check_same_shape,
     _pro_undefined_reason,
@@ -162,14 +163,7 @@ def region_sizes(mask3d: ArrayLike) -> tuple[np.ndarray, int]:
 
 def _stack_3d_tensor(x: Tensor, name: str) -> Tensor:
     """`_stack_3d` for a tensor that stays on its device."""
-    x = x.detach()
-    if x.ndim == 4 and x.shape[1] == 1:
-        x = x[:, 0]
-    elif x.ndim == 2:
-        x = x[None]
-    if x.ndim != 3:
-        raise ValueError(f"{name} must have shape [N,H,W] or [N,1,H,W], got {tuple(x.shape)}")
-    return x
+    return _as_3d(x.detach(), name)
 
 
 def split_pixels(preds: ArrayLike, target: ArrayLike) -> PixelSplit:
