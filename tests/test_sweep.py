@@ -56,9 +56,14 @@ def test_shared_stages_computed_once_per_category(sweep):
         assert len(list((cache / "splits" / cat).glob("*.json"))) == 1
     summaries = [json.loads(p.read_text()) for p in (sweep / "sweep").glob("*/summary.json")]
     for cat in CATEGORIES:
-        dirs = {s["pseudo"]["dir"] for s in summaries if s["category"] == cat}
-        manifests = {s["split"]["manifest"] for s in summaries if s["category"] == cat}
-        assert len(dirs) == 1 and len(manifests) == 1
+        runs = [s for s in summaries if s["category"] == cat]
+        teacher_sets = {s["pseudo"]["rounds"][0]["dir"] for s in runs}
+        manifests = {s["split"]["manifest"] for s in runs}
+        assert len(teacher_sets) == 1 and len(manifests) == 1
+        # a self-training round's masks come from the segmenter itself: one set per model, under the teacher's
+        final_sets = {s["pseudo"]["dir"] for s in runs}
+        assert len(final_sets) == len(MODELS)
+        assert all(Path(d).is_relative_to(next(iter(teacher_sets))) for d in final_sets)
 
 
 def test_report_on_the_sweep(sweep):
