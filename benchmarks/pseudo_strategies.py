@@ -46,6 +46,7 @@ STRATEGIES: dict[str, list[str]] = {
     "hysteresis + gate + area + ignore": [*HYST, GATE, AREA, "mask.target=ignore"],
     "soft + gate": [*HYST, GATE, "mask.target=soft"],
     "hysteresis + gate + area + 1 round": [*HYST, GATE, AREA, "mask.rounds=1"],
+    "hysteresis + gate + area + 2 rounds": [*HYST, GATE, AREA, "mask.rounds=2"],
 }
 CATEGORIES = ("bottle", "synthetic", "synthetic_texture")
 METRICS = (("image_AUROC", "image AUROC"), ("pixel_AP", "pixel AP"), ("pixel_AUPRO", "AUPRO"), ("IoU", "IoU"))
