@@ -27,6 +27,7 @@ from pathlib import Path
 from common import DEFAULT_MVTEC, ROOT, CpuClock, emit
 
 from mvtec_seg.config import compose_config
+from mvtec_seg.io_utils import content_key
 from mvtec_seg.summary import SUMMARY_FILE, RunSummary
 from mvtec_seg.train import train
 
@@ -63,16 +64,52 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
-def _run(overrides: list[str], run_dir: Path, reuse: bool) -> dict:
-    """A finished run's summary (reused from `run_dir` with --reuse when it finished ok)."""
-    done = run_dir / SUMMARY_FILE
+def plan(args: argparse.Namespace, cat: str, out_root: Path) -> list[tuple[str, str, list[str]]]:
+    """(row name, folder stem, overrides) of every run for `cat`: the two references, then the strategies."""
+    tiny = TINY if args.tiny else []
+    data = [f"category={cat}", "trainer.enable_progress_bar=false", f"paths.output_dir={out_root}"]
+    if cat.startswith("synthetic"):
+        teacher = [f"teacher.max_epochs={args.synthetic_teacher_epochs}"]
+    else:
+        data.append(f"data.root={args.root}")
+        teacher = [f"teacher.max_epochs={args.teacher_epochs}"]
+    data += [f"data.image_size={args.image_size}", *tiny]
+    unet = [
+        "experiment=unet_fast_cpu",
+        f"data.image_size={args.image_size}",
+        f"data.train_crop={args.unet_crop or 'null'}",
+        f"model.max_epochs={args.unet_epochs}",
+        *tiny,  # again: after the experiment's own settings
+    ]
+    runs = []
+    if not args.skip_references:
+        runs += [("TransFusion (teacher)", "transfusion", [*data, *teacher, "model=transfusion"])]
+        runs += [("U-Net (GT)", "unet_gt", [*data, *unet, "mask=gt"])]  # no teacher: its settings are no key
+    for name in args.strategies:
+        slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        runs.append((name, f"unet_pseudo_{slug}", [*data, *teacher, *unet, "mask=pseudo", *STRATEGIES[name]]))
+    return runs
+
+
+def run_dir(runs: Path, stem: str, overrides: list[str]) -> Path:
+    """One run's folder, keyed by its overrides (less where outputs go): --reuse never returns a run made with
+    other settings (teacher or U-Net epochs, image size, data root)."""
+    settings = [
+        o for o in overrides if not o.startswith(("paths.output_dir=", "trainer.enable_progress_bar="))
+    ]
+    return runs / f"{stem}-{content_key(settings)}"
+
+
+def _run(overrides: list[str], folder: Path, reuse: bool) -> dict:
+    """A finished run's summary (reused from `folder` with --reuse when it finished ok)."""
+    done = folder / SUMMARY_FILE
     if reuse and done.exists():
         summary = RunSummary.from_dict(__import__("json").loads(done.read_text()))
         if summary.status == "ok":
             return {**summary.to_dict(), "wall_s": None}
-    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
     with CpuClock() as clock:
-        summary = train(compose_config(overrides, run_dir=run_dir))
+        summary = train(compose_config(overrides, run_dir=folder))
     return {**summary, "wall_s": clock.wall_s}
 
 
@@ -134,7 +171,7 @@ def markdown(rows: list[dict], command: str, notes: list[str]) -> tuple[str, str
     return "\n".join(lines) + "\n", best
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="a few batches of everything on synthetic (seconds)")
     ap.add_argument("--out", type=Path, default=None, help="write <out>/pseudo_strategies.md")
@@ -148,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unet-crop", type=int, default=None, help="train U-Nets on random crops of this size")
     ap.add_argument("--skip-references", action="store_true", help="no TransFusion / U-Net(GT) rows")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs under outputs/benchmarks/")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser()
     args = ap.parse_args(argv)
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown:
@@ -156,37 +198,16 @@ def main(argv: list[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="pseudo_strategies_")) if args.tiny else None
     out_root = tmp or ROOT / "outputs"
     categories = ["synthetic"] if args.tiny else args.categories
-    unet = [
-        "experiment=unet_fast_cpu",
-        f"data.image_size={args.image_size}",
-        f"data.train_crop={args.unet_crop or 'null'}",
-        f"model.max_epochs={args.unet_epochs}",
-    ]
     rows: list[dict] = []
     notes = []
     try:
         for cat in categories:
-            base = [f"category={cat}", "trainer.enable_progress_bar=false", f"paths.output_dir={out_root}"]
-            if cat.startswith("synthetic"):
-                base.append(f"teacher.max_epochs={args.synthetic_teacher_epochs}")
-            else:
-                if not (Path(args.root) / cat).is_dir():
-                    notes.append(f"- {cat}: skipped ({Path(args.root) / cat} not found)")
-                    continue
-                base += [f"data.root={args.root}", f"teacher.max_epochs={args.teacher_epochs}"]
-            base += [f"data.image_size={args.image_size}"] + (TINY if args.tiny else [])
+            if not cat.startswith("synthetic") and not (Path(args.root) / cat).is_dir():
+                notes.append(f"- {cat}: skipped ({Path(args.root) / cat} not found)")
+                continue
             runs = out_root / "benchmarks" / "pseudo_strategies" / cat
-            if not args.skip_references:
-                tf = _run(base + ["model=transfusion"], runs / "transfusion", args.reuse)
-                rows.append(_row(cat, "TransFusion (teacher)", tf))
-                gt = _run(
-                    base + unet + ["mask=gt"] + (TINY if args.tiny else []), runs / "unet_gt", args.reuse
-                )
-                rows.append(_row(cat, "U-Net (GT)", gt))
-            for name in args.strategies:
-                over = base + unet + ["mask=pseudo", *STRATEGIES[name]] + (TINY if args.tiny else [])
-                slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-                rows.append(_row(cat, name, _run(over, runs / f"unet_pseudo_{slug}", args.reuse)))
+            for name, stem, over in plan(args, cat, out_root):
+                rows.append(_row(cat, name, _run(over, run_dir(runs, stem, over), args.reuse)))
         notes.insert(
             0,
             f"U-Net: `experiment=unet_fast_cpu` at {args.image_size} px, trained on "

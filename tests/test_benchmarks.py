@@ -66,3 +66,26 @@ def test_benchmark_runs_in_tiny_mode(name: str, tmp_path: Path) -> None:
     assert section.startswith("## ")
     assert f"benchmarks/{name}.py --tiny" in section  # the exact command
     assert "Tiny mode" in section and "|" in section  # flagged, and a table
+
+
+def test_pseudo_strategies_reuse_is_keyed_by_the_settings(tmp_path: Path, monkeypatch) -> None:
+    """--reuse must not return a run made with other teacher / U-Net epochs; where outputs go is no setting."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("pseudo_strategies", BENCH / "pseudo_strategies.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def parse(*argv: str):
+        return bench.parser().parse_args(["--root", "/data/mvtec", *argv])
+
+    def folders(args, out_root: Path) -> list[Path]:
+        return [bench.run_dir(tmp_path, stem, o) for _, stem, o in bench.plan(args, "bottle", out_root)]
+
+    base = folders(parse(), tmp_path / "a")
+    assert len(set(base)) == len(bench.STRATEGIES) + 2  # every row its own folder
+    assert folders(parse(), tmp_path / "b") == base  # the output root is not a setting
+    longer = folders(parse("--teacher-epochs", "60"), tmp_path / "a")
+    assert longer[1] == base[1]  # U-Net(GT) does not depend on the teacher
+    assert not {longer[0], *longer[2:]} & set(base)  # the teacher and every pseudo row run again
+    unet = folders(parse("--unet-epochs", "30"), tmp_path / "a")
+    assert unet[0] == base[0] and not set(unet[1:]) & set(base[1:])  # the teacher row is reused
