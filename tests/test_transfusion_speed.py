@@ -12,7 +12,7 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 
-from mvtec_seg.models.transfusion import anomalies
+from mvtec_seg.models.transfusion import anomalies, image_ops
 from mvtec_seg.models.transfusion.anomalies import AnomalyGenerator
 from mvtec_seg.models.transfusion.image_ops import _augment_rows, _autocontrast, _sharpness
 from mvtec_seg.models.transfusion.lightning_model import TransFusion
@@ -117,6 +117,21 @@ def test_foreground_is_computed_once_per_image(monkeypatch):
     assert calls["images"] == 8
     # cached or not, the same foreground (before the random rotation, which both draw alike)
     assert torch.equal(first["foreground"], fresh["foreground"])
+
+
+def test_augmentation_constants_reach_the_device_once():
+    """On a GPU, copying the colour matrices / sharpen kernel from host memory on every call made the host
+    wait 2-3 times a step (`benchmarks/sync_sites.py`); they are copied once per (device, dtype)."""
+    image_ops._constant.cache_clear()
+    g = torch.Generator().manual_seed(0)
+    img = disc_images(2)
+    for _ in range(3):
+        _augment_rows(img, 3, g)  # hue/saturation: two colour matrices
+        _augment_rows(img, 2, g)  # sharpness: one kernel
+    info = image_ops._constant.cache_info()
+    assert (info.misses, info.hits) == (3, 6)
+    _augment_rows(img.double(), 2, g)  # another dtype is another copy
+    assert image_ops._constant.cache_info().misses == 4
 
 
 def test_generation_ignores_autocast():

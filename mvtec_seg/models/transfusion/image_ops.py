@@ -9,6 +9,7 @@ reads a value back from the device (issue #9).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -140,6 +141,14 @@ _RGB2YIQ = torch.tensor(
 )
 _YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
 _SHARPEN_KERNEL = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13
+_CONSTANTS = {"rgb2yiq": _RGB2YIQ, "yiq2rgb": _YIQ2RGB, "sharpen": _SHARPEN_KERNEL}
+
+
+@functools.cache
+def _constant(name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A module constant on ``device``, copied there once: copying it from pageable host memory on every
+    call made the host wait for the GPU (2-3 times a step; found by `benchmarks/sync_sites.py`)."""
+    return _CONSTANTS[name].to(device=device, dtype=dtype)
 
 
 def _to_uint8(x: Tensor) -> Tensor:
@@ -149,7 +158,7 @@ def _to_uint8(x: Tensor) -> Tensor:
 def _sharpness(img: Tensor, factor: Tensor) -> Tensor:
     """torchvision's ``adjust_sharpness`` with a factor per image ``[m,1,1,1]`` (borders kept as they are)."""
     c = img.shape[1]
-    kernel = _SHARPEN_KERNEL.to(img).expand(c, 1, 3, 3)
+    kernel = _constant("sharpen", img.device, img.dtype).expand(c, 1, 3, 3)
     blurred = F.conv2d(img, kernel, groups=c)
     out = img.clone()
     inner = out[..., 1:-1, 1:-1]
@@ -184,7 +193,7 @@ def _augment_rows(img: Tensor, op: int, g: torch.Generator) -> Tensor:
         c, s = sat * angle.cos(), sat * angle.sin()
         one, zero = torch.ones_like(c), torch.zeros_like(c)
         rot = torch.stack([one, zero, zero, zero, c, -s, zero, s, c], dim=1).view(m, 3, 3)
-        mat = _YIQ2RGB.to(img) @ rot @ _RGB2YIQ.to(img)
+        mat = _constant("yiq2rgb", img.device, img.dtype) @ rot @ _constant("rgb2yiq", img.device, img.dtype)
         return torch.einsum("bij,bjhw->bihw", mat, img)
     if op == 4:  # solarize half of the time
         threshold = _uniform(g, 32 / 255, 128 / 255, (m, 1, 1, 1), img)
