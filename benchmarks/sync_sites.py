@@ -18,9 +18,7 @@ import warnings
 
 import torch
 from common import bench_parser, emit, md_table, write_section
-from transfusion_speed import SyncCounter, device_name, net_params, object_images
-
-from mvtec_seg.models.transfusion import AnomalyGenerator, TransFusionLoss, TransFusionModel
+from transfusion_speed import SyncCounter, device_name, plain_training
 
 
 def call_site() -> str:
@@ -45,15 +43,10 @@ class SiteCounter(SyncCounter):
 
 
 def measure(args, device: torch.device) -> collections.Counter:
-    """Sites of synchronisations in ``args.steps`` plain training steps (after one warm-up generation)."""
-    spec = net_params(args.net == "paper", args.size)
-    torch.manual_seed(0)
-    model = TransFusionModel(**spec["net"]).to(device).train()
-    loss_fn, opt = TransFusionLoss(), torch.optim.AdamW(model.parameters(), lr=spec["lr"])
-    gen = AnomalyGenerator(seed=0)
-    x = object_images(args.batch, args.size).to(device)
-    paths = [f"{i}.png" for i in range(args.batch)]
-    gen.generate(x, paths=paths)  # fills the foreground cache, as the first epoch does
+    """Sites of synchronisations in ``args.steps`` plain training steps (foreground cache warm)."""
+    _, model, loss_fn, opt, gen, x, paths = plain_training(
+        args.net == "paper", args.size, args.batch, args.batch, device
+    )
     sites: collections.Counter = collections.Counter()
     phase = "setup"
 

@@ -22,6 +22,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from common import emit
@@ -112,11 +113,35 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, device: torch.device) -> dict:
+class Training(NamedTuple):
+    """The pieces of a plain TransFusion training step, outside Lightning."""
+
+    spec: dict
+    model: TransFusionModel
+    loss_fn: TransFusionLoss
+    opt: torch.optim.Optimizer
+    gen: AnomalyGenerator
+    images: torch.Tensor
+    paths: list[str]
+
+
+def plain_training(paper: bool, size: int, batch: int, n_images: int, device: torch.device) -> Training:
+    """Network (seeded), loss, AdamW, the anomaly generator with its foreground cache warm for ``n_images``
+    object images (a fit warms it in its first epoch), and those images with their paths."""
     spec = net_params(paper, size)
     torch.manual_seed(0)
     model = TransFusionModel(**spec["net"]).to(device).train()
-    loss_fn = TransFusionLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"])
+    images = object_images(n_images, size).to(device)
+    paths = [f"train/good/{i:03d}.png" for i in range(n_images)]
+    gen = AnomalyGenerator(seed=0)
+    for i in range(0, n_images, batch):
+        gen.generate(images[i : i + batch], paths=paths[i : i + batch])
+    return Training(spec, model, TransFusionLoss(), opt, gen, images, paths)
+
+
+def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, device: torch.device) -> dict:
+    spec, model, loss_fn, opt, gen, images, paths = plain_training(paper, size, batch, 2 * batch, device)
     compile_s = 0.0
     if args.compile:
         # each network its own compile cache: the second one otherwise hits dynamo's recompile limit and
@@ -125,14 +150,6 @@ def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, dev
         t0 = time.perf_counter()
         model.net.compile()
         loss_fn.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"])
-    n_images = max(batch, 2 * batch)
-    images = object_images(n_images, size).to(device)
-    paths = [f"train/good/{i:03d}.png" for i in range(n_images)]
-    gen = AnomalyGenerator(seed=0)
-    # warm the foreground cache (a fit does this in its first epoch)
-    for i in range(0, n_images, batch):
-        gen.generate(images[i : i + batch], paths=paths[i : i + batch])
     x, p = images[:batch], paths[:batch]
 
     def generate():
