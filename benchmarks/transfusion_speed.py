@@ -5,6 +5,8 @@ anomaly generation per batch, network forward+backward+AdamW per batch, the plai
 Lightning), the real Lightning loop (images/s; its time beyond generation + network is the loop overhead),
 inference images/s (`predict`, the whole reverse process), and the number of device-synchronising aten ops
 per training step (read-backs, boolean indexing: counted by a dispatch mode, so measurable on the CPU too).
+It also counts the arithmetic (`flops_per_image`) and reports the TFLOP/s the network step (AdamW included)
+and the best inference batch reach, to set against the device's peak: how far a target is from its roofline.
 
     python benchmarks/transfusion_speed.py [--tiny] [--out DIR] [--nets default,paper] [--steps 20]
         [--batch 8] [--size 256] [--default-size 128] [--infer-batches 8,32] [--compile] [--precision auto]
@@ -140,6 +142,23 @@ def plain_training(paper: bool, size: int, batch: int, n_images: int, device: to
     return Training(spec, model, TransFusionLoss(), opt, gen, images, paths)
 
 
+def flops_per_image(spec: dict, size: int) -> tuple[float, float]:
+    """FLOPs of one image's training step (forward + loss + backward) and of its inference (`predict`, the
+    whole reverse process), counted by torch's FlopCounterMode on the meta device: shapes only, no compute.
+    Attention goes through the math backend there so its matrix products are counted too."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"), sdpa_kernel(SDPBackend.MATH):
+        model = TransFusionModel(**spec["net"])
+        x, mask, t = torch.rand(1, 3, size, size), torch.zeros(1, 1, size, size), torch.tensor([1])
+        with FlopCounterMode(display=False) as train:
+            TransFusionLoss()(model.training_forward(x, mask, x, mask, t))["loss"].backward()
+        with torch.no_grad(), FlopCounterMode(display=False) as infer:
+            model.predict(x)
+    return float(train.get_total_flops()), float(infer.get_total_flops())
+
+
 def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, device: torch.device) -> dict:
     spec, model, loss_fn, opt, gen, images, paths = plain_training(paper, size, batch, 2 * batch, device)
     compile_s = 0.0
@@ -191,6 +210,7 @@ def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, dev
                 )
             )
     loop_s = real_loop(spec, size, batch, steps, args, device)
+    train_flops, infer_flops = flops_per_image(spec, size)
     model.eval()
     infer = {}
     for ib in args.infer_batches:
@@ -206,6 +226,7 @@ def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, dev
         "precision": args.precision,
         "compile": bool(args.compile),
         "compile_s": compile_s,
+        "loop_batches": "pinned" if device.type == "cuda" and not args.pageable else "pageable",
         "generation_ms": 1e3 * gen_s,
         "network_ms": 1e3 * net_s,
         "plain_step_ms": 1e3 * plain_s,
@@ -215,6 +236,10 @@ def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, dev
         "loop_overhead_ms": 1e3 * (loop_s - gen_s - net_s),
         "syncing_ops_per_step": counter.count,
         "inference_images_per_s": {str(k): v for k, v in infer.items()},
+        "train_GFLOP_per_image": train_flops / 1e9,
+        "inference_GFLOP_per_image": infer_flops / 1e9,
+        "network_TFLOP_per_s": train_flops * batch / net_s / 1e12,
+        "inference_TFLOP_per_s": infer_flops * max(infer.values(), default=0.0) / 1e12,
     }
 
 
@@ -222,17 +247,6 @@ def real_loop(spec: dict, size: int, batch: int, steps: int, args, device: torch
     """Seconds per step of a Lightning fit (the teacher's loop), timed after 2 warm-up steps."""
     import pytorch_lightning as pl
 
-    from mvtec_seg.models.transfusion.lightning_model import TransFusion
-
-    params = {
-        "net": spec["net"],
-        "anomalies": {"kind": "object", "seed": 0},
-        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": spec["lr"]},
-    }
-    if args.compile:
-        params["compile"] = True
-    torch.manual_seed(0)
-    module = TransFusion(**params)
     warm = 2
     marks: dict[str, float] = {}
 
@@ -246,36 +260,65 @@ def real_loop(spec: dict, size: int, batch: int, steps: int, args, device: torch
             sync(device)
             marks["t1"] = time.perf_counter()
 
-    n_images = batch * 4
+    lightning_fit(spec, size, batch, 4, args, device, [Clock()], max_steps=warm + steps)
+    return (marks["t1"] - marks["t0"]) / steps
+
+
+def lightning_fit(
+    spec: dict,
+    size: int,
+    batch: int,
+    steps_per_epoch: int,
+    args,
+    device: torch.device,
+    callbacks: list,
+    max_steps: int = -1,
+    max_epochs: int | None = None,
+):
+    """A Lightning fit of the teacher's module (seeded) on ``steps_per_epoch`` batches of object images an
+    epoch, with ``callbacks`` and no checkpointing of its own; returns the trainer."""
+    import pytorch_lightning as pl
+
+    from mvtec_seg.models.transfusion.lightning_model import TransFusion
+
+    params = {
+        "net": spec["net"],
+        "anomalies": {"kind": "object", "seed": 0},
+        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": spec["lr"]},
+    }
+    if args.compile:
+        params["compile"] = True
+    torch.manual_seed(0)
     loader = DataLoader(
-        Images(object_images(n_images, size)),
+        Images(object_images(batch * steps_per_epoch, size)),
         batch_size=batch,
         shuffle=True,
         drop_last=True,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda" and not getattr(args, "pageable", False),
     )
     trainer = pl.Trainer(
         accelerator=device.type,
         devices=1,
         precision="bf16-mixed" if args.precision == "bf16" else "32-true",
-        max_steps=warm + steps,
+        max_steps=max_steps,
+        max_epochs=max_epochs,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Clock()],
+        callbacks=callbacks,
     )
-    trainer.fit(module, loader)
-    return (marks["t1"] - marks["t0"]) / steps
+    trainer.fit(TransFusion(**params), loader)
+    return trainer
 
 
 def markdown(results: list[dict], command: str, device: str) -> str:
     ib = sorted({k for r in results for k in r["inference_images_per_s"]}, key=int)
     head = (
         "| network | params | px | batch | precision | compile | generation ms | network fwd+bwd+opt ms "
-        "| plain step img/s | Lightning loop img/s | loop overhead ms | syncing ops/step | "
+        "| plain step img/s | Lightning loop img/s (batches) | loop overhead ms | syncing ops/step | "
         + " | ".join(f"inference img/s (batch {b})" for b in ib)
-        + " |"
+        + " | GFLOP/img train, inference | TFLOP/s network step, best inference |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
@@ -289,10 +332,14 @@ def markdown(results: list[dict], command: str, device: str) -> str:
             f"{r['generation_ms']:.1f}",
             f"{r['network_ms']:.1f}",
             f"{r['plain_images_per_s']:.1f}",
-            f"{r['loop_images_per_s']:.1f}",
+            f"{r['loop_images_per_s']:.1f} ({r['loop_batches']})",
             f"{r['loop_overhead_ms']:.1f}",
             str(r["syncing_ops_per_step"]),
         ] + [f"{r['inference_images_per_s'].get(b, float('nan')):.1f}" for b in ib]
+        cells += [
+            f"{r['train_GFLOP_per_image']:.1f}, {r['inference_GFLOP_per_image']:.0f}",
+            f"{r['network_TFLOP_per_s']:.3g}, {r['inference_TFLOP_per_s']:.3g}",
+        ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(
         ["## TransFusion speed (#9)", "", f"Device: {device}", "", "```", command, "```", "", *rows, ""]
@@ -318,6 +365,11 @@ def main() -> None:
     ap.add_argument("--infer-steps", type=int, default=None)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
     ap.add_argument("--compile", action="store_true", help="torch.compile network and loss")
+    ap.add_argument(
+        "--pageable",
+        action="store_true",
+        help="the Lightning loop's batches from pageable memory (data.pin_memory=false on a GPU)",
+    )
     args = ap.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

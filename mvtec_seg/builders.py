@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from mvtec_seg.callbacks import RngState
+from mvtec_seg.callbacks import ResumeCheckpoint, RngState
 from mvtec_seg.data.datamodule import MVTecDataModule
 from mvtec_seg.data.mvtec import MVTEC_CATEGORIES
 from mvtec_seg.errors import UserError
@@ -75,11 +76,26 @@ def build_datamodule(
         split_ratios=tuple(d.split_ratios),
         augment=bool(d.augment) if augment is None else augment,
         train_subset=train_subset,
-        pin_memory=bool(d.pin_memory),
+        pin_memory=pin_memory(cfg),
         train_crop=d.get("train_crop"),
         shard_evaluation=not cfg.trainer.get("use_distributed_sampler", True),
         protocol=protocol,
     )
+
+
+def pin_memory(cfg: DictConfig) -> bool:
+    """`data.pin_memory`; ``auto``: page-locked batches when the run trains on a GPU. A batch copied from
+    pageable memory makes the host wait for the GPU's queued work first (CUDA's rule for such copies), so
+    every training step would end the overlap of host and device (#9)."""
+    value = cfg.data.get("pin_memory", "auto")
+    if isinstance(value, bool):
+        return value
+    if value != "auto":
+        raise UserError(f"data.pin_memory={value!r} must be auto, true or false")
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda"):
+        return True
+    return accelerator == "auto" and torch.cuda.is_available()
 
 
 def evaluation_settings(cfg: DictConfig) -> dict[str, float]:
@@ -114,22 +130,11 @@ def max_epochs(cfg: DictConfig) -> int:
 LAST_CHECKPOINT = "last.ckpt"
 
 
-def resume_callbacks(dirpath: Path | str) -> list[pl.Callback]:
-    """What makes a training resumable after any kill: `<dirpath>/last.ckpt` written at the end of every
-    epoch (after validation, so it holds the best-checkpoint tracking too) and the RNG states in it.
-
-    Lightning writes checkpoints to a temporary and renames it, so a kill mid-write leaves the previous one.
-    """
-    last = pl.callbacks.ModelCheckpoint(
-        dirpath=dirpath,
-        filename=Path(LAST_CHECKPOINT).stem,
-        monitor=None,
-        save_top_k=1,
-        every_n_epochs=1,
-        save_on_train_epoch_end=True,
-        enable_version_counter=False,
-    )
-    return [last, RngState()]
+def resume_callbacks(dirpath: Path | str, every_s: float = 0.0) -> list[pl.Callback]:
+    """What makes a training resumable after any kill: `<dirpath>/last.ckpt` (`ResumeCheckpoint`: at the end
+    of an epoch at most every ``every_s`` seconds, and after the last; ``checkpoint.last_every_s``) and the
+    RNG states in it."""
+    return [ResumeCheckpoint(dirpath, every_s, filename=Path(LAST_CHECKPOINT).stem), RngState()]
 
 
 def build_trainer(

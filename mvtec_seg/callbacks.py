@@ -1,5 +1,5 @@
 """Run side effects as Lightning callbacks: throughput measured inside the loops, test artefacts written
-once the test loop has gathered every rank's maps."""
+once the test loop has gathered every rank's maps, the resume checkpoint and the RNG states it carries."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
+from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import atomic_save_npz
 from mvtec_seg.summary import PREDICTIONS_FILE
 
@@ -64,6 +65,60 @@ class Throughput(pl.Callback):
         if self._single is not None and self._single[1] > 0:
             return self._single[0] / self._single[1]
         return float("nan")
+
+
+class ResumeCheckpoint(pl.callbacks.ModelCheckpoint):
+    """`<dirpath>/last.ckpt` for resuming: written at the end of an epoch once ``every_s`` seconds have passed
+    since the previous write (or since training started), and always after the last epoch; 0: every epoch.
+
+    Why not every epoch: a write of the published TransFusion (weights and AdamW state) is 655 MB and takes
+    about a second, while its GPU epochs take a few seconds, so writing each one cost a large share of the
+    training time (benchmarks/resume_checkpoint.py). Which epoch a run resumes from does not change its result.
+    Written after validation, so it holds the best-checkpoint tracking too; Lightning writes a temporary and
+    renames it, so a kill mid-write leaves the previous one.
+    """
+
+    def __init__(
+        self, dirpath: Path | str, every_s: float = 0.0, filename: str = "last", clock=time.monotonic
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=None,
+            save_top_k=1,
+            every_n_epochs=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        )
+        if every_s < 0:
+            raise UserError(f"checkpoint.last_every_s={every_s} must be >= 0 seconds (0: every epoch)")
+        self.every_s = float(every_s)
+        self._clock = clock
+        self._written = clock()
+        self.writes = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._written = self._clock()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        due = self._clock() - self._written >= self.every_s
+        if not due and not _last_epoch(trainer):
+            return
+        before = self._last_global_step_saved
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._last_global_step_saved != before:
+            self._written = self._clock()
+            self.writes += 1
+
+
+def _last_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the epoch ending now is the fit's last (epoch limit, step limit or a requested stop)."""
+    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    return bool(
+        trainer.should_stop
+        or (max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs)
+        or (max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps)
+    )
 
 
 class RngState(pl.Callback):

@@ -120,7 +120,7 @@ def _train_teacher(cfg: DictConfig, final: Path) -> None:
     trainer = build_trainer(
         cfg,
         int(tc.max_epochs),
-        [throughput, *resume_callbacks(work)],
+        [throughput, *resume_callbacks(work, cfg.checkpoint.last_every_s)],
         pl.loggers.CSVLogger(str(work), name="", version=""),
         single_device=True,
         limit_train_batches=tc.get("limit_train_batches"),

@@ -78,7 +78,12 @@ def run_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RunParts]:
     trainer = build_trainer(
         cfg,
         max_epochs(cfg),
-        [parts.throughput, parts.artefacts, parts.checkpoint, *resume_callbacks(run_dir / "checkpoints")],
+        [
+            parts.throughput,
+            parts.artefacts,
+            parts.checkpoint,
+            *resume_callbacks(run_dir / "checkpoints", cfg.checkpoint.last_every_s),
+        ],
         loggers or False,
         enable_checkpointing=True,
         default_root_dir=str(run_dir),

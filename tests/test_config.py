@@ -104,3 +104,32 @@ def test_optimizer_and_scheduler_come_from_the_config(cfg_fast):
     assert isinstance(out["optimizer"], torch.optim.SGD)
     assert out["optimizer"].param_groups[0]["lr"] == pytest.approx(0.01)
     assert out["lr_scheduler"]["interval"] == "step" and out["lr_scheduler"]["scheduler"].step_size == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cuda", "pinned"),
+    [
+        (["trainer=cpu"], True, False),
+        (["trainer=gpu"], False, True),  # decided by the configured accelerator, not by this machine
+        (["trainer=ddp"], False, True),
+        (["trainer.accelerator=auto"], True, True),
+        (["trainer.accelerator=auto"], False, False),
+        (["trainer=gpu", "data.pin_memory=false"], True, False),
+        (["trainer=cpu", "data.pin_memory=true"], False, True),
+    ],
+)
+def test_pin_memory_auto_pins_batches_for_gpu_training(tmp_path, monkeypatch, overrides, cuda, pinned):
+    from mvtec_seg.builders import pin_memory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    cfg = compose_cfg(tmp_path, overrides)
+    assert cfg.data.pin_memory in ("auto", True, False)
+    assert pin_memory(cfg) is pinned
+
+
+def test_pin_memory_rejects_other_values(tmp_path):
+    from mvtec_seg.builders import pin_memory
+    from mvtec_seg.errors import UserError
+
+    with pytest.raises(UserError, match="data.pin_memory='yes' must be auto, true or false"):
+        pin_memory(compose_cfg(tmp_path, ["data.pin_memory=yes"]))

@@ -203,6 +203,7 @@ def test_non_finite_loss_stops_keeps_checkpoint_and_resumes(tmp_path, monkeypatc
         "teacher.max_epochs=3",
         "teacher.limit_train_batches=2",
         "data.image_size=32",
+        "checkpoint.last_every_s=0",  # last.ckpt of every epoch, so epoch 0's is there
     ]
     cfg = compose_cfg(tmp_path, overrides)
     with pytest.raises(UserError, match="non-finite.*last good checkpoint: .*last.ckpt"):

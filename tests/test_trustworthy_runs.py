@@ -13,16 +13,23 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import compose_cfg, make_fake_mvtec
+from torch.utils.data import DataLoader, TensorDataset
 
+import mvtec_seg.builders
+import mvtec_seg.teacher
+import mvtec_seg.train
 from mvtec_seg.builders import build_datamodule
+from mvtec_seg.callbacks import ResumeCheckpoint
 from mvtec_seg.errors import UserError
 from mvtec_seg.models.segmenter.loss import SegmentationLoss
 from mvtec_seg.teacher import teacher_dir
 from mvtec_seg.train import train
 
 TINY = ["debug=fast", "data.image_size=32", "trainer.limit_val_batches=1", "evaluation.max_overlays=0"]
+EVERY_EPOCH = "checkpoint.last_every_s=0"  # these tests kill or fail mid-run and need last.ckpt of each epoch
 TOLERANCE = 1e-6  # resumed vs uninterrupted, and run vs rerun, on CPU
 
 # Runs `train` in a child process that SIGKILLs itself at the start of epoch KILL_AT, i.e. right after
@@ -40,7 +47,7 @@ class Kill(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 original = mvtec_seg.builders.resume_callbacks
-patched = lambda d: [*original(d), Kill()]
+patched = lambda *args: [*original(*args), Kill()]
 mvtec_seg.train.resume_callbacks = patched
 mvtec_seg.teacher.resume_callbacks = patched
 mvtec_seg.train.train(compose_cfg(Path(sys.argv[1]), sys.argv[2:]))
@@ -69,7 +76,7 @@ def _close(a: dict, b: dict) -> None:
 
 @pytest.mark.slow
 def test_segmenter_resume_after_sigkill_equals_uninterrupted(tmp_path):
-    overrides = [*TINY, "trainer.max_epochs=4"]
+    overrides = [*TINY, "trainer.max_epochs=4", EVERY_EPOCH]
     straight = train(compose_cfg(tmp_path / "straight", overrides))
     _killed_run(tmp_path / "killed", overrides, kill_at=2)
     last = tmp_path / "killed" / "run" / "checkpoints" / "last.ckpt"
@@ -86,6 +93,7 @@ def test_segmenter_resume_after_sigkill_equals_uninterrupted(tmp_path):
 def test_teacher_resume_after_sigkill_equals_uninterrupted(tmp_path):
     overrides = [
         *TINY,
+        EVERY_EPOCH,
         "model=transfusion",
         "teacher.max_epochs=4",
         "teacher.limit_train_batches=2",
@@ -117,7 +125,7 @@ def test_non_finite_segmenter_loss_stops_and_keeps_last_good_checkpoint(tmp_path
         return terms
 
     monkeypatch.setattr(SegmentationLoss, "forward", flaky)
-    cfg = compose_cfg(tmp_path, [*TINY, "trainer.max_epochs=3"])
+    cfg = compose_cfg(tmp_path, [*TINY, "trainer.max_epochs=3", EVERY_EPOCH])
     with pytest.raises(UserError, match=r"Segmenter loss became non-finite at epoch 1.*last\.ckpt"):
         train(cfg)
     run = Path(cfg.paths.run_dir)
@@ -239,3 +247,91 @@ def test_sigint_during_segmenter_training_exits_at_once(tmp_path):
     assert len(lines) == 1 and "interrupted by SIGINT during segmenter training" in lines[0]
     assert "Traceback" not in text
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "interrupted"
+
+
+class _Tiny(pl.LightningModule):
+    """Four batches an epoch of a one-weight regression: the cheapest fit that writes checkpoints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Linear(1, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.w(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.ones(4, 1)), batch_size=1)
+
+
+def _epoch_writes(tmp_path: Path, every_s: float, epochs: int, seconds_per_epoch: float) -> tuple[list, int]:
+    """(epochs whose end wrote last.ckpt, the epoch saved in the final file) under a fake clock."""
+    now = {"t": 0.0}
+    written: list[int] = []
+
+    class Clock(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            now["t"] += seconds_per_epoch
+
+    ckpt = ResumeCheckpoint(tmp_path, every_s, clock=lambda: now["t"])
+    original = ckpt._save_checkpoint
+
+    def save(trainer, filepath):
+        written.append(trainer.current_epoch)
+        original(trainer, filepath)
+
+    ckpt._save_checkpoint = save
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[Clock(), ckpt],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(_Tiny())
+    assert ckpt.writes == len(written)
+    return written, torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["epoch"]
+
+
+def test_resume_checkpoint_waits_for_its_interval_and_always_writes_the_last_epoch(tmp_path):
+    assert _epoch_writes(tmp_path / "every", 0, 5, 25.0) == ([0, 1, 2, 3, 4], 4)
+    # 25 s epochs, 60 s apart at least: after epochs 2 (75 s) and 5 (150 s), then the last one
+    assert _epoch_writes(tmp_path / "60s", 60, 7, 25.0) == ([2, 5, 6], 6)
+    assert _epoch_writes(tmp_path / "never", 1e9, 3, 25.0) == ([2], 2)  # the last epoch still
+    with pytest.raises(UserError, match="checkpoint.last_every_s=-1"):
+        ResumeCheckpoint(tmp_path, -1)
+
+
+def test_runs_write_last_checkpoint_by_the_configured_interval(tmp_path):
+    """The default config's interval reaches the segmenter's and the teacher's resume checkpoints."""
+    cfg = compose_cfg(tmp_path, [*TINY, "trainer.max_epochs=3", "checkpoint.last_every_s=3600"])
+    train(cfg)
+    run = Path(cfg.paths.run_dir)
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 2
+    seen: list[float] = []
+    real = mvtec_seg.builders.resume_callbacks
+
+    def spy(dirpath, every_s=0.0):
+        seen.append(every_s)
+        return real(dirpath, every_s)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mvtec_seg.teacher, "resume_callbacks", spy)
+        mp.setattr(mvtec_seg.train, "resume_callbacks", spy)
+        train(
+            compose_cfg(
+                tmp_path / "t",
+                [
+                    *TINY,
+                    "model=transfusion",
+                    "teacher.max_epochs=1",
+                    "teacher.limit_train_batches=1",
+                    "teacher.params.net.num_steps=3",
+                ],
+            )
+        )
+    assert compose_cfg(tmp_path, []).checkpoint.last_every_s == 60
+    assert seen == [60, 60]  # the teacher's training, then the run's own trainer
