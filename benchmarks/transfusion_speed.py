@@ -10,9 +10,10 @@ and the best inference batch reach, to set against the device's peak: how far a 
 
     python benchmarks/transfusion_speed.py [--tiny] [--out DIR] [--nets default,paper] [--steps 20]
         [--batch 8] [--size 256] [--default-size 128] [--infer-batches 8,32] [--compile] [--precision auto]
+        [--channels-last] [--pageable]
 
 On a CPU the published network runs at a small size/batch (see --cpu-paper-size); `benchmarks/gpu_transfusion.sh`
-runs the GPU measurement in one call. `--out DIR` writes `DIR/transfusion_speed.md` (heading, command, table).
+runs the GPU measurement in numbered steps. `--out DIR` writes `DIR/transfusion_speed.md` (heading, command, table).
 """
 
 from __future__ import annotations
@@ -161,6 +162,8 @@ def flops_per_image(spec: dict, size: int) -> tuple[float, float]:
 
 def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, device: torch.device) -> dict:
     spec, model, loss_fn, opt, gen, images, paths = plain_training(paper, size, batch, 2 * batch, device)
+    if args.channels_last:  # weights in NHWC: every convolution then runs NHWC (no cuDNN layout conversions)
+        model.to(memory_format=torch.channels_last)
     compile_s = 0.0
     if args.compile:
         # each network its own compile cache: the second one otherwise hits dynamo's recompile limit and
@@ -226,6 +229,7 @@ def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, dev
         "precision": args.precision,
         "compile": bool(args.compile),
         "compile_s": compile_s,
+        "channels_last": bool(args.channels_last),
         "loop_batches": "pinned" if device.type == "cuda" and not args.pageable else "pageable",
         "generation_ms": 1e3 * gen_s,
         "network_ms": 1e3 * net_s,
@@ -308,7 +312,10 @@ def lightning_fit(
         enable_model_summary=False,
         callbacks=callbacks,
     )
-    trainer.fit(TransFusion(**params), loader)
+    module = TransFusion(**params)
+    if getattr(args, "channels_last", False):
+        module.model.to(memory_format=torch.channels_last)
+    trainer.fit(module, loader)
     return trainer
 
 
@@ -328,7 +335,8 @@ def markdown(results: list[dict], command: str, device: str) -> str:
             str(r["size"]),
             str(r["batch"]),
             r["precision"],
-            f"yes ({r['compile_s']:.0f} s)" if r["compile"] else "no",
+            (f"yes ({r['compile_s']:.0f} s)" if r["compile"] else "no")
+            + (", channels_last" if r.get("channels_last") else ""),
             f"{r['generation_ms']:.1f}",
             f"{r['network_ms']:.1f}",
             f"{r['plain_images_per_s']:.1f}",
@@ -365,6 +373,11 @@ def main() -> None:
     ap.add_argument("--infer-steps", type=int, default=None)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
     ap.add_argument("--compile", action="store_true", help="torch.compile network and loss")
+    ap.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="network weights in channels_last (NHWC) memory format, in every measurement",
+    )
     ap.add_argument(
         "--pageable",
         action="store_true",

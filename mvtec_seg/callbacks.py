@@ -71,11 +71,12 @@ class ResumeCheckpoint(pl.callbacks.ModelCheckpoint):
     """`<dirpath>/last.ckpt` for resuming: written at the end of an epoch once ``every_s`` seconds have passed
     since the previous write (or since training started), and always after the last epoch; 0: every epoch.
 
-    Why not every epoch: a write of the published TransFusion (weights and AdamW state) is 655 MB and takes
-    about a second, while its GPU epochs take a few seconds, so writing each one cost a large share of the
-    training time (benchmarks/resume_checkpoint.py). Which epoch a run resumes from does not change its result.
-    Written after validation, so it holds the best-checkpoint tracking too; Lightning writes a temporary and
-    renames it, so a kill mid-write leaves the previous one.
+    Why not every epoch: the published TransFusion's checkpoint (weights and AdamW state) is 655 MB, a write
+    took about 2 s on a 2-core machine, and its epochs take about 3 s on an H200, so writing each one could
+    nearly double the training time (benchmarks/resume_checkpoint.py). Which epoch a run resumes from does not
+    change its result. Rank 0's clock decides for every rank (a save is collective under DDP). Written after
+    validation, so it holds the best-checkpoint tracking too; Lightning writes a temporary and renames it, so
+    a kill mid-write leaves the previous one.
     """
 
     def __init__(
@@ -101,8 +102,8 @@ class ResumeCheckpoint(pl.callbacks.ModelCheckpoint):
         self._written = self._clock()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        due = self._clock() - self._written >= self.every_s
-        if not due and not _last_epoch(trainer):
+        due = self._clock() - self._written >= self.every_s or _last_epoch(trainer)
+        if not trainer.strategy.broadcast(due, src=0):
             return
         before = self._last_global_step_saved
         super().on_train_epoch_end(trainer, pl_module)

@@ -83,6 +83,7 @@ def test_other_groups_compose(tmp_path, group):
             and cfg.teacher.params.scheduler.step_size == 800
         )
         assert cfg.teacher.params.optimizer._target_ == "torch.optim.AdamW"
+        assert cfg.data.eval_batch_size == 32  # the maps stage's batch, tuned on a GPU (#9)
     if group == "debug=fast":
         assert cfg.trainer.max_epochs == 1 and cfg.trainer.limit_train_batches == 2
 
