@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The GPU measurement of #9 (on an H200 on 2026-11-27 steps 1, 2 and 5 took 4 min together): TransFusion
+# The GPU measurement of #9 (on an H200 on 2026-11-27 the eager, sync and compile steps took 4 min): TransFusion
 # training and inference speed of the default and the published network, eager and torch.compile, the host
 # synchronisations by site, the resume checkpoint's share of a real-length epoch, the loop with pageable
-# batches (data.pin_memory=false), the published network in channels_last and the attention kernels. One
-# device call runs at most 10 minutes: all seven steps take about 11, so name the steps to run (default: all)
-# and split them over calls. Writes under OUT_DIR: {eager,pageable,compile,channels_last*}/transfusion_speed.md,
-# sync_sites.md, resume_checkpoint.md, attention_backend.md and a log per step; paste them into
+# batches (data.pin_memory=false), the published network in channels_last, the attention kernels and the real
+# teacher stage before/after. One device call runs at most 10 minutes: all eight steps take about 13, so name
+# the steps to run (default: all) and split them over calls, e.g. `... OUT 1 3 4 8` then `... OUT 2 5 6 7`.
+# Writes under OUT_DIR: {eager,pageable,compile,channels_last*}/transfusion_speed.md, sync_sites.md,
+# resume_checkpoint.md, attention_backend.md, {,old/}teacher_stage.md and a log per step; paste them into
 # benchmarks/results/archive/ with the device named. Usage, from the repository root:
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_transfusion.sh [OUT_DIR] [STEP ...]
 set -euo pipefail
 PY=${PYTHON:-python}
 OUT=${1:-outputs/benchmarks/gpu}
 shift || true
-STEPS=" ${*:-1 2 3 4 5 6 7} "
+STEPS=" ${*:-1 2 3 4 5 6 7 8} "
 export PYTHONPATH=${PYTHONPATH:-$PWD} WANDB_MODE=disabled HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 want() { [[ "$STEPS" == *" $1 "* ]]; }
@@ -45,4 +46,12 @@ want 6 && run channels_last_compile 240 benchmarks/transfusion_speed.py --out "$
     --nets paper --channels-last --compile --steps 20 --batch 8 --infer-batches 32
 # 7. which attention kernel serves the published network's shapes, and each one's time (~30 s)
 want 7 && run attention_backend 90 benchmarks/attention_backend.py --out "$OUT"
+# 8. the real teacher stage (training, maps of ~340 images, pseudo masks) of a bottle-sized synthetic category,
+#    published configuration, 5 epochs: this stop's defaults, then the old ones (pageable batches, last.ckpt
+#    every epoch) for the before/after (~2.5 min)
+STAGE=(experiment=transfusion_paper trainer=gpu teacher.max_epochs=5 category.generate.n_train=290
+    category.generate.image_size=256 data.num_workers=6)
+want 8 && run teacher_stage 200 benchmarks/teacher_stage.py --out "$OUT" "${STAGE[@]}"
+want 8 && run teacher_stage_old 200 benchmarks/teacher_stage.py --out "$OUT/old" "${STAGE[@]}" \
+    data.pin_memory=false checkpoint.last_every_s=0 data.eval_batch_size=8
 ls -R "$OUT"

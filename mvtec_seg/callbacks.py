@@ -31,6 +31,7 @@ class Throughput(pl.Callback):
     def __init__(self) -> None:
         self.images = 0
         self.seconds = 0.0
+        self.images_seen = 0  # every training image of every epoch, warm-up batches included
         self._single: tuple[int, float] | None = None
         self.test_s: float | None = None
 
@@ -44,6 +45,7 @@ class Throughput(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         n = len(batch["image"])
+        self.images_seen += n
         if self._mark is None:  # first batch of the epoch: warm-up
             self._mark = now
             self._single = (n, now - self._t0)

@@ -143,6 +143,7 @@ def _train_teacher(cfg: DictConfig, final: Path) -> None:
             "train_s": time.perf_counter() - t0,
             "train_images_per_s": throughput.images_per_s,
             "n_train_images": len(dm.indices("train", normal_only=True)),
+            "images_seen": throughput.images_seen,  # this run's (a resumed one: since the resume)
         },
     )
     os.replace(work, final)

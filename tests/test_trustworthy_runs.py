@@ -318,20 +318,23 @@ def test_runs_write_last_checkpoint_by_the_configured_interval(tmp_path):
         seen.append(every_s)
         return real(dirpath, every_s)
 
+    teacher_cfg = compose_cfg(
+        tmp_path / "t",
+        [
+            *TINY,
+            "model=transfusion",
+            "teacher.max_epochs=1",
+            "teacher.limit_train_batches=1",
+            "teacher.params.net.num_steps=3",
+        ],
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mvtec_seg.teacher, "resume_callbacks", spy)
         mp.setattr(mvtec_seg.train, "resume_callbacks", spy)
-        train(
-            compose_cfg(
-                tmp_path / "t",
-                [
-                    *TINY,
-                    "model=transfusion",
-                    "teacher.max_epochs=1",
-                    "teacher.limit_train_batches=1",
-                    "teacher.params.net.num_steps=3",
-                ],
-            )
-        )
+        train(teacher_cfg)
     assert compose_cfg(tmp_path, []).checkpoint.last_every_s == 60
     assert seen == [60, 60]  # the teacher's training, then the run's own trainer
+    dm = build_datamodule(teacher_cfg)
+    dm.prepare()
+    info = json.loads((teacher_dir(teacher_cfg, dm) / "info.json").read_text())
+    assert info["images_seen"] == teacher_cfg.teacher.batch_size == 8  # one batch of one epoch
