@@ -14,14 +14,13 @@ forward+backward time, and the default choice's time; the fastest eligible backe
 from __future__ import annotations
 
 import contextlib
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 from common import bench_parser, emit, md_table, write_section
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transfusion_speed import device_name, sync
+from transfusion_speed import device_name, timed
 
 BACKENDS = {
     "default": None,
@@ -58,15 +57,11 @@ def time_backend(backend, batch, tokens, channels, steps, device, dtype) -> dict
         except RuntimeError as err:
             reasons = [str(w.message).splitlines()[0] for w in caught] or [str(err).splitlines()[0]]
             return {"runs": False, "reason": "; ".join(dict.fromkeys(reasons))[:300]}
-        out = {"runs": True}
-        for name, fn in (("forward_ms", forward), ("forward_backward_ms", both)):
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            sync(device)
-            out[name] = 1e3 * (time.perf_counter() - t0) / steps
-    return out
+        return {
+            "runs": True,
+            "forward_ms": 1e3 * timed(forward, steps, device),
+            "forward_backward_ms": 1e3 * timed(both, steps, device),
+        }
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytorch_lightning as pl
 import torch
@@ -51,16 +50,14 @@ def fit(args, every_s: float, device: torch.device, folder: Path) -> dict:
         writes.append(time.perf_counter() - t0)
 
     ckpt._save_checkpoint = timed_save
-    spec = net_params(args.net == "paper", args.size)
-    options = SimpleNamespace(compile=False, precision="bf16" if device.type == "cuda" else "fp32")
     lightning_fit(
-        spec,
+        net_params(args.net == "paper", args.size),
         args.size,
         args.batch,
         args.steps_per_epoch,
-        options,
         device,
         [EpochClock(), *callbacks],
+        precision="bf16" if device.type == "cuda" else "fp32",
         max_epochs=args.epochs,
     )
     epochs = [b - a for a, b in zip(starts, starts[1:], strict=False)][1:]  # without the first (warm-up)

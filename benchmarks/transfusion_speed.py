@@ -264,7 +264,19 @@ def real_loop(spec: dict, size: int, batch: int, steps: int, args, device: torch
             sync(device)
             marks["t1"] = time.perf_counter()
 
-    lightning_fit(spec, size, batch, 4, args, device, [Clock()], max_steps=warm + steps)
+    lightning_fit(
+        spec,
+        size,
+        batch,
+        4,
+        device,
+        [Clock()],
+        precision=args.precision,
+        compile=args.compile,
+        pageable=args.pageable,
+        channels_last=args.channels_last,
+        max_steps=warm + steps,
+    )
     return (marks["t1"] - marks["t0"]) / steps
 
 
@@ -273,14 +285,19 @@ def lightning_fit(
     size: int,
     batch: int,
     steps_per_epoch: int,
-    args,
     device: torch.device,
     callbacks: list,
+    *,
+    precision: str,
+    compile: bool = False,
+    pageable: bool = False,
+    channels_last: bool = False,
     max_steps: int = -1,
     max_epochs: int | None = None,
 ):
     """A Lightning fit of the teacher's module (seeded) on ``steps_per_epoch`` batches of object images an
-    epoch, with ``callbacks`` and no checkpointing of its own; returns the trainer."""
+    epoch, with ``callbacks`` and no checkpointing of its own; returns the trainer. ``precision``: bf16 or
+    fp32; ``pageable``: batches not pinned on a GPU; ``channels_last``: the network's weights in NHWC."""
     import pytorch_lightning as pl
 
     from mvtec_seg.models.transfusion.lightning_model import TransFusion
@@ -290,7 +307,7 @@ def lightning_fit(
         "anomalies": {"kind": "object", "seed": 0},
         "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": spec["lr"]},
     }
-    if args.compile:
+    if compile:
         params["compile"] = True
     torch.manual_seed(0)
     loader = DataLoader(
@@ -298,12 +315,12 @@ def lightning_fit(
         batch_size=batch,
         shuffle=True,
         drop_last=True,
-        pin_memory=device.type == "cuda" and not getattr(args, "pageable", False),
+        pin_memory=device.type == "cuda" and not pageable,
     )
     trainer = pl.Trainer(
         accelerator=device.type,
         devices=1,
-        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
         max_steps=max_steps,
         max_epochs=max_epochs,
         logger=False,
@@ -313,7 +330,7 @@ def lightning_fit(
         callbacks=callbacks,
     )
     module = TransFusion(**params)
-    if getattr(args, "channels_last", False):
+    if channels_last:
         module.model.to(memory_format=torch.channels_last)
     trainer.fit(module, loader)
     return trainer
