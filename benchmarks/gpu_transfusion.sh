@@ -2,18 +2,20 @@
 # The GPU measurement of #9 (on an H200 on 2026-11-27 the eager, sync and compile steps took 4 min): TransFusion
 # training and inference speed of the default and the published network, eager and torch.compile, the host
 # synchronisations by site, the resume checkpoint's share of a real-length epoch, the loop with pageable
-# batches (data.pin_memory=false), the published network in channels_last, the attention kernels and the real
-# teacher stage before/after. One device call runs at most 10 minutes: all eight steps take about 13, so name
-# the steps to run (default: all) and split them over calls, e.g. `... OUT 1 3 4 8` then `... OUT 2 5 6 7`.
+# batches (data.pin_memory=false), the published network in channels_last, the attention kernels, the real
+# teacher stage before/after and GroupNorm in float32 vs bf16 under autocast. One device call runs at most 10
+# minutes: all nine steps take about 15, so name the steps to run (default: all) and split them over calls,
+# most telling first: `... OUT 1 9 3 4 8`, then `... OUT 2 5 6 7`.
 # Writes under OUT_DIR: {eager,pageable,compile,channels_last*}/transfusion_speed.md, sync_sites.md,
-# resume_checkpoint.md, attention_backend.md, {,old/}teacher_stage.md and a log per step; paste them into
+# resume_checkpoint.md, attention_backend.md, {,old/}teacher_stage.md, autocast_traffic.md and a log per
+# step; paste them into
 # benchmarks/results/archive/ with the device named. Usage, from the repository root:
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_transfusion.sh [OUT_DIR] [STEP ...]
 set -euo pipefail
 PY=${PYTHON:-python}
 OUT=${1:-outputs/benchmarks/gpu}
 shift || true
-STEPS=" ${*:-1 2 3 4 5 6 7 8} "
+STEPS=" ${*:-1 2 3 4 5 6 7 8 9} "
 export PYTHONPATH=${PYTHONPATH:-$PWD} WANDB_MODE=disabled HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 want() { [[ "$STEPS" == *" $1 "* ]]; }
@@ -54,4 +56,7 @@ STAGE=(experiment=transfusion_paper trainer=gpu teacher.max_epochs=5 category.ge
 want 8 && run teacher_stage 200 benchmarks/teacher_stage.py --out "$OUT" "${STAGE[@]}"
 want 8 && run teacher_stage_old 200 benchmarks/teacher_stage.py --out "$OUT/old" "${STAGE[@]}" \
     data.pin_memory=false checkpoint.last_every_s=0 data.eval_batch_size=8
+# 9. GroupNorm upcast to float32 (CUDA autocast's rule, the network before) vs kept in bf16 (now): the published
+#    network's step and inference, alternating, and a short bf16 loss curve with each (~1.5 min)
+want 9 && run autocast_traffic 150 benchmarks/autocast_traffic.py --out "$OUT"
 ls -R "$OUT"

@@ -294,22 +294,24 @@ def lightning_fit(
     channels_last: bool = False,
     max_steps: int = -1,
     max_epochs: int | None = None,
+    seed: int = 0,
 ):
-    """A Lightning fit of the teacher's module (seeded) on ``steps_per_epoch`` batches of object images an
-    epoch, with ``callbacks`` and no checkpointing of its own; returns the trainer. ``precision``: bf16 or
-    fp32; ``pageable``: batches not pinned on a GPU; ``channels_last``: the network's weights in NHWC."""
+    """A Lightning fit of the teacher's module (initialisation and anomalies from ``seed``) on
+    ``steps_per_epoch`` batches of object images an epoch, with ``callbacks`` and no checkpointing of its
+    own; returns the trainer. ``precision``: bf16 or fp32; ``pageable``: batches not pinned on a GPU;
+    ``channels_last``: the network's weights in NHWC."""
     import pytorch_lightning as pl
 
     from mvtec_seg.models.transfusion.lightning_model import TransFusion
 
     params = {
         "net": spec["net"],
-        "anomalies": {"kind": "object", "seed": 0},
+        "anomalies": {"kind": "object", "seed": seed},
         "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": spec["lr"]},
     }
     if compile:
         params["compile"] = True
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     loader = DataLoader(
         Images(object_images(batch * steps_per_epoch, size)),
         batch_size=batch,

@@ -90,6 +90,28 @@ def reverse_step(
 
 
 # -- network -------------------------------------------------------------------------------------------------
+class GroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` that keeps autocast's low-precision activations in low precision (issue #9).
+
+    CUDA autocast runs ``group_norm`` in float32: every call upcasts its bf16 input, writes a float32 output,
+    the SiLU after it reads and writes float32, and the next convolution casts it back to bf16. In the
+    published network those casts moved more bytes than every convolution's inputs and outputs together
+    (`benchmarks/autocast_traffic.py`). The kernel accumulates its statistics in float32 either way; only
+    the output is rounded to bf16, as the next convolution would round it. Weight and bias are cast like a
+    convolution's. Without autocast (float32, float64) this is exactly `nn.GroupNorm`.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return F.group_norm(
+                x.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps
+            )
+
+
 class TimeEmbedding(nn.Module):
     """Sinusoidal embedding of the integer step followed by a two-layer MLP (``dim/4 -> dim -> dim``)."""
 
@@ -117,10 +139,10 @@ class ResBlock(nn.Module):
         self, in_ch: int, out_ch: int, time_ch: int, dropout: float = 0.0, norm_groups: int = 32
     ) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(_groups(norm_groups, in_ch), in_ch)
+        self.norm1 = GroupNorm(_groups(norm_groups, in_ch), in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_proj = nn.Linear(time_ch, out_ch)
-        self.norm2 = nn.GroupNorm(_groups(norm_groups, out_ch), out_ch)
+        self.norm2 = GroupNorm(_groups(norm_groups, out_ch), out_ch)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -217,7 +239,7 @@ class TransFusionUNet(nn.Module):
             if i > 0:
                 self.up.append(nn.ConvTranspose2d(ch, ch, 4, stride=2, padding=1))
 
-        self.out_norm = nn.GroupNorm(_groups(8, ch), ch)
+        self.out_norm = GroupNorm(_groups(8, ch), ch)
         self.noise_head = nn.Conv2d(ch, image_channels, 3, padding=1)
         self.mean_head = nn.Conv2d(ch, image_channels, 3, padding=1)
         self.mask_head = nn.Sequential(nn.BatchNorm2d(ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
