@@ -12,6 +12,9 @@ autocast dtype (`torch_model.GroupNorm`: now).
   bf16); on a GPU it is autocast's own.
 - Time, on a GPU only: the published network's step (forward, loss, backward, AdamW) and inference with each
   rule, alternating.
+- bf16 weights (the issue's other precision lever, Lightning's ``bf16-true``): the share of the published
+  network's initial weights that one AdamW step of size lr (its typical largest: |m/sqrt(v)| <= ~1) cannot
+  move, because it is below half the bf16 spacing at that weight.
 
     python benchmarks/autocast_traffic.py [--epochs 20] [--rounds 3] [--tiny] [--out DIR]
 """
@@ -133,6 +136,15 @@ def forward_traffic(spec: dict, size: int, batch: int, rule: str) -> Traffic:
     return traffic
 
 
+def frozen_share(spec: dict, lr: float) -> float:
+    """Share of the network's initial weights (seeded) on which a step of ``lr`` rounds away in bf16."""
+    torch.manual_seed(0)
+    w = torch.cat([p.detach().flatten() for p in TransFusionModel(**spec["net"]).parameters()])
+    mag = w.abs().bfloat16()
+    spacing = torch.nextafter(mag, torch.full_like(mag, float("inf"))).float() - mag.float()
+    return float((lr < spacing / 2).float().mean())
+
+
 class EpochLoss(pl.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -219,9 +231,11 @@ def main() -> None:
         for rule, seed in [("float32", 0), ("bf16", 0), ("float32", 1)]
     }
     times = gpu_times(args.rounds, args.steps, device) if device.type == "cuda" and not args.tiny else {}
-    emit(
-        "autocast_traffic", {"device": device_name(device), "traffic": traffic, "loss": curves, "gpu": times}
-    )
+    lead, lead_paper, lead_size, _ = configs[0]
+    spec = net_params(lead_paper, lead_size)
+    frozen = {lr: frozen_share(spec, lr) for lr in sorted({spec["lr"], 1e-4})}
+    result = {"device": device_name(device), "traffic": traffic, "loss": curves, "gpu": times}
+    emit("autocast_traffic", {**result, "bf16_frozen_share": frozen})
 
     kinds = ["casts", "group_norm", "silu", "other elementwise", "convolution + linear", "attention"]
     rows = []
@@ -273,6 +287,12 @@ def main() -> None:
             f"rounds of {args.steps} steps:\n\n"
             + md_table(["GroupNorm", "network step ms (batch 8)", "inference images/s (batch 32)"], rows)
         )
+    body += (
+        f"\n\nbf16 weights, {lead} network (initialised with seed 0): share of the weights that "
+        "one AdamW step of size lr cannot move in bf16: "
+        + ", ".join(f"{v:.1%} at lr {k:g}" for k, v in frozen.items())
+        + f" (this network's configured lr is {spec['lr']:g})."
+    )
     write_section(args, "autocast_traffic", "GroupNorm under bf16 autocast: traffic, loss, time (#9)", body)
 
 

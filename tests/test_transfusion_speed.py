@@ -202,6 +202,9 @@ def test_groupnorm_is_nn_groupnorm_without_autocast():
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(2, 8, 5, 5, dtype=dtype)
         assert torch.equal(ours.to(dtype)(x), ref.to(dtype)(x))
+    # and on the meta device, where the benchmarks count FLOPs (no autocast exists there)
+    with torch.device("meta"):
+        assert GroupNorm(4, 8)(torch.empty(2, 8, 5, 5)).shape == (2, 8, 5, 5)
 
 
 def test_groupnorm_stays_in_bf16_under_autocast():

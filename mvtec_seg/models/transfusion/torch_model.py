@@ -102,8 +102,8 @@ class GroupNorm(nn.GroupNorm):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        device = x.device.type
-        if not torch.is_autocast_enabled(device):
+        device = x.device.type  # "meta" (FLOP counting) has no autocast to ask about
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
             return super().forward(x)
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
