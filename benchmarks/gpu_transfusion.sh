@@ -8,8 +8,7 @@
 # most telling first: `... OUT 1 9 3 4 8`, then `... OUT 2 5 6 7`.
 # Writes under OUT_DIR: {eager,pageable,compile,channels_last*}/transfusion_speed.md, sync_sites.md,
 # resume_checkpoint.md, attention_backend.md, {,old/}teacher_stage.md, autocast_traffic.md and a log per
-# step; paste them into
-# benchmarks/results/archive/ with the device named. Usage, from the repository root:
+# step; paste them into benchmarks/results/archive/ with the device named. Usage, from the repository root:
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_transfusion.sh [OUT_DIR] [STEP ...]
 set -euo pipefail
 PY=${PYTHON:-python}

@@ -106,10 +106,9 @@ class GroupNorm(nn.GroupNorm):
         if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
             return super().forward(x)
         dtype = torch.get_autocast_dtype(device)
+        weight, bias = (None if p is None else p.to(dtype) for p in (self.weight, self.bias))
         with torch.autocast(device, enabled=False):
-            return F.group_norm(
-                x.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps
-            )
+            return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps)
 
 
 class TimeEmbedding(nn.Module):
