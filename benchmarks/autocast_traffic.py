@@ -10,8 +10,8 @@ autocast dtype (`torch_model.GroupNorm`: now).
 - Loss curve: the default network trained in bf16 with each rule, same seed, plus the float32 rule with a
   second seed for the noise band. On the CPU the float32 rule is emulated (CPU autocast keeps group_norm in
   bf16); on a GPU it is autocast's own.
-- Time, on a GPU only: the published network's step (forward, loss, backward, AdamW) and inference with each
-  rule, alternating.
+- Time, on a GPU: the published network's step (forward, loss, backward, AdamW) and inference with each
+  rule, alternating (tiny mode runs this code on any device as a smoke test).
 - bf16 weights (the issue's other precision lever, Lightning's ``bf16-true``): the share of the published
   network's initial weights that one AdamW step of size lr (its typical largest: |m/sqrt(v)| <= ~1) cannot
   move, because it is below half the bf16 spacing at that weight.
@@ -171,14 +171,17 @@ def loss_curve(rule: str, seed: int, size: int, steps: int, epochs: int, device:
     return curve.losses
 
 
-def gpu_times(rounds: int, steps: int, device: torch.device) -> dict[str, dict[str, float]]:
-    """Published network, batch 8: ms of a network step and images/s of inference at batch 32, per rule."""
-    tr = plain_training(True, 256, 8, 8, device)
+def rule_times(
+    paper: bool, size: int, batch: int, infer_batch: int, rounds: int, steps: int, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Per rule: ms of a bf16 network step (forward, loss, backward, AdamW) at ``batch`` and images/s of
+    bf16 inference at ``infer_batch``, best of ``rounds`` alternating rounds."""
+    tr = plain_training(paper, size, batch, batch, device)
     material = tr.gen.generate(tr.images, paths=tr.paths)
-    xi = torch.rand(32, 3, 256, 256, device=device)
+    xi = torch.rand(infer_batch, 3, size, size, device=device)
 
     def step():
-        t = tr.model.sample_timesteps(8, device)
+        t = tr.model.sample_timesteps(batch, device)
         with autocast(device, "bf16"):
             out = tr.model.training_forward(
                 material["x0"], material["mask"], material["appearance"], material["prev_mask"], t
@@ -199,7 +202,7 @@ def gpu_times(rounds: int, steps: int, device: torch.device) -> dict[str, dict[s
                 times[rule]["step"].append(timed(step, steps, device))
                 times[rule]["infer"].append(timed(infer, max(1, steps // 5), device))
     return {
-        r: {"step_ms": 1e3 * min(v["step"]), "inference_images_per_s": 32 / min(v["infer"])}
+        r: {"step_ms": 1e3 * min(v["step"]), "inference_images_per_s": infer_batch / min(v["infer"])}
         for r, v in times.items()
     }
 
@@ -230,7 +233,9 @@ def main() -> None:
         f"{rule}, seed {seed}": loss_curve(rule, seed, args.size, args.steps_per_epoch, args.epochs, device)
         for rule, seed in [("float32", 0), ("bf16", 0), ("float32", 1)]
     }
-    times = gpu_times(args.rounds, args.steps, device) if device.type == "cuda" and not args.tiny else {}
+    # timed on a GPU (the CPU's autocast is another rule set); tiny mode runs the code path anywhere
+    timing = (False, 32, 2, 2, 1, 1) if args.tiny else (True, 256, 8, 32, args.rounds, args.steps)
+    times = rule_times(*timing, device) if device.type == "cuda" or args.tiny else {}
     lead, lead_paper, lead_size, _ = configs[0]
     spec = net_params(lead_paper, lead_size)
     frozen = {lr: frozen_share(spec, lr) for lr in sorted({spec["lr"], 1e-4})}
@@ -283,9 +288,16 @@ def main() -> None:
             [RULES[r], f"{v['step_ms']:.1f}", f"{v['inference_images_per_s']:.1f}"] for r, v in times.items()
         ]
         body += (
-            f"\n\n{device_name(device)}, published network at 256 px, bf16, best of {args.rounds} alternating "
-            f"rounds of {args.steps} steps:\n\n"
-            + md_table(["GroupNorm", "network step ms (batch 8)", "inference images/s (batch 32)"], rows)
+            f"\n\n{device_name(device)}, {'published' if timing[0] else 'default'} network at {timing[1]} px, "
+            f"bf16, best of {timing[4]} alternating rounds of {timing[5]} steps:\n\n"
+            + md_table(
+                [
+                    "GroupNorm",
+                    f"network step ms (batch {timing[2]})",
+                    f"inference images/s (batch {timing[3]})",
+                ],
+                rows,
+            )
         )
     body += (
         f"\n\nbf16 weights, {lead} network (initialised with seed 0): share of the weights that "
