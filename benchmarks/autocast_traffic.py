@@ -181,15 +181,7 @@ def rule_times(
     xi = torch.rand(infer_batch, 3, size, size, device=device)
 
     def step():
-        t = tr.model.sample_timesteps(batch, device)
-        with autocast(device, "bf16"):
-            out = tr.model.training_forward(
-                material["x0"], material["mask"], material["appearance"], material["prev_mask"], t
-            )
-            loss = tr.loss_fn(out)["loss"]
-        tr.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        tr.opt.step()
+        tr.network_step(material, "bf16")
 
     def infer():
         with torch.inference_mode(), autocast(device, "bf16"):

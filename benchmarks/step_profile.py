@@ -21,7 +21,7 @@ import torch
 from autocast_traffic import RULES, groupnorm_rule
 from common import bench_parser, emit, md_table, write_section
 from torch.profiler import ProfilerActivity, profile
-from transfusion_speed import autocast, device_name, plain_training, sync
+from transfusion_speed import device_name, plain_training, sync
 
 # first match wins: the op names of aten (self time), most specific first
 CATEGORIES = [
@@ -47,16 +47,7 @@ def profile_steps(paper: bool, size: int, batch: int, steps: int, rule: str, dev
     x, paths = tr.images[:batch], tr.paths[:batch]
 
     def step():
-        material = tr.gen.generate(x, paths=paths)
-        t = tr.model.sample_timesteps(batch, device)
-        with autocast(device, "bf16"):
-            out = tr.model.training_forward(
-                material["x0"], material["mask"], material["appearance"], material["prev_mask"], t
-            )
-            loss = tr.loss_fn(out)["loss"]
-        tr.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        tr.opt.step()
+        tr.network_step(tr.gen.generate(x, paths=paths), "bf16")
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

@@ -127,6 +127,19 @@ class Training(NamedTuple):
     images: torch.Tensor
     paths: list[str]
 
+    def network_step(self, material: dict, precision: str) -> None:
+        """The step without generation: timesteps, forward and loss under ``precision``, backward, AdamW."""
+        device = self.images.device
+        t = self.model.sample_timesteps(len(material["x0"]), device)
+        with autocast(device, precision):
+            out = self.model.training_forward(
+                material["x0"], material["mask"], material["appearance"], material["prev_mask"], t
+            )
+            loss = self.loss_fn(out)["loss"]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
 
 def plain_training(paper: bool, size: int, batch: int, n_images: int, device: torch.device) -> Training:
     """Network (seeded), loss, AdamW, the anomaly generator with its foreground cache warm for ``n_images``
@@ -161,7 +174,8 @@ def flops_per_image(spec: dict, size: int) -> tuple[float, float]:
 
 
 def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, device: torch.device) -> dict:
-    spec, model, loss_fn, opt, gen, images, paths = plain_training(paper, size, batch, 2 * batch, device)
+    training = plain_training(paper, size, batch, 2 * batch, device)
+    spec, model, loss_fn, _, gen, images, paths = training
     if args.channels_last:  # weights in NHWC: every convolution then runs NHWC (no cuDNN layout conversions)
         model.to(memory_format=torch.channels_last)
     compile_s = 0.0
@@ -180,15 +194,7 @@ def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, dev
     material = generate()
 
     def network():
-        t = model.sample_timesteps(batch, device)
-        with autocast(device, args.precision):
-            out = model.training_forward(
-                material["x0"], material["mask"], material["appearance"], material["prev_mask"], t
-            )
-            loss = loss_fn(out)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        training.network_step(material, args.precision)
 
     def plain_step():
         nonlocal material
