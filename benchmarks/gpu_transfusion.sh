@@ -3,19 +3,20 @@
 # training and inference speed of the default and the published network, eager and torch.compile, the host
 # synchronisations by site, the resume checkpoint's share of a real-length epoch, the loop with pageable
 # batches (data.pin_memory=false), the published network in channels_last, the attention kernels, the real
-# teacher stage before/after, GroupNorm in float32 vs bf16 under autocast, and a profile of the step by kind of
-# work. One device call runs at most 10 minutes: all ten steps take about 16, so name the steps to run
-# (default: all) and split them over calls, most telling first: `... OUT 1 9 10 8`, then `... OUT 3 4 2 5 6 7`.
+# teacher stage before/after, GroupNorm in float32 vs bf16 under autocast, a profile of the step by kind of
+# work, and anomaly generation with textures from files (DTD). One device call runs at most 10 minutes: all
+# eleven steps take about 17, so name the steps to run (default: all) and split them over calls, most telling
+# first: `... OUT 1 9 10 11 8`, then `... OUT 3 4 2 5 6 7`.
 # Writes under OUT_DIR: {eager,pageable,compile,channels_last*}/transfusion_speed.md, sync_sites.md,
-# resume_checkpoint.md, attention_backend.md, {,old/}teacher_stage.md, autocast_traffic.md, step_profile.md
-# and a log per step; paste them into benchmarks/results/archive/ with the device named. Usage, from the
-# repository root:
+# resume_checkpoint.md, attention_backend.md, {,old/}teacher_stage.md, autocast_traffic.md, step_profile.md,
+# texture_cache.md and a log per step; paste them into benchmarks/results/archive/ with the device named.
+# Usage, from the repository root:
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_transfusion.sh [OUT_DIR] [STEP ...]
 set -euo pipefail
 PY=${PYTHON:-python}
 OUT=${1:-outputs/benchmarks/gpu}
 shift || true
-STEPS=" ${*:-1 2 3 4 5 6 7 8 9 10} "
+STEPS=" ${*:-1 2 3 4 5 6 7 8 9 10 11} "
 export PYTHONPATH=${PYTHONPATH:-$PWD} WANDB_MODE=disabled HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 want() { [[ "$STEPS" == *" $1 "* ]]; }
@@ -62,4 +63,7 @@ want 9 && run autocast_traffic 150 benchmarks/autocast_traffic.py --out "$OUT"
 # 10. where the device time of 3 eager steps of the published network goes (torch.profiler: convolution, cuDNN
 #     layout conversions, attention, GroupNorm, casts, optimizer, ...), both GroupNorm rules (~1 min)
 want 10 && run step_profile 120 benchmarks/step_profile.py --out "$OUT"
+# 11. anomaly generation with textures from files (the published recipe uses DTD): decoded every pick and
+#     copied from pageable memory (before) vs cached on the device (now), ms and host waits per call (~30 s)
+want 11 && run texture_cache 90 benchmarks/texture_cache.py --out "$OUT"
 ls -R "$OUT"

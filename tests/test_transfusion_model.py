@@ -286,3 +286,60 @@ def test_texture_dir_images_are_used(tmp_path: Path):
     tex = gen.textures(2, 16, 16, "cpu", torch.float32)
     assert tex.shape == (2, 3, 16, 16)
     assert tex[:, 0].min() > 0.9 and tex[:, 1:].max() < 0.1
+
+
+def _texture_folder(root: Path, n: int) -> Path:
+    """``n`` noise images of different sizes (lossless, so every decode gives the same pixels)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = 20 + 7 * i, 30 + 5 * i
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"t{i}.png")
+    return root
+
+
+def _count_decodes(monkeypatch) -> list[str]:
+    from mvtec_seg.models.transfusion import anomalies
+
+    opened: list[str] = []
+    real_open = anomalies.Image.open
+
+    def counting_open(path, *a, **kw):
+        opened.append(str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(anomalies.Image, "open", counting_open)
+    return opened
+
+
+def test_texture_cache_gives_the_same_material_and_decodes_each_file_once(tmp_path: Path, monkeypatch):
+    """#9: with texture_dir (the published recipe), every pick decoded a file on the loop's thread; cached,
+    each file is decoded once and the material is bitwise what the uncached generator draws."""
+    folder = _texture_folder(tmp_path, 5)
+    opened = _count_decodes(monkeypatch)
+    images = object_images(8, 32)
+    kw = {"texture_dir": folder, "seed": 3, "texture_probability": 1.0}
+    cached, uncached = AnomalyGenerator(**kw), AnomalyGenerator(**kw, texture_cache_mb=0)
+    cached_opens = 0
+    for _ in range(6):
+        before = len(opened)
+        a = cached.generate(images)
+        cached_opens += len(opened) - before
+        before = len(opened)
+        b = uncached.generate(images)
+        assert len(opened) > before  # uncached: the call's picks are decoded again
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert cached_opens == len(cached._textures) == 5  # the cached generator: each file decoded once
+    assert cached._texture_bytes == 5 * 3 * 32 * 32 and uncached._texture_bytes == 0
+
+
+def test_texture_cache_stays_within_its_budget(tmp_path: Path):
+    folder = _texture_folder(tmp_path, 6)
+    budget = 2 * 3 * 16 * 16  # bytes: two 16 x 16 textures
+    gen = AnomalyGenerator(texture_dir=folder, seed=0, texture_cache_mb=budget / 2**20)
+    ref = AnomalyGenerator(texture_dir=folder, seed=0, texture_cache_mb=0)
+    for _ in range(5):
+        assert torch.equal(
+            gen.textures(4, 16, 16, "cpu", torch.float32), ref.textures(4, 16, 16, "cpu", torch.float32)
+        )
+    assert len(gen._textures) == 2 and gen._texture_bytes == budget
