@@ -2,11 +2,12 @@
 
 For the default network (teacher config) and the published one (`experiment=transfusion_paper`), it reports:
 anomaly generation per batch, network forward+backward+AdamW per batch, the plain step (both, outside
-Lightning), the real Lightning loop (images/s; its time beyond generation + network is the loop overhead),
-inference images/s (`predict`, the whole reverse process), and the number of device-synchronising aten ops
-per training step (read-backs, boolean indexing: counted by a dispatch mode, so measurable on the CPU too).
-It also counts the arithmetic (`flops_per_image`) and reports the TFLOP/s the network step (AdamW included)
-and the best inference batch reach, to set against the device's peak: how far a target is from its roofline.
+Lightning), the real Lightning loop (images/s; its time beyond generation + network is the loop overhead,
+with the full garbage collections that fell inside it), inference images/s (`predict`, the whole reverse
+process), and the number of device-synchronising aten ops per training step (read-backs, boolean indexing:
+counted by a dispatch mode, so measurable on the CPU too). It also counts the arithmetic (`flops_per_image`)
+and reports the TFLOP/s the network step (AdamW included) and the best inference batch reach, to set against
+the device's peak: how far a target is from its roofline.
 
     python benchmarks/transfusion_speed.py [--tiny] [--out DIR] [--nets default,paper] [--steps 20]
         [--batch 8] [--size 256] [--default-size 128] [--infer-batches 8,32] [--compile] [--precision auto]
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import platform
 import shlex
 import sys
@@ -218,7 +220,7 @@ def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, dev
                     material["x0"], material["mask"], material["appearance"], material["prev_mask"], t
                 )
             )
-    loop_s = real_loop(spec, size, batch, steps, args, device)
+    loop_s, loop_gc = real_loop(spec, size, batch, steps, args, device)
     train_flops, infer_flops = flops_per_image(spec, size)
     model.eval()
     infer = {}
@@ -244,6 +246,7 @@ def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, dev
         "loop_step_ms": 1e3 * loop_s,
         "loop_images_per_s": batch / loop_s,
         "loop_overhead_ms": 1e3 * (loop_s - gen_s - net_s),
+        "loop_full_gc": loop_gc,
         "syncing_ops_per_step": counter.count,
         "inference_images_per_s": {str(k): v for k, v in infer.items()},
         "train_GFLOP_per_image": train_flops / 1e9,
@@ -253,37 +256,65 @@ def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, dev
     }
 
 
-def real_loop(spec: dict, size: int, batch: int, steps: int, args, device: torch.device) -> float:
-    """Seconds per step of a Lightning fit (the teacher's loop), timed after 2 warm-up steps."""
+class FullCollections:
+    """Python's full (generation 2) garbage collections while active: how many, and their seconds. A compile
+    leaves about a million objects that each full collection walks (on the CPU: 0.26-0.59 s a collection
+    while compiling); one falling inside a short timed loop would read as loop overhead."""
+
+    def __init__(self) -> None:
+        self.count, self.seconds, self.active, self._t = 0, 0.0, False, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if not self.active or info["generation"] != 2:
+            return
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._t
+
+
+def real_loop(
+    spec: dict, size: int, batch: int, steps: int, args, device: torch.device
+) -> tuple[float, dict]:
+    """Seconds per step of a Lightning fit (the teacher's loop), timed after 2 warm-up steps, and the full
+    garbage collections inside the timed steps."""
     import pytorch_lightning as pl
 
     warm = 2
     marks: dict[str, float] = {}
+    full_gc = FullCollections()
 
     class Clock(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch_, batch_idx):
             if trainer.global_step == warm:
                 sync(device)
                 marks["t0"] = time.perf_counter()
+                full_gc.active = True
 
         def on_train_end(self, trainer, pl_module):
             sync(device)
             marks["t1"] = time.perf_counter()
+            full_gc.active = False
 
-    lightning_fit(
-        spec,
-        size,
-        batch,
-        4,
-        device,
-        [Clock()],
-        precision=args.precision,
-        compile=args.compile,
-        pageable=args.pageable,
-        channels_last=args.channels_last,
-        max_steps=warm + steps,
-    )
-    return (marks["t1"] - marks["t0"]) / steps
+    gc.callbacks.append(full_gc)
+    try:
+        lightning_fit(
+            spec,
+            size,
+            batch,
+            4,
+            device,
+            [Clock()],
+            precision=args.precision,
+            compile=args.compile,
+            pageable=args.pageable,
+            channels_last=args.channels_last,
+            max_steps=warm + steps,
+        )
+    finally:
+        gc.callbacks.remove(full_gc)
+    return (marks["t1"] - marks["t0"]) / steps, {"count": full_gc.count, "ms": 1e3 * full_gc.seconds}
 
 
 def lightning_fit(
@@ -348,9 +379,10 @@ def markdown(results: list[dict], command: str, device: str) -> str:
     ib = sorted({k for r in results for k in r["inference_images_per_s"]}, key=int)
     head = (
         "| network | params | px | batch | precision | compile | generation ms | network fwd+bwd+opt ms "
-        "| plain step img/s | Lightning loop img/s (batches) | loop overhead ms | syncing ops/step | "
-        + " | ".join(f"inference img/s (batch {b})" for b in ib)
-        + " | GFLOP/img train, inference | TFLOP/s network step, best inference |"
+        "| plain step img/s | Lightning loop img/s (batches) | loop overhead ms (full GCs: count, ms a step) "
+        "| syncing ops/step | "
+        + "".join(f"inference img/s (batch {b}) | " for b in ib)
+        + "GFLOP/img train, inference | TFLOP/s network step, best inference |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
@@ -366,7 +398,8 @@ def markdown(results: list[dict], command: str, device: str) -> str:
             f"{r['network_ms']:.1f}",
             f"{r['plain_images_per_s']:.1f}",
             f"{r['loop_images_per_s']:.1f} ({r['loop_batches']})",
-            f"{r['loop_overhead_ms']:.1f}",
+            f"{r['loop_overhead_ms']:.1f} ({r['loop_full_gc']['count']}, "
+            f"{r['loop_full_gc']['ms'] / r['steps']:.1f})",
             str(r["syncing_ops_per_step"]),
         ] + [f"{r['inference_images_per_s'].get(b, float('nan')):.1f}" for b in ib]
         cells += [

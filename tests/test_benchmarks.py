@@ -89,3 +89,27 @@ def test_pseudo_strategies_reuse_is_keyed_by_the_settings(tmp_path: Path, monkey
     assert not {longer[0], *longer[2:]} & set(base)  # the teacher and every pseudo row run again
     unet = folders(parse("--unet-epochs", "30"), tmp_path / "a")
     assert unet[0] == base[0] and not set(unet[1:]) & set(base[1:])  # the teacher row is reused
+
+
+def test_full_collections_are_counted_only_while_the_timed_loop_runs(monkeypatch) -> None:
+    """transfusion_speed's loop reports the full GCs inside its timed steps (a compile's heap makes each one
+    long): a full collection counts only while active, and a young-generation one never."""
+    import gc
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("transfusion_speed", BENCH / "transfusion_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    full = bench.FullCollections()
+    gc.callbacks.append(full)
+    try:
+        gc.collect()
+        full.active = True
+        gc.collect(0)
+        gc.collect()
+        gc.collect()
+        full.active = False
+        gc.collect()
+    finally:
+        gc.callbacks.remove(full)
+    assert full.count == 2 and full.seconds > 0
