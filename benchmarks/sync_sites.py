@@ -3,7 +3,8 @@
 Two detectors, each call site listed with the project frames of its Python stack and the phase it fell in
 (generation / forward+loss / backward / optimizer):
 - aten ops that read a value back (``item``, ``nonzero``, boolean indexing; `transfusion_speed.SyncCounter`),
-  on any device, so the CPU sees them too (not in the optimizer, whose step counters live on the host);
+  on any device, so the CPU sees them too (not in the optimizer: a foreach AdamW reads host step counters;
+  the default fused one reads none);
 - on CUDA, torch's own ``set_sync_debug_mode("warn")``, which also sees copies from pageable host memory
   (how the augmentations' constants were found: 7 waits in 3 steps on an H200, 0 after caching them).
 
@@ -51,7 +52,7 @@ def measure(args, device: torch.device) -> collections.Counter:
     phase = "setup"
 
     def record(kind: str) -> None:
-        # AdamW's step counters live on the host (unless capturable): its read-backs are no device waits
+        # a foreach AdamW's step counters live on the host: its read-backs are no device waits
         if not (kind.startswith("aten.") and phase == "optimizer"):
             sites[(kind, phase, call_site() or "(no project frame)")] += 1
 

@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 
 from mvtec_seg.config import compose_config
-from mvtec_seg.models.base import parameter_count
+from mvtec_seg.models.base import build_optimizers, parameter_count, with_fused_default
 from mvtec_seg.models.transfusion import AnomalyGenerator, TransFusionLoss, TransFusionModel
 
 SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique", "_unique2"}
@@ -143,13 +143,27 @@ class Training(NamedTuple):
         self.opt.step()
 
 
-def plain_training(paper: bool, size: int, batch: int, n_images: int, device: torch.device) -> Training:
-    """Network (seeded), loss, AdamW, the anomaly generator with its foreground cache warm for ``n_images``
-    object images (a fit warms it in its first epoch), and those images with their paths."""
+def adamw(lr: float, options: dict | None = None) -> dict:
+    """The teacher's optimizer config (AdamW, Hydra partial), with extra keyword ``options`` (e.g. foreach)."""
+    return {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": lr, **(options or {})}
+
+
+def plain_training(
+    paper: bool,
+    size: int,
+    batch: int,
+    n_images: int,
+    device: torch.device,
+    optimizer_options: dict | None = None,
+) -> Training:
+    """Network (seeded), loss, AdamW (fused, as the teacher's module builds it, unless ``optimizer_options``
+    say otherwise), the anomaly generator with its foreground cache warm for ``n_images`` object images (a
+    fit warms it in its first epoch), and those images with their paths."""
     spec = net_params(paper, size)
     torch.manual_seed(0)
     model = TransFusionModel(**spec["net"]).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"])
+    params = list(model.parameters())
+    opt = build_optimizers(params, with_fused_default(adamw(spec["lr"], optimizer_options), params))
     images = object_images(n_images, size).to(device)
     paths = [f"train/good/{i:03d}.png" for i in range(n_images)]
     gen = AnomalyGenerator(seed=0)
@@ -258,8 +272,8 @@ def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, dev
 
 class FullCollections:
     """Python's full (generation 2) garbage collections while active: how many, and their seconds. A compile
-    leaves about a million objects that each full collection walks (on the CPU: 0.26-0.59 s a collection
-    while compiling); one falling inside a short timed loop would read as loop overhead."""
+    leaves many objects behind, and each full collection walks them all; one falling inside a short timed
+    loop would read as loop overhead."""
 
     def __init__(self) -> None:
         self.count, self.seconds, self.active, self._t = 0, 0.0, False, 0.0
@@ -332,11 +346,12 @@ def lightning_fit(
     max_steps: int = -1,
     max_epochs: int | None = None,
     seed: int = 0,
+    optimizer_options: dict | None = None,
 ):
     """A Lightning fit of the teacher's module (initialisation and anomalies from ``seed``) on
     ``steps_per_epoch`` batches of object images an epoch, with ``callbacks`` and no checkpointing of its
     own; returns the trainer. ``precision``: bf16 or fp32; ``pageable``: batches not pinned on a GPU;
-    ``channels_last``: the network's weights in NHWC."""
+    ``channels_last``: the network's weights in NHWC; ``optimizer_options``: extra AdamW arguments."""
     import pytorch_lightning as pl
 
     from mvtec_seg.models.transfusion.lightning_model import TransFusion
@@ -344,7 +359,7 @@ def lightning_fit(
     params = {
         "net": spec["net"],
         "anomalies": {"kind": "object", "seed": seed},
-        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": spec["lr"]},
+        "optimizer": adamw(spec["lr"], optimizer_options),
     }
     if compile:
         params["compile"] = True

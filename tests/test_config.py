@@ -92,7 +92,8 @@ def test_optimizer_and_scheduler_come_from_the_config(cfg_fast):
     """Optimizers and schedulers are Hydra `_target_`s: another one is a config override, not code."""
     from mvtec_seg.builders import build_model
 
-    assert isinstance(build_model(cfg_fast).configure_optimizers(), torch.optim.Adam)  # the default
+    opt = build_model(cfg_fast).configure_optimizers()
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["fused"]  # the default, fused (#9)
     with open_dict(cfg_fast):
         cfg_fast.model.params.optimizer = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01}
         cfg_fast.model.params.scheduler = {
@@ -134,3 +135,28 @@ def test_pin_memory_rejects_other_values(tmp_path):
 
     with pytest.raises(UserError, match="data.pin_memory='yes' must be auto, true or false"):
         pin_memory(compose_cfg(tmp_path, ["data.pin_memory=yes"]))
+
+
+def test_adam_and_adamw_are_fused_unless_the_config_chooses(cfg_fast):
+    """#9: one fused kernel instead of a loop over the parameters, unless `fused`/`foreach` is configured,
+    the parameters are on a device without the fused kernel, or 16-mixed gradients are clipped (Lightning
+    refuses clipping with an optimizer that unscales itself)."""
+    from types import SimpleNamespace
+
+    from mvtec_seg.builders import build_model
+    from mvtec_seg.models.base import with_fused_default
+
+    cpu = [torch.nn.Parameter(torch.zeros(3))]
+    adamw = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}
+    assert with_fused_default(adamw, cpu) == {**adamw, "fused": True}
+    for chosen in ({"fused": False}, {"foreach": True}, {"foreach": None}):
+        assert with_fused_default({**adamw, **chosen}, cpu) == {**adamw, **chosen}
+    sgd = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
+    assert with_fused_default(sgd, cpu) == sgd
+    assert with_fused_default(adamw, [torch.nn.Parameter(torch.zeros(3, device="meta"))]) == adamw
+
+    module = build_model(cfg_fast)
+    module._trainer = SimpleNamespace(gradient_clip_val=1.0, precision="16-mixed")
+    assert not module.configure_optimizers().defaults["fused"]
+    module._trainer = SimpleNamespace(gradient_clip_val=1.0, precision="bf16-mixed")
+    assert module.configure_optimizers().defaults["fused"]
