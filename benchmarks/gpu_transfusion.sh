@@ -4,19 +4,20 @@
 # synchronisations by site, the resume checkpoint's share of a real-length epoch, the loop with pageable
 # batches (data.pin_memory=false), the published network in channels_last, the attention kernels, the real
 # teacher stage before/after, GroupNorm in float32 vs bf16 under autocast, a profile of the step by kind of
-# work, and anomaly generation with textures from files (DTD). One device call runs at most 10 minutes: all
-# eleven steps take about 17, so name the steps to run (default: all) and split them over calls, most telling
-# first: `... OUT 1 9 10 11 8`, then `... OUT 3 4 2 5 6 7`.
+# work, anomaly generation with textures from files (DTD), the Lightning loop's step by phase, and AdamW loop /
+# foreach / fused. One device call runs at most 10 minutes: all thirteen steps take about 22, so name the
+# steps to run (default: all) and split them over calls, most telling first: `... OUT 1 12 13 9`, then
+# `... OUT 10 11 8 2`, then `... OUT 3 4 5 6 7`.
 # Writes under OUT_DIR: {eager,pageable,compile,channels_last*}/transfusion_speed.md, sync_sites.md,
 # resume_checkpoint.md, attention_backend.md, {,old/}teacher_stage.md, autocast_traffic.md, step_profile.md,
-# texture_cache.md and a log per step; paste them into benchmarks/results/archive/ with the device named.
-# Usage, from the repository root:
+# texture_cache.md, loop_profile.md, epoch4/loop_profile.md, optimizer_step.md and a log per step; paste them
+# into benchmarks/results/archive/ with the device named. Usage, from the repository root:
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_transfusion.sh [OUT_DIR] [STEP ...]
 set -euo pipefail
 PY=${PYTHON:-python}
 OUT=${1:-outputs/benchmarks/gpu}
 shift || true
-STEPS=" ${*:-1 2 3 4 5 6 7 8 9 10 11} "
+STEPS=" ${*:-1 2 3 4 5 6 7 8 9 10 11 12 13} "
 export PYTHONPATH=${PYTHONPATH:-$PWD} WANDB_MODE=disabled HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 want() { [[ "$STEPS" == *" $1 "* ]]; }
@@ -66,4 +67,13 @@ want 10 && run step_profile 120 benchmarks/step_profile.py --out "$OUT"
 # 11. anomaly generation with textures from files (the published recipe uses DTD): decoded every pick and
 #     copied from pageable memory (before) vs cached on the device (now), ms and host waits per call (~30 s)
 want 11 && run texture_cache 90 benchmarks/texture_cache.py --out "$OUT"
+# 12. where the Lightning loop's step goes, eager and compiled (host time by phase, device busy against wall,
+#     full GCs), published network, epochs of 26 batches as on bottle, then of 4 as transfusion_speed's loop
+#     has: why the compiled loop lost its gain (~4 min)
+want 12 && run loop_profile 300 benchmarks/loop_profile.py --out "$OUT"
+want 12 && run loop_profile_4 200 benchmarks/loop_profile.py --out "$OUT/epoch4" --steps-per-epoch 4 \
+    --modes compile
+# 13. AdamW as a loop, foreach or fused (now the default): step time of both networks, fused's difference,
+#     the default network's loss curve before/now (~1 min)
+want 13 && run optimizer_step 120 benchmarks/optimizer_step.py --out "$OUT"
 ls -R "$OUT"
