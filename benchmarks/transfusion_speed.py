@@ -148,22 +148,15 @@ def adamw(lr: float, options: dict | None = None) -> dict:
     return {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": lr, **(options or {})}
 
 
-def plain_training(
-    paper: bool,
-    size: int,
-    batch: int,
-    n_images: int,
-    device: torch.device,
-    optimizer_options: dict | None = None,
-) -> Training:
-    """Network (seeded), loss, AdamW (fused, as the teacher's module builds it, unless ``optimizer_options``
-    say otherwise), the anomaly generator with its foreground cache warm for ``n_images`` object images (a
-    fit warms it in its first epoch), and those images with their paths."""
+def plain_training(paper: bool, size: int, batch: int, n_images: int, device: torch.device) -> Training:
+    """Network (seeded), loss, AdamW (fused, as the teacher's module builds it), the anomaly generator with
+    its foreground cache warm for ``n_images`` object images (a fit warms it in its first epoch), and those
+    images with their paths."""
     spec = net_params(paper, size)
     torch.manual_seed(0)
     model = TransFusionModel(**spec["net"]).to(device).train()
     params = list(model.parameters())
-    opt = build_optimizers(params, with_fused_default(adamw(spec["lr"], optimizer_options), params))
+    opt = build_optimizers(params, with_fused_default(adamw(spec["lr"]), params))
     images = object_images(n_images, size).to(device)
     paths = [f"train/good/{i:03d}.png" for i in range(n_images)]
     gen = AnomalyGenerator(seed=0)
