@@ -21,7 +21,6 @@ autocast on a GPU, pinned batches, epochs of ``--steps-per-epoch`` batches; bott
 
 from __future__ import annotations
 
-import gc
 import time
 
 import pytorch_lightning as pl
@@ -102,8 +101,7 @@ def run(args, compiled: bool, device: torch.device) -> dict:
     plan = schedule(wait=profiled.start - 1, warmup=1, active=n, repeat=1)
     with profile(activities=activities, schedule=plan) as prof:
         phases = Phases(window, profiled, device, prof)
-        gc.callbacks.append(phases.full_gc)
-        try:
+        with phases.full_gc:
             lightning_fit(
                 net_params(args.net == "paper", args.size),
                 args.size,
@@ -115,8 +113,6 @@ def run(args, compiled: bool, device: torch.device) -> dict:
                 compile=compiled,
                 max_steps=profiled.stop,
             )
-        finally:
-            gc.callbacks.remove(phases.full_gc)
     kernels = [e for e in prof.events() if cuda and e.device_type == torch.autograd.DeviceType.CUDA]
     per_step = {
         k: 1e3 * (phases.marks[f"end{r.start}"] - phases.marks[f"start{r.start}"]) / n
@@ -128,7 +124,7 @@ def run(args, compiled: bool, device: torch.device) -> dict:
         **per_step,
         "device_busy_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / n if cuda else None,
         "profiled_ops": len(prof.events()) / n,
-        "full_gc": {"count": phases.full_gc.count, "ms": 1e3 * phases.full_gc.seconds},
+        "full_gc": phases.full_gc.summary(),
     }
 
 

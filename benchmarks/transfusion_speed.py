@@ -266,10 +266,20 @@ def measure(name: str, paper: bool, size: int, batch: int, steps: int, args, dev
 class FullCollections:
     """Python's full (generation 2) garbage collections while active: how many, and their seconds. A compile
     leaves many objects behind, and each full collection walks them all; one falling inside a short timed
-    loop would read as loop overhead."""
+    loop would read as loop overhead. Registered with Python's collector inside a ``with`` block."""
 
     def __init__(self) -> None:
         self.count, self.seconds, self.active, self._t = 0, 0.0, False, 0.0
+
+    def __enter__(self) -> FullCollections:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self) -> dict:
+        return {"count": self.count, "ms": 1e3 * self.seconds}
 
     def __call__(self, phase: str, info: dict) -> None:
         if not self.active or info["generation"] != 2:
@@ -304,8 +314,7 @@ def real_loop(
             marks["t1"] = time.perf_counter()
             full_gc.active = False
 
-    gc.callbacks.append(full_gc)
-    try:
+    with full_gc:
         lightning_fit(
             spec,
             size,
@@ -319,9 +328,7 @@ def real_loop(
             channels_last=args.channels_last,
             max_steps=warm + steps,
         )
-    finally:
-        gc.callbacks.remove(full_gc)
-    return (marks["t1"] - marks["t0"]) / steps, {"count": full_gc.count, "ms": 1e3 * full_gc.seconds}
+    return (marks["t1"] - marks["t0"]) / steps, full_gc.summary()
 
 
 def lightning_fit(

@@ -100,9 +100,7 @@ def test_full_collections_are_counted_only_while_the_timed_loop_runs(monkeypatch
     spec = importlib.util.spec_from_file_location("transfusion_speed", BENCH / "transfusion_speed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    full = bench.FullCollections()
-    gc.callbacks.append(full)
-    try:
+    with bench.FullCollections() as full:
         gc.collect()
         full.active = True
         gc.collect(0)
@@ -110,6 +108,5 @@ def test_full_collections_are_counted_only_while_the_timed_loop_runs(monkeypatch
         gc.collect()
         full.active = False
         gc.collect()
-    finally:
-        gc.callbacks.remove(full)
-    assert full.count == 2 and full.seconds > 0
+    assert full not in gc.callbacks
+    assert full.count == 2 and full.seconds > 0 and full.summary()["count"] == 2
