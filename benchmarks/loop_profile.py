@@ -87,7 +87,8 @@ class Phases(pl.Callback):
             if step == part.stop - 1:
                 sync(self.device)
                 self.marks[f"end{part.start}"] = time.perf_counter()
-        self.full_gc.active = False
+        if step == self.window.stop - 1:  # the gaps between the window's batches count too
+            self.full_gc.active = False
         self.prof.step()
 
 
