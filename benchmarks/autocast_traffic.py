@@ -26,14 +26,13 @@ import contextlib
 import warnings
 from unittest import mock
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from common import bench_parser, emit, md_table, write_section
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from transfusion_speed import autocast, device_name, lightning_fit, net_params, plain_training, timed
+from transfusion_speed import autocast, device_name, loss_curve, net_params, plain_training, timed
 
 from mvtec_seg.models.transfusion import torch_model
 from mvtec_seg.models.transfusion.torch_model import GroupNorm, TransFusionModel
@@ -145,30 +144,10 @@ def frozen_share(spec: dict, lr: float) -> float:
     return float((lr < spacing / 2).float().mean())
 
 
-class EpochLoss(pl.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.losses.append(float(trainer.callback_metrics["train/loss"]))
-
-
-def loss_curve(rule: str, seed: int, size: int, steps: int, epochs: int, device: torch.device) -> list[float]:
+def rule_curve(rule: str, seed: int, size: int, steps: int, epochs: int, device: torch.device) -> list[float]:
     """Epoch means of ``train/loss`` of the default network trained in bf16 under ``rule``."""
-    curve = EpochLoss()
     with groupnorm_rule(rule):
-        lightning_fit(
-            net_params(False, size),
-            size,
-            8,
-            steps,
-            device,
-            [curve],
-            precision="bf16",
-            max_epochs=epochs,
-            seed=seed,
-        )
-    return curve.losses
+        return loss_curve(size, steps, epochs, seed, device, precision="bf16")
 
 
 def rule_times(
@@ -222,7 +201,7 @@ def main() -> None:
                 "calls": dict(tr.calls),
             }
     curves = {
-        f"{rule}, seed {seed}": loss_curve(rule, seed, args.size, args.steps_per_epoch, args.epochs, device)
+        f"{rule}, seed {seed}": rule_curve(rule, seed, args.size, args.steps_per_epoch, args.epochs, device)
         for rule, seed in [("float32", 0), ("bf16", 0), ("float32", 1)]
     }
     # timed on a GPU (the CPU's autocast is another rule set); tiny mode runs the code path anywhere

@@ -22,9 +22,8 @@ from __future__ import annotations
 import time
 
 import torch
-from autocast_traffic import EpochLoss
 from common import bench_parser, emit, md_table, write_section
-from transfusion_speed import device_name, lightning_fit, net_params, timed
+from transfusion_speed import device_name, loss_curve, net_params, timed
 
 from mvtec_seg.builders import build_model
 from mvtec_seg.config import compose_config
@@ -75,22 +74,18 @@ def step_times(name: str, steps: int, device: torch.device) -> dict:
 
 
 def curve(options: dict, seed: int, args, device: torch.device) -> tuple[list[float], float]:
-    """Epoch means of ``train/loss`` and seconds a step of one teacher fit."""
-    losses = EpochLoss()
+    """Epoch means of ``train/loss`` and seconds a step of one teacher fit with AdamW ``options``."""
     t0 = time.perf_counter()
-    lightning_fit(
-        net_params(False, args.size),
+    losses = loss_curve(
         args.size,
-        8,
         args.steps_per_epoch,
+        args.epochs,
+        seed,
         device,
-        [losses],
         precision="bf16" if device.type == "cuda" else "fp32",
-        max_epochs=args.epochs,
-        seed=seed,
         optimizer_options=options,
     )
-    return losses.losses, (time.perf_counter() - t0) / (args.epochs * args.steps_per_epoch)
+    return losses, (time.perf_counter() - t0) / (args.epochs * args.steps_per_epoch)
 
 
 def main() -> None:

@@ -390,6 +390,34 @@ def lightning_fit(
     return trainer
 
 
+def loss_curve(
+    size: int, steps_per_epoch: int, epochs: int, seed: int, device: torch.device, *, precision: str, **fit
+) -> list[float]:
+    """Epoch means of ``train/loss`` of the default network, batch 8, trained by `lightning_fit` (``fit``: its
+    other keyword arguments)."""
+    import pytorch_lightning as pl
+
+    losses: list[float] = []
+
+    class EpochLoss(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    lightning_fit(
+        net_params(False, size),
+        size,
+        8,
+        steps_per_epoch,
+        device,
+        [EpochLoss()],
+        precision=precision,
+        max_epochs=epochs,
+        seed=seed,
+        **fit,
+    )
+    return losses
+
+
 def markdown(results: list[dict], command: str, device: str) -> str:
     ib = sorted({k for r in results for k in r["inference_images_per_s"]}, key=int)
     head = (
