@@ -118,24 +118,14 @@ def main() -> None:
     paths = [f"train/good/{i:03d}.png" for i in range(args.batch)]
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.texture_dir or dtd_like(Path(tmp), args.files)
+        uncached = AnomalyGenerator(texture_dir=folder, seed=0, texture_cache_mb=0)
+        cached = AnomalyGenerator(texture_dir=folder, seed=0)
         rows = [
             measure("procedural (texture_dir: null)", AnomalyGenerator(seed=0), x, paths, args.calls),
-            measure(
-                "files, decoded every pick (texture_cache_mb=0; before)",
-                AnomalyGenerator(texture_dir=folder, seed=0, texture_cache_mb=0),
-                x,
-                paths,
-                args.calls,
-            ),
-            measure(
-                "files, cached (warm; now)",
-                AnomalyGenerator(texture_dir=folder, seed=0),
-                x,
-                paths,
-                args.calls,
-            ),
+            measure("files, decoded every pick (texture_cache_mb=0; before)", uncached, x, paths, args.calls),
+            measure("files, cached (warm; now)", cached, x, paths, args.calls),
         ]
-        n_files = len(AnomalyGenerator(texture_dir=folder, seed=0).texture_files)
+    n_files = len(cached.texture_files)
     for r in rows:
         emit("texture_cache", {**r, "size": args.size, "batch": args.batch, "device": device_name(device)})
     before, now = rows[1], rows[2]
