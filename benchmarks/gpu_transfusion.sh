@@ -13,12 +13,24 @@
 # texture_cache.md, loop_profile.md, epoch4/loop_profile.md, optimizer_step.md and a log per step; paste them
 # into benchmarks/results/archive/ with the device named. Usage, from the repository root:
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_transfusion.sh [OUT_DIR] [STEP ...]
+# On a bare device image (no hydra-core, omegaconf, segmentation-models-pytorch): `make gpu-wheels` here, carry
+# `.whl` with the device call, and this script installs them into a folder of its own on the device.
 set -euo pipefail
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 OUT=${1:-outputs/benchmarks/gpu}
 shift || true
 STEPS=" ${*:-1 2 3 4 5 6 7 8 9 10 11 12 13} "
 export PYTHONPATH=${PYTHONPATH:-$PWD} WANDB_MODE=disabled HF_HUB_OFFLINE=1
+if ! "$PY" -c "import hydra, omegaconf, segmentation_models_pytorch" 2>/dev/null; then
+    if ! compgen -G ".whl/*.whl" >/dev/null; then
+        echo "error: $PY lacks hydra-core/omegaconf/segmentation-models-pytorch and .whl/ has no wheels:" \
+            "run make gpu-wheels and carry .whl" >&2
+        exit 2
+    fi
+    SITE=${TMPDIR:-/tmp}/mvtec_seg_site
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+    export PYTHONPATH=$SITE:$PYTHONPATH
+fi
 mkdir -p "$OUT"
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 run() {  # run LOG SECONDS ARGS...: one benchmark, its JSON lines shown, everything but warnings logged

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +112,39 @@ def test_full_collections_are_counted_only_while_the_timed_loop_runs(monkeypatch
         gc.collect()
     assert full not in gc.callbacks
     assert full.count == 2 and full.seconds > 0 and full.summary()["count"] == 2
+
+
+def _gpu_script_runs() -> list[tuple[int, str, list[str]]]:
+    """(step, benchmark, arguments) of every `want N && run LOG SECONDS benchmarks/X.py ...` line of
+    gpu_transfusion.sh, continuation lines joined and its `STAGE=(...)` array expanded."""
+    text = (BENCH / "gpu_transfusion.sh").read_text().replace("\\\n", " ")
+    stage = re.search(r"^STAGE=\((.*?)\)", text, flags=re.M | re.S)
+    stage_args = shlex.split(stage.group(1)) if stage else []
+    runs = []
+    for line in text.splitlines():
+        m = re.match(r"want (\d+) && run \S+ \d+ benchmarks/(\w+)\.py (.*)", line)
+        if m:
+            args = shlex.split(m.group(3).replace('"${STAGE[@]}"', shlex.join(stage_args)))
+            runs.append((int(m.group(1)), m.group(2), args))
+    return runs
+
+
+def test_gpu_script_names_only_flags_and_settings_that_exist() -> None:
+    """A device call is scarce (minutes a session, when lent at all): a renamed flag or setting in the GPU
+    script would spend one on an argparse error. Every `--flag` must be one its benchmark declares, every
+    Hydra override must compose, and the script must parse."""
+    assert subprocess.run(["bash", "-n", str(BENCH / "gpu_transfusion.sh")]).returncode == 0
+    runs = _gpu_script_runs()
+    assert sorted({step for step, _, _ in runs}) == list(range(1, 14))  # the thirteen steps the header names
+    flag = re.compile(r"add_argument\(\s*\"(--[\w-]+)\"")
+    shared = set(flag.findall((BENCH / "common.py").read_text()))  # bench_parser's --out, --tiny
+    for step, name, args in runs:
+        source = (BENCH / f"{name}.py").read_text()
+        declared = set(flag.findall(source)) | (shared if "bench_parser(" in source else set())
+        flags = {a for a in args if a.startswith("--")}
+        assert flags <= declared, f"step {step}: {name}.py does not declare {sorted(flags - declared)}"
+        overrides = [a for a in args if "=" in a and not a.startswith("-")]
+        if overrides:
+            from mvtec_seg.config import compose_config
+
+            compose_config(overrides)  # raises on an unknown setting or option
