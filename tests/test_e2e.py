@@ -34,7 +34,8 @@ def test_run_folder_is_complete(fast_run):
     assert on_disk["params"] > 1_000_000
     assert on_disk["throughput"]["train_images_per_s"] > 0 and on_disk["time"]["train_s"] > 0
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "best.ckpt").exists()
-    assert len(list((run / "overlays").glob("*.png"))) == min(on_disk["split"]["n_test"], 32)
+    n_overlays = min(on_disk["split"]["n_test"], cfg.evaluation.max_overlays)
+    assert n_overlays > 0 and len(list((run / "overlays").glob("*.png"))) == n_overlays
     assert {p.name for p in (run / "curves").glob("*.png")} >= {"roc_pixel.png", "pro_curve.png"}
 
 
