@@ -1,4 +1,5 @@
-"""Every benchmark script runs in its tiny mode and writes its markdown section; the runner assembles them.
+"""Every benchmark script runs in its tiny mode and writes its markdown section; the runner assembles them;
+the GPU script (`gpu_transfusion.sh`) names only flags and settings that exist.
 
 Benchmarks are not tests (no timing is asserted here): this only keeps the scripts and `make bench` working.
 """
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from mvtec_seg.config import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -145,6 +148,4 @@ def test_gpu_script_names_only_flags_and_settings_that_exist() -> None:
         assert flags <= declared, f"step {step}: {name}.py does not declare {sorted(flags - declared)}"
         overrides = [a for a in args if "=" in a and not a.startswith("-")]
         if overrides:
-            from mvtec_seg.config import compose_config
-
             compose_config(overrides)  # raises on an unknown setting or option
