@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from common import bench_parser, emit, md_table, write_section
 from torch.profiler import ProfilerActivity, profile, schedule
-from transfusion_speed import FullCollections, device_name, lightning_fit, net_params, sync
+from transfusion_speed import FullCollections, device_name, device_precision, lightning_fit, net_params, sync
 
 PHASES = ["generation", "forward, loss, logging", "zero_grad + backward", "optimizer step", "between batches"]
 
@@ -110,7 +110,7 @@ def run(args, compiled: bool, device: torch.device) -> dict:
                 args.steps_per_epoch,
                 device,
                 [phases],
-                precision="bf16" if cuda else "fp32",
+                precision=device_precision(device),
                 compile=compiled,
                 max_steps=profiled.stop,
             )

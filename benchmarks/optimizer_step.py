@@ -23,7 +23,7 @@ import time
 
 import torch
 from common import bench_parser, emit, md_table, write_section
-from transfusion_speed import device_name, loss_curve, net_params, timed
+from transfusion_speed import device_name, device_precision, loss_curve, net_params, timed
 
 from mvtec_seg.builders import build_model
 from mvtec_seg.config import compose_config
@@ -82,7 +82,7 @@ def curve(options: dict, seed: int, args, device: torch.device) -> tuple[list[fl
         args.epochs,
         seed,
         device,
-        precision="bf16" if device.type == "cuda" else "fp32",
+        precision=device_precision(device),
         optimizer_options=options,
     )
     return losses, (time.perf_counter() - t0) / (args.epochs * args.steps_per_epoch)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from common import bench_parser, emit, md_table, write_section
-from transfusion_speed import device_name, lightning_fit, net_params, sync
+from transfusion_speed import device_name, device_precision, lightning_fit, net_params, sync
 
 from mvtec_seg.builders import resume_callbacks
 from mvtec_seg.callbacks import ResumeCheckpoint
@@ -57,7 +57,7 @@ def fit(args, every_s: float, device: torch.device, folder: Path) -> dict:
         args.steps_per_epoch,
         device,
         [EpochClock(), *callbacks],
-        precision="bf16" if device.type == "cuda" else "fp32",
+        precision=device_precision(device),
         max_epochs=args.epochs,
     )
     epochs = [b - a for a, b in zip(starts, starts[1:], strict=False)][1:]  # without the first (warm-up)

@@ -59,6 +59,11 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def device_precision(device: torch.device) -> str:
+    """The benchmarks' default precision: bf16 autocast on a GPU (as the published recipe trains), else fp32."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -490,7 +495,7 @@ def main() -> None:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if args.precision == "auto":
-        args.precision = "bf16" if gpu else "fp32"
+        args.precision = device_precision(device)
     steps = args.steps or (20 if gpu else 3)
     batch = args.batch or (8 if gpu else 4)
     args.infer_batches = [int(b) for b in (args.infer_batches or ("8,32" if gpu else "4")).split(",")]
