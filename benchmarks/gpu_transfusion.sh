@@ -65,7 +65,7 @@ want 7 && run attention_backend 90 benchmarks/attention_backend.py --out "$OUT"
 # 8. the real teacher stage (training, maps of ~340 images, pseudo masks) of a bottle-sized synthetic category,
 #    published configuration, 5 epochs: this stop's defaults, then the old ones (pageable batches, last.ckpt
 #    every epoch) for the before/after (~2.5 min)
-STAGE=(experiment=transfusion_paper trainer=gpu teacher.max_epochs=5 category.generate.n_train=290
+STAGE=(experiment=transfusion_paper trainer=gpu teacher.trainer.max_epochs=5 category.generate.n_train=290
     category.generate.image_size=256 data.num_workers=6)
 want 8 && run teacher_stage 200 benchmarks/teacher_stage.py --out "$OUT" "${STAGE[@]}"
 want 8 && run teacher_stage_old 200 benchmarks/teacher_stage.py --out "$OUT/old" "${STAGE[@]}" \

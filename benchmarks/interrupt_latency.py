@@ -1,7 +1,7 @@
 """Seconds from a signal to the end of the CLI, sent when a stage starts (issue #7).
 
     python benchmarks/interrupt_latency.py --marker "computing teacher maps" -- \
-        model=unet mask=pseudo debug=fast teacher.max_epochs=1 paths.output_dir=/tmp/il hydra.run.dir=/tmp/il/run
+        model=unet mask=pseudo debug=fast teacher.trainer.max_epochs=1 paths.output_dir=/tmp/il hydra.run.dir=/tmp/il/run
 
 Starts `python -m mvtec_seg <overrides>`, waits for `--marker` in its output, sends `--signal`, and prints
 the exit code, when the one `error:` line appeared and when the process ended. `--tiny`: a 32 px U-Net on the

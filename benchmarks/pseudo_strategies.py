@@ -57,7 +57,12 @@ QUALITY = (
     ("recall", "recall"),
     ("normal_nonempty", "normal≠∅"),
 )
-TINY = ["debug=fast", "teacher.max_epochs=1", "teacher.limit_train_batches=2", "data.image_size=32"]
+TINY = [
+    "debug=fast",
+    "teacher.trainer.max_epochs=1",
+    "teacher.trainer.limit_train_batches=2",
+    "data.image_size=32",
+]
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -69,10 +74,10 @@ def plan(args: argparse.Namespace, cat: str, out_root: Path) -> list[tuple[str, 
     tiny = TINY if args.tiny else []
     data = [f"category={cat}", "trainer.enable_progress_bar=false", f"paths.output_dir={out_root}"]
     if cat.startswith("synthetic"):
-        teacher = [f"teacher.max_epochs={args.synthetic_teacher_epochs}"]
+        teacher = [f"teacher.trainer.max_epochs={args.synthetic_teacher_epochs}"]
     else:
         data.append(f"data.root={args.root}")
-        teacher = [f"teacher.max_epochs={args.teacher_epochs}"]
+        teacher = [f"teacher.trainer.max_epochs={args.teacher_epochs}"]
     data += [f"data.image_size={args.image_size}", *tiny]
     unet = [
         "experiment=unet_fast_cpu",

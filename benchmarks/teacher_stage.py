@@ -8,7 +8,7 @@ counts: data loading, the resume checkpoint, logging, the Trainer, writing the m
 generated into the temporary cache, so it runs anywhere (a GPU machine has no MVTec AD):
 
     python benchmarks/teacher_stage.py [--category synthetic] [--root DIR] [--tiny] [--out DIR] [OVERRIDE ...]
-    python benchmarks/teacher_stage.py experiment=transfusion_paper trainer=gpu teacher.max_epochs=5 \
+    python benchmarks/teacher_stage.py experiment=transfusion_paper trainer=gpu teacher.trainer.max_epochs=5 \
         category.generate.n_train=300 category.generate.image_size=256 data.num_workers=6
 """
 
@@ -27,8 +27,8 @@ from mvtec_seg.teacher import ensure_teacher, maps_dir, teacher_maps
 TINY = [
     "debug=fast",
     "data.image_size=32",
-    "teacher.max_epochs=2",
-    "teacher.limit_train_batches=2",
+    "teacher.trainer.max_epochs=2",
+    "teacher.trainer.limit_train_batches=2",
     "teacher.params.net.num_steps=3",
 ]
 

@@ -56,7 +56,7 @@ def main() -> None:
     if not args.category.startswith("synthetic"):
         require_category(args.root, args.category)
         base += [f"data.root={args.root}", f"data.image_size={args.image_size}"]
-    base += [f"teacher.max_epochs={args.teacher_epochs}"]
+    base += [f"teacher.trainer.max_epochs={args.teacher_epochs}"]
     out = ROOT / "outputs" / "benchmarks" / f"pipeline_{args.category}{'_tiny' if args.tiny else ''}"
     shutil.rmtree(out, ignore_errors=True)
     result: dict = {

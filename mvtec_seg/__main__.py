@@ -25,7 +25,7 @@ from mvtec_seg.io_utils import WRITE_ERRNOS, write_error
 log = logging.getLogger("mvtec_seg")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     from mvtec_seg.train import train
 

@@ -21,15 +21,6 @@ from mvtec_seg.data.mvtec import MVTEC_CATEGORIES
 from mvtec_seg.errors import UserError
 from mvtec_seg.models.base import AnomalyModule
 
-SINGLE_DEVICE_KEYS: tuple[str, ...] = (
-    "accelerator",
-    "precision",
-    "deterministic",
-    "log_every_n_steps",
-    "enable_progress_bar",
-)
-"""Trainer-group settings a single-device stage (teacher training, maps) takes from the run's trainer."""
-
 
 def category_dir(cfg: DictConfig) -> Path:
     """The category folder; the synthetic categories are generated here on first use."""
@@ -137,22 +128,26 @@ def resume_callbacks(dirpath: Path | str, every_s: float = 0.0) -> list[pl.Callb
     return [ResumeCheckpoint(dirpath, every_s, filename=Path(LAST_CHECKPOINT).stem), RngState()]
 
 
+DISTRIBUTED_KEYS: tuple[str, ...] = ("devices", "num_nodes", "strategy", "use_distributed_sampler")
+"""Trainer settings that spread a job over processes; `one_device` drops them."""
+
+
+def one_device(node: DictConfig) -> dict[str, Any]:
+    """The run's trainer settings on one device: a stage that runs whole in one process even inside a
+    multi-device job (a self-training round, the maps of a segmenter)."""
+    settings = OmegaConf.to_container(node, resolve=True)
+    return {k: v for k, v in settings.items() if k not in DISTRIBUTED_KEYS} | {"devices": 1}
+
+
 def build_trainer(
-    cfg: DictConfig,
-    max_epochs: int,
+    settings: DictConfig | dict[str, Any],
     callbacks: Sequence[pl.Callback] = (),
     logger: Any = False,
-    single_device: bool = False,
     **overrides: Any,
 ) -> pl.Trainer:
-    """The one Trainer factory: the `trainer` group's settings, then `overrides`.
-
-    `single_device=True` keeps only `SINGLE_DEVICE_KEYS` on one device: a shared stage (the teacher, its
-    maps) runs whole in one process even inside a multi-device job.
-    """
-    settings = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
-    settings.pop("max_epochs", None)
-    if single_device:
-        settings = {k: settings[k] for k in SINGLE_DEVICE_KEYS if k in settings} | {"devices": 1}
-    settings.update(overrides)
-    return pl.Trainer(max_epochs=max_epochs, callbacks=list(callbacks), logger=logger, **settings)
+    """The one Trainer factory: a trainer node's settings (`trainer`, `teacher.trainer`, or `one_device`'s),
+    then `overrides`; null settings are Lightning's defaults."""
+    if isinstance(settings, DictConfig):
+        settings = OmegaConf.to_container(settings, resolve=True)
+    kwargs = {k: v for k, v in settings.items() if v is not None} | overrides
+    return pl.Trainer(callbacks=list(callbacks), logger=logger, **kwargs)

@@ -1,7 +1,7 @@
 """The end of a Hydra multirun: a table of the jobs that failed, and a non-zero exit when any did.
 
 A failed job must not stop the sweep (`__main__` logs it and goes on), but neither may the sweep end as if
-all went well. `FailedJobs` is a Hydra callback (`hydra.callbacks` in conf/config.yaml) that runs in the
+all went well. `FailedJobs` is a Hydra callback (`hydra.callbacks` in mvtec_seg/conf/config.yaml) that runs in the
 launching process after every job has ended, whatever the launcher, and reads what the jobs wrote: their
 `summary.json` (status and the one-line `error`) and Hydra's `.hydra/overrides.yaml`.
 """

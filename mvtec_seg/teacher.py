@@ -89,8 +89,19 @@ def _weights_spec(cfg: DictConfig, dm) -> dict:
         "seed": int(cfg.seed),
         "image_size": int(cfg.data.image_size),
         "split_ratios": list(cfg.data.split_ratios),
-        "teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
+        "teacher": _teacher_settings(cfg),
     }
+
+
+NOT_IN_TEACHER_KEY: tuple[str, ...] = ("accelerator", "devices", "log_every_n_steps", "enable_progress_bar")
+"""`teacher.trainer` settings that do not change the weights: a teacher trained on a GPU serves a CPU job."""
+
+
+def _teacher_settings(cfg: DictConfig) -> dict:
+    """The teacher config its weights depend on (the key of its folder)."""
+    settings = OmegaConf.to_container(cfg.teacher, resolve=True)
+    settings["trainer"] = {k: v for k, v in settings["trainer"].items() if k not in NOT_IN_TEACHER_KEY}
+    return settings
 
 
 def teacher_data(dm) -> dict:
@@ -118,12 +129,9 @@ def _train_teacher(cfg: DictConfig, final: Path) -> None:
     module = build_teacher(cfg)
     throughput = Throughput()
     trainer = build_trainer(
-        cfg,
-        int(tc.max_epochs),
+        tc.trainer,
         [throughput, *resume_callbacks(work, cfg.checkpoint.last_every_s)],
         pl.loggers.CSVLogger(str(work), name="", version=""),
-        single_device=True,
-        limit_train_batches=tc.get("limit_train_batches"),
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
@@ -268,11 +276,10 @@ def maps_dir(dm, teacher: Teacher) -> Path:
     return teacher.dir / "maps" / key
 
 
-def predict_maps(cfg: DictConfig, module: AnomalyModule, dm) -> np.ndarray:
-    """A model's anomaly maps of every manifest image ([N,H,W] float16, manifest order)."""
-    trainer = build_trainer(
-        cfg, 1, single_device=True, limit_train_batches=None, limit_val_batches=0, num_sanity_val_steps=0
-    )
+def predict_maps(settings: DictConfig | dict, module: AnomalyModule, dm) -> np.ndarray:
+    """A model's anomaly maps of every manifest image ([N,H,W] float16, manifest order), on the device of
+    the trainer node `settings`."""
+    trainer = build_trainer(settings)
     outputs = trainer.predict(module, dataloaders=dm.predict_dataloader())
     index = torch.cat([o["index"] for o in outputs]).numpy()
     maps = torch.cat([o["anomaly_map"] for o in outputs]).numpy()
@@ -291,7 +298,7 @@ def teacher_maps(cfg: DictConfig, dm, teacher: Teacher) -> np.ndarray:
     def build(tmp: Path) -> None:
         announce_rebuild(folder, record, f"the TransFusion maps of {cfg.category.name}")
         log.info("computing teacher maps of %d images into %s", len(dm.manifest["samples"]), folder)
-        ordered = predict_maps(cfg, teacher.module, dm)
+        ordered = predict_maps(cfg.teacher.trainer, teacher.module, dm)
         tmp.mkdir(parents=True)
         np.save(tmp / "maps.npy", ordered)
         write_record(tmp, record)

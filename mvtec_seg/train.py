@@ -76,8 +76,7 @@ def run_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RunParts]:
     )
     loggers, parts.wandb = run_loggers(cfg, run_dir)
     trainer = build_trainer(
-        cfg,
-        max_epochs(cfg),
+        cfg.trainer,
         [
             parts.throughput,
             parts.artefacts,
@@ -85,6 +84,7 @@ def run_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RunParts]:
             *resume_callbacks(run_dir / "checkpoints", cfg.checkpoint.last_every_s),
         ],
         loggers or False,
+        max_epochs=max_epochs(cfg),
         enable_checkpointing=True,
         default_root_dir=str(run_dir),
     )

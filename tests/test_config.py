@@ -77,7 +77,7 @@ def test_other_groups_compose(tmp_path, group):
         assert cfg.model.params.optimizer.lr == pytest.approx(1e-3)
         assert cfg.model.params.scheduler._target_.endswith("CosineAnnealingLR")
     if group == "experiment=transfusion_paper":
-        assert cfg.model.name == "transfusion" and cfg.teacher.max_epochs == 1500
+        assert cfg.model.name == "transfusion" and cfg.teacher.trainer.max_epochs == 1500
         assert (
             cfg.teacher.params.optimizer.lr == pytest.approx(1e-5)
             and cfg.teacher.params.scheduler.step_size == 800

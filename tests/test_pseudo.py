@@ -23,7 +23,12 @@ from mvtec_seg.pseudo.thresholds import choose_threshold
 from mvtec_seg.teacher import teacher_dir
 from mvtec_seg.train import train
 
-FAST_TEACHER = ["debug=fast", "teacher.max_epochs=2", "teacher.limit_train_batches=2", "data.image_size=32"]
+FAST_TEACHER = [
+    "debug=fast",
+    "teacher.trainer.max_epochs=2",
+    "teacher.trainer.limit_train_batches=2",
+    "data.image_size=32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +205,8 @@ def test_non_finite_loss_stops_keeps_checkpoint_and_resumes(tmp_path, monkeypatc
     overrides = [
         "model=transfusion",
         "debug=fast",
-        "teacher.max_epochs=3",
-        "teacher.limit_train_batches=2",
+        "teacher.trainer.max_epochs=3",
+        "teacher.trainer.limit_train_batches=2",
         "data.image_size=32",
         "checkpoint.last_every_s=0",  # last.ckpt of every epoch, so epoch 0's is there
     ]

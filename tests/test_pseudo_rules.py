@@ -143,7 +143,12 @@ def test_weighted_loss_matches_smp_without_weights_and_ignores_weight_zero():
     assert torch.isfinite(loss(logits, soft, ones)["loss"])
 
 
-FAST = ["debug=fast", "teacher.max_epochs=1", "teacher.limit_train_batches=2", "data.image_size=32"]
+FAST = [
+    "debug=fast",
+    "teacher.trainer.max_epochs=1",
+    "teacher.trainer.limit_train_batches=2",
+    "data.image_size=32",
+]
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ def sweep(tmp_path_factory):
         "mask=pseudo",
         "debug=fast",
         "data.image_size=32",
-        "teacher.max_epochs=1",
+        "teacher.trainer.max_epochs=1",
         f"paths.output_dir={tmp / 'out'}",
         f"hydra.sweep.dir={tmp / 'sweep'}",
     ]

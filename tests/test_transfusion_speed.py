@@ -316,7 +316,7 @@ def test_real_teacher_loop_reads_back_only_at_epoch_ends(tmp_path, monkeypatch):
             "mask=pseudo",
             "data.image_size=32",
             "teacher.batch_size=10",
-            "teacher.max_epochs=3",
+            "teacher.trainer.max_epochs=3",
             "teacher.params.net.num_steps=3",
             "trainer.enable_progress_bar=true",
             "trainer.log_every_n_steps=1",

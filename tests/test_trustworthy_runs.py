@@ -95,8 +95,8 @@ def test_teacher_resume_after_sigkill_equals_uninterrupted(tmp_path):
         *TINY,
         EVERY_EPOCH,
         "model=transfusion",
-        "teacher.max_epochs=4",
-        "teacher.limit_train_batches=2",
+        "teacher.trainer.max_epochs=4",
+        "teacher.trainer.limit_train_batches=2",
         "teacher.params.net.num_steps=5",  # a short reverse process: cheaper test maps
     ]
     straight = train(compose_cfg(tmp_path / "straight", overrides))
@@ -211,7 +211,7 @@ def test_sigterm_during_teacher_maps_exits_at_once_leaving_no_partial_maps(tmp_p
         "model=unet",
         "mask=pseudo",
         *TINY,  # 112 images x 20 reverse steps: the maps stage lasts long enough to be caught in the act
-        "teacher.max_epochs=1",
+        "teacher.trainer.max_epochs=1",
         f"paths.output_dir={tmp_path / 'out'}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
@@ -323,8 +323,8 @@ def test_runs_write_last_checkpoint_by_the_configured_interval(tmp_path):
         [
             *TINY,
             "model=transfusion",
-            "teacher.max_epochs=1",
-            "teacher.limit_train_batches=1",
+            "teacher.trainer.max_epochs=1",
+            "teacher.trainer.limit_train_batches=1",
             "teacher.params.net.num_steps=3",
         ],
     )

@@ -22,7 +22,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
-FAST_TEACHER = ["debug=fast", "teacher.max_epochs=2", "teacher.limit_train_batches=2", "data.image_size=32"]
+FAST_TEACHER = [
+    "debug=fast",
+    "teacher.trainer.max_epochs=2",
+    "teacher.trainer.limit_train_batches=2",
+    "data.image_size=32",
+]
 SMALL_PAPER = [
     "teacher.params.net.base_channels=8",
     "teacher.params.net.num_res_blocks=1",

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mvtec_seg.builders import build_model, build_trainer, max_epochs
+from mvtec_seg.builders import build_model, build_trainer, max_epochs, one_device
 from mvtec_seg.io_utils import build_once
 from mvtec_seg.pseudo.masks import ensure_masks_from, load_targets, round_dir
 from mvtec_seg.pseudo.rules import strategy_label
@@ -39,17 +39,16 @@ def _round_maps(cfg: DictConfig, dm, info: dict) -> np.ndarray:
     target, weight = load_targets(info)
     dm.set_target_masks(target, weight)
     model = build_model(cfg)
+    settings = one_device(cfg.trainer)
     trainer = build_trainer(
-        cfg,
-        max_epochs(cfg),
-        single_device=True,
+        settings,
+        max_epochs=max_epochs(cfg),
         enable_checkpointing=False,
-        limit_train_batches=cfg.trainer.get("limit_train_batches"),
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
     trainer.fit(model, train_dataloaders=dm.train_dataloader())
-    return predict_maps(cfg, model, dm)
+    return predict_maps(settings, model, dm)
 
 
 def _record(info: dict) -> dict:
