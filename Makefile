@@ -1,14 +1,14 @@
 # make demo: set up .venv (if missing) and run the default job on the built-in synthetic category.
 # make test: same set-up, then the test suite.
-# make bench [BENCH=name]: run every benchmark (or one) and assemble benchmarks/RESULTS.md.
-# make gpu-wheels: .whl/ with the four packages a bare GPU image lacks, for benchmarks/gpu_transfusion.sh.
+# make bench [SUITE=quality|speed|metrics]: run the benchmark suites (or one), then benchmarks/RESULTS.md.
+# make wheels: .whl/ with the pure-Python dependencies, for installing on a machine without an index.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast lint format bench gpu-wheels clean
+.PHONY: install demo test test-fast lint format bench wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,14 +32,14 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
-bench: install   # every benchmarks/<name>.py (or BENCH=<name>), then benchmarks/RESULTS.md
-	WANDB_MODE=disabled $(BIN)/python benchmarks/run_all.py $(if $(BENCH),--only $(BENCH))
+bench: install   # benchmarks/suites/*.yaml -> benchmarks/results/*.csv -> benchmarks/RESULTS.md
+	WANDB_MODE=disabled $(BIN)/python -m benchmarks $(or $(SUITE),all)
 
-# The device image has torch, Lightning, torchmetrics and timm but not these; versions as installed here.
-GPU_WHEELS := hydra-core|omegaconf|segmentation.models.pytorch|antlr4-python3-runtime
-gpu-wheels: install
+# torch, Lightning, torchmetrics and scikit-image come as platform wheels; these four are pure Python.
+WHEELS := hydra-core|omegaconf|segmentation.models.pytorch|antlr4-python3-runtime
+wheels: install
 	rm -rf .whl && mkdir -p .whl
-	$(BIN)/python -m pip freeze | grep -i -E '^($(GPU_WHEELS))==' > .whl/requirements.txt
+	$(BIN)/python -m pip freeze | grep -i -E '^($(WHEELS))==' > .whl/requirements.txt
 	grep -v antlr4 .whl/requirements.txt | xargs $(BIN)/python -m pip download -q --no-deps -d .whl
 	grep antlr4 .whl/requirements.txt | xargs $(BIN)/python -m pip wheel -q --no-deps -w .whl   # sdist only
 	ls .whl

@@ -1,0 +1,311 @@
+"""The quality suite: categories x rows (model, mask source and rules) x seeds, each case one `train()` run.
+
+A row names its model and its mask configuration; a pseudo-mask row names an entry of the suite's `masks:`
+section, which writes out every `mask.*` setting (an entry may `extends:` another). The entry replaces the
+composed `mask` node whole, and a row whose entry misses a setting the package defines (or names one it does
+not) is refused: a new default can never slip into an old row. A finished case is found again by the digest
+of its resolved config (paths and progress display aside): its run folder is `<runs>/<digest>`, so a changed
+setting anywhere, a default included, makes a new run instead of returning a stale one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from benchmarks.runner import context, number, selected
+from mvtec_seg.config import compose_config
+from mvtec_seg.errors import UserError
+from mvtec_seg.io_utils import content_key
+from mvtec_seg.metrics import METRIC_NAMES
+from mvtec_seg.summary import SUMMARY_FILE
+
+log = logging.getLogger(__name__)
+KEY = ("category", "row", "seed")
+NOT_IN_DIGEST = (
+    "paths",
+    "logger",
+    "compare",
+    "trainer.enable_progress_bar",
+    "teacher.trainer.enable_progress_bar",
+)
+QUALITY_KEYS = ("IoU", "precision", "recall", "normal_nonempty")
+
+
+# --------------------------------------------------------------------------------------------- the grid
+def mask_entry(cfg: DictConfig, name: str) -> dict:
+    """The full mask settings of a `masks:` entry, its `extends:` chain merged under it."""
+    entries = cfg.get("masks") or {}
+    if name not in entries:
+        raise UserError(f"quality suite: mask {name!r} is not in its masks: section ({', '.join(entries)})")
+    entry = OmegaConf.to_container(entries[name], resolve=True)
+    parent = entry.pop("extends", None)
+    if parent is None:
+        return entry
+    merged = OmegaConf.merge(OmegaConf.create(mask_entry(cfg, parent)), OmegaConf.create(entry))
+    return OmegaConf.to_container(merged)
+
+
+def _leaves(node: Any, prefix: str = "") -> set[str]:
+    if not isinstance(node, dict) or not node:
+        return {prefix.rstrip(".")}
+    return set().union(*(_leaves(v, f"{prefix}{k}.") for k, v in node.items()))
+
+
+def pin_mask(run_cfg: DictConfig, settings: dict, row: str) -> None:
+    """Replace the composed `mask` node by `settings`, after checking that they name every setting the
+    package defines for that mask source, and no other."""
+    defined = _leaves(OmegaConf.to_container(run_cfg.mask, resolve=True))
+    given = _leaves(settings)
+    missing, unknown = sorted(defined - given), sorted(given - defined)
+    if missing or unknown:
+        raise UserError(
+            f"quality suite row {row!r} does not pin its mask: missing {missing}, unknown {unknown} — write out "
+            f"every mask.* setting in its masks: entry"
+        )
+    run_cfg.mask = OmegaConf.create(settings)
+
+
+def case_overrides(cfg: DictConfig, category: str, row: str, seed: int) -> list[str]:
+    """The `python -m mvtec_seg` overrides of one case (the mask entry is applied after composing)."""
+    spec = cfg.rows[row]
+    mask = spec.get("mask", "none")
+    tiny = list(cfg.get("tiny_overrides") or []) if cfg.get("tiny") else []
+    return [
+        *cfg.base,
+        *cfg.categories[category],
+        f"model={spec.model}",
+        "mask=gt" if mask in ("gt", "none") else "mask=pseudo",
+        *(spec.get("overrides") or []),
+        f"seed={seed}",
+        *tiny,
+        "trainer.enable_progress_bar=false",
+    ]
+
+
+def resolved(cfg: DictConfig, category: str, row: str, seed: int, cache: Path) -> DictConfig:
+    """The composed run config of one case, its mask pinned, `paths.run_dir` still unset."""
+    spec = cfg.rows[row]
+    overrides = [*case_overrides(cfg, category, row, seed), f"paths.cache_dir={cache}"]
+    run_cfg = compose_config(overrides, run_dir="unset")
+    mask = spec.get("mask", "none")
+    if mask not in ("gt", "none"):
+        pin_mask(run_cfg, mask_entry(cfg, mask), row)
+    return run_cfg
+
+
+def digest(run_cfg: DictConfig) -> str:
+    """The case's identity: its resolved config without where outputs go and how progress is shown."""
+    plain = OmegaConf.to_container(run_cfg, resolve=True)
+    for dotted in NOT_IN_DIGEST:
+        *parents, leaf = dotted.split(".")
+        node = plain
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return content_key(plain)
+
+
+# ------------------------------------------------------------------------------------------------ a case
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if isinstance(v, float | int) and math.isfinite(v)]
+    return float(statistics.fmean(finite)) if finite else math.nan
+
+
+def summary_row(summary: dict) -> dict[str, Any]:
+    """The CSV columns of one finished run: the five test metrics, the pseudo masks' train-part quality,
+    the GT-free synthetic-validation score and the selection, the costs."""
+    metrics = summary.get("metrics") or {}
+    row: dict[str, Any] = {m: number(metrics.get(f"test/{m}")) for m in METRIC_NAMES}
+    pseudo = summary.get("pseudo") or {}
+    train_q = ((pseudo.get("quality") or {}).get("train")) or {}
+    row |= {f"mask_{k}": number(train_q.get(k)) for k in QUALITY_KEYS}
+    row["mask_label"] = pseudo.get("label", "")
+    synthetic = pseudo.get("synthetic_val") or {}
+    row["synthetic_val_AUPRO"] = number(synthetic.get("pixel_AUPRO"))
+    row["synthetic_val_AP"] = number(synthetic.get("pixel_AP"))
+    selection = pseudo.get("selection") or {}
+    row["selected"] = selection.get("chosen", "")
+    row["rounds_kept"] = pseudo.get("round", "")
+    time = summary.get("time") or {}
+    row["train_s"] = number(time.get("train_s"))
+    row["test_s"] = number(time.get("test_s"))
+    return row
+
+
+def run_case(cfg: DictConfig, category: str, row: str, seed: int, runs: Path, cache: Path) -> dict:
+    """One case: reused when its run folder holds a finished run of the same digest, else trained."""
+    from mvtec_seg.train import train
+
+    run_cfg = resolved(cfg, category, row, seed, cache)
+    key = digest(run_cfg)
+    run_dir = runs / key
+    out: dict[str, Any] = {
+        "suite": "quality",
+        "category": category,
+        "row": row,
+        "label": cfg.rows[row].get("label", row),
+        "seed": seed,
+        "model": run_cfg.model.name,
+        "mask": cfg.rows[row].get("mask", "none"),
+        "config_digest": key,
+        "run_dir": str(run_dir),
+        "mask_settings": ""
+        if run_cfg.model.source == "teacher"
+        else json.dumps(OmegaConf.to_container(run_cfg.mask, resolve=True), sort_keys=True),
+        "deciding": category in (cfg.get("deciding") or []),
+    }
+    summary_path = run_dir / SUMMARY_FILE
+    done = summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "ok"
+    if done:
+        log.warning("quality: %s / %s / seed %d reused from %s", category, row, seed, run_dir)
+        summary = json.loads(summary_path.read_text())
+    else:
+        run_cfg.paths.run_dir = str(run_dir)
+        try:
+            summary = train(run_cfg)
+        except UserError as err:
+            return out | {"status": "failed", "error": str(err)}
+        except Exception as err:  # a bug in one case must not cost the rest of a grid of hours
+            log.exception("quality: %s / %s / seed %d crashed", category, row, seed)
+            return out | {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+    return out | {"status": summary.get("status", "ok"), "error": ""} | summary_row(summary)
+
+
+def data_present(cfg: DictConfig, category: str) -> bool:
+    """A category whose `data.root` does not exist is skipped (the shared data is not on every machine)."""
+    roots = [o.split("=", 1)[1] for o in cfg.categories[category] if o.startswith("data.root=")]
+    return all(Path(r).is_dir() for r in roots)
+
+
+def run(cfg: DictConfig, runs: Path, cache: Path) -> list[dict]:
+    """Every selected case, in the order category, seed, row (a category's teacher is trained once)."""
+    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    rows = []
+    available = list(cfg.tiny_categories) if cfg.get("tiny") else list(cfg.categories)
+    for category in selected(cfg, "categories", available):
+        if not data_present(cfg, category):
+            log.warning("quality: %s skipped: its data.root is not on this machine", category)
+            continue
+        for seed in selected(cfg, "seeds", [str(s) for s in cfg.seeds]):
+            for row in selected(cfg, "rows", cfg.rows):
+                result = run_case(cfg, category, row, int(seed), runs, cache)
+                rows.append(result | {"command": command} | context())
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- the section
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 pairs or a constant."""
+    pairs = [(a, b) for a, b in zip(x, y, strict=True) if math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3:
+        return math.nan
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2.0
+            i = j + 1
+        return r
+
+    rx, ry = ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs])
+    if len(set(rx)) < 2 or len(set(ry)) < 2:
+        return math.nan
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (sx * sy)
+
+
+def _f(v: float, digits: int = 3) -> str:
+    return "–" if not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+COLUMNS = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")
+
+
+def section(rows: list[dict[str, str]]) -> str:
+    """RESULTS.md's section for the quality suite, from its CSV rows."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return "No quality results yet: `python -m benchmarks quality`."
+    lines: list[str] = []
+    cats = list(dict.fromkeys(r["category"] for r in ok))
+    names = list(dict.fromkeys(r["row"] for r in ok))
+    label = {r["row"]: r["label"] for r in ok}
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in ok:
+        by.setdefault((r["category"], r["row"]), []).append(r)
+    header = "| row | seeds | " + " | ".join(COLUMNS) + " | mask IoU | mask precision | synthetic-val AUPRO |"
+    for cat in cats:
+        deciding = any(r["deciding"] == "True" for r in ok if r["category"] == cat)
+        lines += [f"### {cat}" + ("" if deciding else " (reported, not deciding)"), "", header]
+        lines.append("|" + "---|" * (len(COLUMNS) + 5))
+        for name in names:
+            cases = by.get((cat, name))
+            if not cases:
+                continue
+            cells = [_f(_mean([number(c[m]) for c in cases])) for m in COLUMNS]
+            extra = [_f(_mean([number(c[k]) for c in cases])) for k in ("mask_IoU", "mask_precision")]
+            synth = _f(_mean([number(c["synthetic_val_AUPRO"]) for c in cases]))
+            lines.append(f"| {label[name]} | {len(cases)} | " + " | ".join(cells + extra + [synth]) + " |")
+        lines.append("")
+    deciding_cats = [c for c in cats if any(r["deciding"] == "True" for r in ok if r["category"] == c)]
+    if deciding_cats:
+        lines += _deciding_mean(deciding_cats, names, label, by)
+    lines += _rank_correlation(ok)
+    lines += ["#### Resolved mask settings of each row", ""]
+    for name in names:
+        settings = next(r["mask_settings"] for r in ok if r["row"] == name)
+        lines.append(f"- {label[name]}: `{settings or 'no mask source'}`")
+    commands = sorted({r["command"] for r in ok})
+    lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in commands)]
+    return "\n".join(lines)
+
+
+def _deciding_mean(cats: list[str], names: list[str], label: dict, by: dict) -> list[str]:
+    lines = [
+        f"### Mean over {', '.join(cats)} (the categories that decide defaults)",
+        "",
+        "| row | " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * (len(COLUMNS) + 1),
+    ]
+    for name in names:
+        if not all((c, name) in by for c in cats):
+            continue
+        cells = [_f(_mean([_mean([number(r[m]) for r in by[(c, name)]]) for c in cats])) for m in COLUMNS]
+        lines.append(f"| {label[name]} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _rank_correlation(ok: list[dict]) -> list[str]:
+    """Spearman between each pseudo row's synthetic-val AUPRO and its test AUPRO, per category and seed."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in ok:
+        if math.isfinite(number(r["synthetic_val_AUPRO"])) and not r.get("selected"):
+            groups.setdefault((r["category"], r["seed"]), []).append(r)
+    values = []
+    lines = ["### Does the GT-free criterion rank candidates like the test AUPRO does?", ""]
+    for (cat, seed), rs in sorted(groups.items()):
+        rho = spearman([number(r["synthetic_val_AUPRO"]) for r in rs], [number(r["pixel_AUPRO"]) for r in rs])
+        values.append(rho)
+        lines.append(f"- {cat}, seed {seed}: Spearman {_f(rho)} over {len(rs)} candidate rows")
+    if not values:
+        return []
+    lines += [f"- mean: {_f(_mean(values))}", ""]
+    return lines
