@@ -6,6 +6,7 @@ thing everywhere: there is one Trainer factory and one model factory.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from mvtec_seg.callbacks import ResumeCheckpoint, RngState
+from mvtec_seg.callbacks import EpochProgress, ResumeCheckpoint, RngState
 from mvtec_seg.data.datamodule import MVTecDataModule
 from mvtec_seg.data.mvtec import MVTEC_CATEGORIES
 from mvtec_seg.errors import UserError
@@ -94,19 +95,39 @@ def evaluation_settings(cfg: DictConfig) -> dict[str, float]:
     return {k: float(cfg.evaluation[k]) for k in ("iou_threshold", "fpr_limit")}
 
 
-def build_module(target: str, params: DictConfig, cfg: DictConfig) -> AnomalyModule:
+def build_module(target: str, params: DictConfig, cfg: DictConfig, **extra: Any) -> AnomalyModule:
     """An `AnomalyModule` from a class path and plain-dict parameters, scored under `cfg.evaluation`.
 
     Parameters stay plain dicts (optimizer and scheduler included, as Hydra `_target_` dicts instantiated
     in `configure_optimizers`) so checkpoints load with `weights_only=True`.
     """
-    kwargs = OmegaConf.to_container(params, resolve=True)
+    kwargs = OmegaConf.to_container(params, resolve=True) | extra
     return get_class(target)(**kwargs, evaluation=evaluation_settings(cfg))
 
 
+def student_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What a segmenter takes from its mask source besides the targets: synthetic defects on its normal
+    training images (`mask.synthetic_fraction`) and the distillation weight (`mask.distill.weight`)."""
+    fraction = float(cfg.mask.get("synthetic_fraction") or 0.0)
+    distill = float((cfg.mask.get("distill") or {}).get("weight") or 0.0)
+    out: dict[str, Any] = {}
+    if fraction > 0:
+        out["synthetic"] = {"fraction": fraction, "kind": str(cfg.category.kind), "seed": int(cfg.seed)}
+    if distill > 0:
+        out["distill_weight"] = distill
+    return out
+
+
 def build_model(cfg: DictConfig) -> AnomalyModule:
-    """The run's model as configured, untrained (`model.module` with `model.params`)."""
-    return build_module(cfg.model.module, cfg.model.params, cfg)
+    """The run's model as configured, untrained (`model.module` with `model.params`; a segmenter also
+    with `student_settings`)."""
+    module = build_module(
+        cfg.model.module,
+        cfg.model.params,
+        cfg,
+        **(student_settings(cfg) if cfg.model.get("source") == "fit" else {}),
+    )
+    return module
 
 
 def max_epochs(cfg: DictConfig) -> int:
@@ -150,4 +171,8 @@ def build_trainer(
     if isinstance(settings, DictConfig):
         settings = OmegaConf.to_container(settings, resolve=True)
     kwargs = {k: v for k, v in settings.items() if v is not None} | overrides
-    return pl.Trainer(callbacks=list(callbacks), logger=logger, **kwargs)
+    callbacks = list(callbacks)
+    bar = kwargs.get("enable_progress_bar", True) and sys.stderr.isatty()
+    if not bar and kwargs.get("max_epochs", 1) > 1:  # logs get a line per epoch instead of a bar
+        callbacks.append(EpochProgress())
+    return pl.Trainer(callbacks=callbacks, logger=logger, **kwargs)

@@ -220,3 +220,49 @@ class TestArtefacts(pl.Callback):
             vmax=float(maps.max()),
         )
         viz.plot_curves(maps, gt, labels, self.run_dir / "curves", fpr_limit=self.fpr_limit, metrics=metrics)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class EpochProgress(pl.Callback):
+    """One log line per training epoch with the time an epoch takes and an estimate of the time left, for
+    logs and terminals without Lightning's progress bar (a terminal with the bar shows the same there).
+
+    The estimate is the mean epoch time so far (validation included) times the epochs left."""
+
+    def __init__(self, name: str | None = None, log=None) -> None:
+        import logging
+
+        self.name = name  # None: the stage running when training starts (`interrupt.current_stage`)
+        self._logger = log or logging.getLogger("mvtec_seg.progress")
+        self._t0: float | None = None
+        self._start_epoch = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from mvtec_seg.interrupt import current_stage
+
+        self._t0 = time.perf_counter()
+        self._start_epoch = trainer.current_epoch
+        self.name = self.name or current_stage() or "training"
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._t0 is None or not trainer.is_global_zero:
+            return
+        done = trainer.current_epoch + 1
+        total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else done
+        per_epoch = (time.perf_counter() - self._t0) / max(done - self._start_epoch, 1)
+        self._logger.info(
+            "%s: epoch %d/%d, %.1f s an epoch, about %s left",
+            self.name,
+            done,
+            total,
+            per_epoch,
+            _duration(per_epoch * (total - done)),
+        )

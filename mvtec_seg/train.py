@@ -37,9 +37,12 @@ from mvtec_seg.interrupt import Interrupted, stage
 from mvtec_seg.loggers import run_loggers
 from mvtec_seg.models.base import AnomalyModule, parameter_count
 from mvtec_seg.outputs import RunOutputs
+from mvtec_seg.plan import announce
 from mvtec_seg.pseudo.masks import ensure_pseudo_masks, load_targets
-from mvtec_seg.pseudo.rules import TARGETS
+from mvtec_seg.pseudo.rules import GATED, GATES, TARGETS
+from mvtec_seg.pseudo.select import select
 from mvtec_seg.pseudo.self_training import self_train
+from mvtec_seg.pseudo.synthetic_val import ensure_synthetic_val, synthetic_scores
 from mvtec_seg.pseudo.thresholds import STRATEGIES
 from mvtec_seg.teacher import build_teacher, ensure_teacher, teacher_overlap
 
@@ -114,6 +117,62 @@ def _fit(
     return out.summary.checkpoint
 
 
+def _fit_candidate(cfg: DictConfig, index: int, dm: MVTecDataModule, run_dir: Path) -> dict:
+    """One `mask.select=auto` candidate: its targets, a student trained on them in
+    `<run>/candidates/<index>/`, and its best checkpoint's scores (synthetic val; test, recorded only)."""
+    info = _set_pseudo_targets(cfg, dm)
+    model = build_model(cfg)
+    folder = run_dir / "candidates" / str(index)
+    checkpoint = pl.callbacks.ModelCheckpoint(
+        dirpath=folder / "checkpoints",
+        filename="best",
+        monitor=cfg.checkpoint.monitor,
+        mode=cfg.checkpoint.mode,
+    )
+    throughput = Throughput()
+    trainer = build_trainer(
+        cfg.trainer,
+        [throughput, checkpoint],
+        pl.loggers.CSVLogger(str(folder), name="csv", version=""),
+        max_epochs=max_epochs(cfg),
+        enable_checkpointing=True,
+        default_root_dir=str(folder),
+    )
+    t0 = time.perf_counter()
+    with stage(f"candidate {index} training"):
+        trainer.fit(model, datamodule=dm)
+    train_s = time.perf_counter() - t0
+    best = checkpoint.best_model_path or None
+    trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False)  # loads the best weights into `model`
+    ev = cfg.evaluation
+    return {
+        "checkpoint": best,
+        "synthetic_val": synthetic_scores(model, dm, ev.fpr_limit, ev.iou_threshold),
+        "quality": info.get("quality"),
+        "dir": info.get("dir"),
+        "train_s": train_s,
+        "test_metrics": dict(model.computed_metrics["test"]),  # recorded after the choice is fixed
+    }
+
+
+def _select_pseudo(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> tuple[dict, str | None]:
+    """`mask.select=auto`: train every candidate, keep the best by the synthetic validation set; the chosen
+    targets are set on `dm`. Returns its pseudo record (with `selection`) and checkpoint."""
+    chosen, records = select(cfg, lambda c, i: _fit_candidate(c, i, dm, out.run_dir))
+    from mvtec_seg.pseudo.select import candidate_configs
+
+    info = _set_pseudo_targets(candidate_configs(cfg)[chosen], dm)  # cached: sets the chosen targets
+    info["selection"] = {
+        "criterion": "synthetic-val pixel_AUPRO, then pixel_AP",
+        "chosen": chosen,
+        "label": records[chosen]["label"],
+        "candidates": records,
+    }
+    info["synthetic_val"] = records[chosen]["synthetic_val"]
+    out.summary.time["train_s"] = sum(r["train_s"] for r in records)
+    return info, records[chosen]["checkpoint"]
+
+
 def _set_pseudo_targets(cfg: DictConfig, dm: MVTecDataModule) -> dict:
     """Put the pseudo targets (and loss weights) on `dm`: the teacher's, or after `mask.rounds` rounds of
     self-training; returns their record (thresholds, quality vs GT of every round)."""
@@ -135,13 +194,27 @@ def _prepare_model(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> Ano
         out.summary.throughput["train_images_per_s"] = teacher.info["train_images_per_s"]
         out.summary.checkpoint = teacher.checkpoint
         return teacher.module
+    student_cfg = cfg
     if cfg.mask.name == "pseudo":
-        out.summary.pseudo = _set_pseudo_targets(cfg, dm)
+        if cfg.mask.get("select", "fixed") == "auto":
+            from mvtec_seg.pseudo.select import candidate_configs
+
+            out.summary.pseudo, out.summary.checkpoint = _select_pseudo(cfg, dm, out)
+            student_cfg = candidate_configs(cfg)[out.summary.pseudo["selection"]["chosen"]]
+        else:
+            out.summary.pseudo = _set_pseudo_targets(cfg, dm)
         with torch.device("meta"):  # counted, not used: no memory, no random draws
             out.summary.teacher_params = parameter_count(build_teacher(cfg))
-    model = build_model(cfg)
+    model = build_model(student_cfg)
     out.summary.params = parameter_count(model)
     return model
+
+
+def _uses_synthetic_val(cfg: DictConfig) -> bool:
+    enabled = cfg.synthetic_val.get("enabled", "auto")
+    if enabled == "auto":
+        return cfg.model.source == "fit" and cfg.mask.name == "pseudo"
+    return bool(enabled) and cfg.model.source == "fit"
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -187,7 +260,13 @@ def _check_mask_config(mask: DictConfig) -> None:
             raise UserError(f"mask.{key}={q!r} must be a fraction between 0 and 1 — set it to e.g. {example}")
     if mask.get("name") != "pseudo":
         return
-    choices = {"threshold.strategy": STRATEGIES, "target": TARGETS}
+    choices = {
+        "threshold.strategy": STRATEGIES,
+        "target": TARGETS,
+        "gate.strategy": GATES,
+        "gated": GATED,
+        "select": ("fixed", "auto"),
+    }
     for key, allowed in choices.items():
         value = OmegaConf.select(mask, key)
         if value is not None and value not in allowed:
@@ -196,6 +275,12 @@ def _check_mask_config(mask: DictConfig) -> None:
         value = OmegaConf.select(mask, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise UserError(f"mask.{key}={value!r} must be a whole number >= 0 — set it to e.g. 0")
+    fraction = mask.get("synthetic_fraction")
+    if fraction is not None and (not _is_number(fraction) or not 0.0 <= fraction <= 1.0):
+        raise UserError(f"mask.synthetic_fraction={fraction!r} must be a fraction between 0 and 1 — e.g. 0.5")
+    weight = OmegaConf.select(mask, "distill.weight")
+    if weight is not None and (not _is_number(weight) or weight < 0):
+        raise UserError(f"mask.distill.weight={weight!r} must be a number >= 0 — e.g. 0 (off) or 1")
     low, high = threshold.get("low_quantile"), threshold.get("quantile")
     if threshold.get("strategy") == "hysteresis" and low is not None and high is not None and low > high:
         raise UserError(
@@ -240,17 +325,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             dm = build_datamodule(cfg, train_subset="all")
             dm.prepare()  # scans, validates and splits: bad data stops here, before any training
         out.set_split(dm)
+        announce(cfg, dm)
         if cfg.dry_run:  # build what the run would use, train nothing
             _dry_run(cfg, out)
             trainer, parts = run_trainer(cfg, run_dir)
             status = "dry_run"
         else:
+            if _uses_synthetic_val(cfg):
+                dm.set_synthetic_val(ensure_synthetic_val(cfg, dm))
             model = _prepare_model(cfg, dm, out)
             trainer, parts = run_trainer(cfg, run_dir)
-            ckpt_path = _fit(cfg, model, dm, trainer, parts, out) if cfg.model.source == "fit" else None
+            selected = (out.summary.pseudo or {}).get("selection")
+            if selected:  # mask.select=auto: the chosen candidate's student is the run's model
+                ckpt_path = out.summary.checkpoint
+            elif cfg.model.source == "fit":
+                ckpt_path = _fit(cfg, model, dm, trainer, parts, out)
+            else:
+                ckpt_path = None
             with stage("testing"):
                 trainer.test(model, datamodule=dm, ckpt_path=ckpt_path, verbose=False)
             out.summary.metrics = dict(model.computed_metrics["test"])
+            if dm.synthetic_val is not None and out.summary.pseudo is not None and not selected:
+                ev = cfg.evaluation  # the tested weights on the GT-free criterion, for comparing runs
+                out.summary.pseudo["synthetic_val"] = synthetic_scores(
+                    model, dm, ev.fpr_limit, ev.iou_threshold
+                )
             if trainer.is_global_zero:  # the tested weights' decision threshold, for `mvtec_seg.predict`
                 out.summary.decision_threshold = choose_threshold(
                     model,

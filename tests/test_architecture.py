@@ -18,6 +18,7 @@ LAYERS: dict[str, int] = {
     "config": 0,
     "interrupt": 0,
     "io_utils": 1,
+    "cli": 2,
     "summary": 2,
     "metrics": 2,
     "data": 3,
@@ -32,10 +33,12 @@ LAYERS: dict[str, int] = {
     "teacher": 7,
     "pseudo": 8,
     "inference": 8,
-    "train": 9,
-    "predict": 9,
-    "export": 9,
-    "__main__": 10,
+    "plan": 9,
+    "train": 10,
+    "predict": 10,
+    "export": 10,
+    "compare": 11,
+    "__main__": 12,
 }
 
 

@@ -19,7 +19,7 @@ from mvtec_seg.metrics import precision_recall_iou
 from mvtec_seg.models.transfusion.lightning_model import TransFusion
 from mvtec_seg.models.transfusion.loss import TransFusionLoss
 from mvtec_seg.pseudo.masks import ensure_pseudo_masks
-from mvtec_seg.pseudo.thresholds import choose_threshold
+from mvtec_seg.pseudo.thresholds import mask_threshold
 from mvtec_seg.teacher import teacher_dir
 from mvtec_seg.train import train
 
@@ -63,7 +63,7 @@ def test_pseudo_run_builds_teacher_masks_and_reports_quality(pseudo_run):
         assert info["quality"]["train"][k] == pytest.approx(v, nan_ok=True)
     # the threshold is the configured quantile of the maps on the train part's normal images
     maps = np.load(info["maps"])
-    expected = choose_threshold(
+    expected = mask_threshold(
         maps, idx, dm.indices("train", normal_only=True), "quantile", cfg.mask.threshold.quantile
     )
     assert info["threshold"] == pytest.approx(expected)

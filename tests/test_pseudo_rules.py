@@ -52,7 +52,7 @@ def _maps() -> np.ndarray:
 def test_gating_empties_images_within_the_normal_score_distribution():
     maps = _maps()
     normal = np.array([0, 1])
-    level = gate_level(maps, normal, 1.0)
+    level = gate_level(maps, np.arange(4), normal, {"quantile": 1.0})
     assert level == pytest.approx(maps[:2].max())
     plain = derive_targets(maps, np.arange(4), normal, _settings())
     gated = derive_targets(maps, np.arange(4), normal, _settings(gate={"quantile": 1.0}))
@@ -178,10 +178,10 @@ def test_new_options_end_to_end_with_a_self_training_round(tmp_path):
         masks = np.load(Path(record["dir"]) / "masks.npy")
         normal = dm.indices("train", normal_only=True)
         assert q["normal_nonempty"] == pytest.approx(masks[normal].reshape(len(normal), -1).any(1).mean())
-        target, weight = load_targets(record)
+        target, weight, _ = load_targets(record)
         assert weight is not None and weight.shape == target.shape == masks.shape
     # the datamodule serves the weight map next to the target, flipped and cropped with it
-    target, weight = load_targets(info)
+    target, weight, _ = load_targets(info)
     dm.set_target_masks(target, weight)
     batch = next(iter(dm.val_dataloader()))
     assert batch["target_weight"].shape == batch["target_mask"].shape

@@ -27,9 +27,10 @@ class ManifestDataset(Dataset):
         augment: bool = False,
         crop: int | None = None,
         target_weights: np.ndarray | None = None,
+        soft_targets: np.ndarray | None = None,
     ) -> None:
         self.images, self.gt_masks, self.target_masks = images, gt_masks, target_masks
-        self.target_weights = target_weights
+        self.target_weights, self.soft_targets = target_weights, soft_targets
         self.rows, self.indices, self.augment = rows, np.asarray(indices, dtype=np.int64), augment
         self.crop = crop
 
@@ -50,17 +51,20 @@ class ManifestDataset(Dataset):
             if self.target_weights is None
             else torch.from_numpy(np.array(self.target_weights[j])).float()[None]
         )
+        planes = [image, gt, target, weight]
+        if self.soft_targets is not None:
+            planes.append(torch.from_numpy(np.array(self.soft_targets[j])).float()[None])
         if self.augment:
             dims = [d for d, flip in ((-1, torch.rand(()) < 0.5), (-2, torch.rand(()) < 0.5)) if flip]
             if dims:
-                image, gt, target, weight = (t.flip(dims) for t in (image, gt, target, weight))
+                planes = [t.flip(dims) for t in planes]
         if self.crop and self.crop < image.shape[-1]:
             top, left = (int(v) for v in torch.randint(0, image.shape[-1] - self.crop + 1, (2,)))
-            image, gt, target, weight = (
-                t[..., top : top + self.crop, left : left + self.crop] for t in (image, gt, target, weight)
-            )
+            planes = [t[..., top : top + self.crop, left : left + self.crop] for t in planes]
+        image, gt, target, weight = planes[:4]
         row = self.rows[j]
-        return {
+        extra = {"soft_target": planes[4]} if self.soft_targets is not None else {}
+        return extra | {
             "image": image,
             "gt_mask": gt,
             "target_mask": target,
@@ -69,6 +73,31 @@ class ManifestDataset(Dataset):
             "defect_type": row["defect_type"],
             "path": row["image"],
             "index": torch.tensor(j, dtype=torch.long),
+        }
+
+
+class SyntheticValDataset(Dataset):
+    """The GT-free validation set (`pseudo.synthetic_val`): images with synthetic defects and their exact
+    masks, served with the batch keys of the val part (`target_mask` is the exact mask)."""
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.masks, self.labels = images, masks, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        image = torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1).float().div_(255.0)
+        mask = torch.from_numpy(np.array(self.masks[i])).float().unsqueeze(0)
+        return {
+            "image": image,
+            "gt_mask": mask,
+            "target_mask": mask,
+            "target_weight": torch.ones_like(mask),
+            "gt_label": torch.tensor(int(self.labels[i]), dtype=torch.long),
+            "defect_type": "synthetic" if self.labels[i] else "good",
+            "path": f"synthetic_val/{i:05d}",
+            "index": torch.tensor(-1 - i, dtype=torch.long),
         }
 
 
@@ -137,6 +166,8 @@ class MVTecDataModule(pl.LightningDataModule):
         self.protocol = protocol  # "split" (seeded 7:1:2) or "official" (MVTec AD's train/good and test/)
         self.target_masks: np.ndarray | None = None
         self.target_weights: np.ndarray | None = None
+        self.soft_targets: np.ndarray | None = None  # the distillation target (calibrated teacher map)
+        self.synthetic_val: SyntheticValDataset | None = None
         self.manifest: dict | None = None
         self.manifest_path: Path | None = None
         self.file_state: dict[str, str] = {}
@@ -171,14 +202,21 @@ class MVTecDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
 
-    def set_target_masks(self, masks: np.ndarray, weights: np.ndarray | None = None) -> None:
+    def set_target_masks(
+        self, masks: np.ndarray, weights: np.ndarray | None = None, soft: np.ndarray | None = None
+    ) -> None:
         """Use these targets ([N,H,W] in manifest order, binary or soft in [0,1]) for training/validation
-        instead of GT, with optional per-pixel loss weights (`target_weight`; 0 = ignore; default 1)."""
+        instead of GT, with optional per-pixel loss weights (`target_weight`; 0 = ignore; default 1) and an
+        optional soft distillation target (`soft_target`, training only)."""
         self.prepare()
-        for name, arr in (("target masks", masks), ("target weights", weights)):
+        for name, arr in (("target masks", masks), ("target weights", weights), ("soft targets", soft)):
             if arr is not None and arr.shape != self.gt_masks.shape:
                 raise ValueError(f"{name} have shape {arr.shape}, expected {self.gt_masks.shape}")
-        self.target_masks, self.target_weights = masks, weights
+        self.target_masks, self.target_weights, self.soft_targets = masks, weights, soft
+
+    def set_synthetic_val(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
+        """Serve the GT-free validation set as a second val dataloader (its metrics: `val/synthetic_*`)."""
+        self.synthetic_val = SyntheticValDataset(*arrays) if arrays is not None else None
 
     def indices(self, part: str, normal_only: bool = False) -> np.ndarray:
         rows = self.prepare()["samples"]
@@ -193,8 +231,9 @@ class MVTecDataModule(pl.LightningDataModule):
         rows = self.prepare()["samples"]
         target = self.target_masks if part in ("train", "val") else None
         weight = self.target_weights if part in ("train", "val") else None
+        soft = self.soft_targets if part == "train" else None
         idx = self.indices(part, normal_only)
-        return ManifestDataset(self.images, self.gt_masks, target, rows, idx, augment, crop, weight)
+        return ManifestDataset(self.images, self.gt_masks, target, rows, idx, augment, crop, weight, soft)
 
     def counts(self) -> dict[str, int]:
         return part_counts(self.prepare())
@@ -231,8 +270,12 @@ class MVTecDataModule(pl.LightningDataModule):
         )
         return self._loader(ds, self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The val part; with a synthetic validation set, that set as a second loader."""
+        val = self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False)
+        if self.synthetic_val is None:
+            return val
+        return [val, self._loader(self.synthetic_val, self.eval_batch_size, shuffle=False)]
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"), self.eval_batch_size, shuffle=False)

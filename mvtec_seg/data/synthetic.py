@@ -41,7 +41,7 @@ DEFECT_TYPES: dict[str, tuple[str, ...]] = {
 # Built-in category names and their kind (the default folder name for each kind).
 SYNTHETIC_CATEGORIES: dict[str, str] = {"synthetic": "object", "synthetic_texture": "texture"}
 META_FILE = "synthetic.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 _STAIN_COLOURS = np.array(
     [
@@ -154,8 +154,8 @@ def _object_scene(rng: np.random.Generator, size: int) -> _Scene:
     tint = np.array([0.97, 1.0, 1.06], dtype=np.float32) * (1 + rng.normal(0, 0.03, 3)).astype(np.float32)
     ang = rng.uniform(0, 2 * np.pi)
     ramp = ((xx - size / 2) * np.cos(ang) + (yy - size / 2) * np.sin(ang)) / size * rng.uniform(0.0, 0.14)
-    streaks = _smooth_noise(rng, size, (0.6 * s, 7.0 * s)) * rng.uniform(0.015, 0.035)
-    blotches = _smooth_noise(rng, size, 10.0 * s) * rng.uniform(0.015, 0.04)
+    streaks = _smooth_noise(rng, size, (0.6 * s, 7.0 * s)) * rng.uniform(0.008, 0.02)
+    blotches = _smooth_noise(rng, size, 10.0 * s) * rng.uniform(0.008, 0.02)
     bg = (level + ramp + streaks + blotches)[..., None] * tint
 
     # Bottle top: dome shading, groove, knurled rim, inner ring, directional light and a highlight.
@@ -173,8 +173,8 @@ def _object_scene(rng: np.random.Generator, size: int) -> _Scene:
         - 0.24 * np.exp(-(((rho - 0.80) / 0.03) ** 2))
         + 0.10 * np.exp(-(((rho - 0.93) / 0.05) ** 2))
         - 0.07 * np.exp(-(((rho - 0.45) / 0.04) ** 2))
-        + 0.07 * np.cos(48 * theta + rng.uniform(0, 2 * np.pi)) * rim_zone
-        + 0.02 * _smooth_noise(rng, size, 2.5 * s)
+        + 0.05 * np.cos(24 * theta + rng.uniform(0, 2 * np.pi)) * rim_zone
+        + 0.01 * _smooth_noise(rng, size, 2.5 * s)
     )
     gray *= 1.0 + 0.18 * np.clip(rho, 0, 1) * np.cos(theta - light)
     colour = np.array([0.66, 0.50, 0.28], dtype=np.float32)
@@ -235,8 +235,8 @@ def _scratch(rng: np.random.Generator, sc: _Scene, s: float) -> Array:
         p2 = p0 + length * np.array([np.sin(a), np.cos(a)], dtype=np.float32)
         normal = np.array([np.cos(a), -np.sin(a)], dtype=np.float32)
         p1 = (p0 + p2) / 2 + normal * length * rng.uniform(-0.3, 0.3)
-        m = _stroke_mask(sc, _bezier(p0, p1, p2), rng.uniform(0.8, 2.0) * s)
-        strength = rng.uniform(0.12, 0.5) * rng.uniform(0.75, 1.0, m.sum()).astype(np.float32)
+        m = _stroke_mask(sc, _bezier(p0, p1, p2), rng.uniform(2.4, 4.0) * s)
+        strength = rng.uniform(0.45, 0.85) * rng.uniform(0.85, 1.0, m.sum()).astype(np.float32)
         op = np.zeros(m.shape, np.float32)
         op[m] = strength
         _blend(sc.fg, m, 1.0 if rng.random() < 0.6 else 0.0, op)
@@ -248,12 +248,12 @@ def _crack(rng: np.random.Generator, sc: _Scene, s: float) -> Array:
     """Dark random-walk polyline, sometimes with a branch."""
     start = _point_in_disk(rng, sc.centre, 0.75 * sc.radius)
     walk = _random_walk(rng, start, int(rng.integers(8, 30)), 2.5 * s)
-    width = rng.uniform(0.8, 1.7) * s
+    width = rng.uniform(2.4, 3.6) * s
     mask = _stroke_mask(sc, walk, width)
     if rng.random() < 0.4:
         branch = _random_walk(rng, walk[len(walk) // 2], int(rng.integers(4, 12)), 2.0 * s)
         mask |= _stroke_mask(sc, branch, width * 0.8)
-    _blend(sc.fg, mask, 0.03, float(rng.uniform(0.3, 0.75)))
+    _blend(sc.fg, mask, 0.03, float(rng.uniform(0.6, 0.9)))
     return mask
 
 
@@ -262,10 +262,10 @@ def _spot(rng: np.random.Generator, sc: _Scene, s: float) -> Array:
     mask = np.zeros(sc.support.shape, dtype=bool)
     for _ in range(int(rng.integers(1, 4))):
         c = _point_in_disk(rng, sc.centre, 0.8 * sc.radius)
-        m, d = _blob(rng, sc.support.shape[0], c, rng.uniform(2.0, 8.0) * s)
+        m, d = _blob(rng, sc.support.shape[0], c, rng.uniform(4.0, 12.0) * s)
         m &= sc.support
         colour = _STAIN_COLOURS[rng.integers(len(_STAIN_COLOURS))] * rng.uniform(0.85, 1.15)
-        opacity = rng.uniform(0.25, 0.75) * (0.6 + 0.4 * np.clip(1 - d, 0, 1))
+        opacity = rng.uniform(0.6, 0.9) * (0.75 + 0.25 * np.clip(1 - d, 0, 1))
         _blend(sc.fg, m, colour, opacity)
         mask |= m
     return mask
@@ -321,7 +321,7 @@ def _finish(rng: np.random.Generator, sc: _Scene) -> Array:
     """Composite, apply exposure jitter and sensor noise, quantise to uint8."""
     a = sc.alpha[..., None]
     img = sc.bg * (1 - a) + sc.fg * a
-    img = img * rng.uniform(0.93, 1.07) + rng.normal(0, rng.uniform(0.008, 0.022), img.shape)
+    img = img * rng.uniform(0.95, 1.05) + rng.normal(0, rng.uniform(0.006, 0.015), img.shape)
     return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 
 

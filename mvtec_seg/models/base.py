@@ -72,6 +72,7 @@ class AnomalyModule(pl.LightningModule):
     def configure_evaluation(self, iou_threshold: float = 0.5, fpr_limit: float = 0.3) -> None:
         """(Re)build the metric objects, e.g. for a loaded checkpoint scored under today's settings."""
         self.val_metrics = AnomalyMetrics(iou_threshold=iou_threshold, fpr_limit=fpr_limit)
+        self.synthetic_metrics = AnomalyMetrics(iou_threshold=iou_threshold, fpr_limit=fpr_limit)
         self.test_metrics = AnomalyMetrics(iou_threshold=iou_threshold, fpr_limit=fpr_limit)
 
     # -- to implement ------------------------------------------------------------------------------
@@ -117,12 +118,19 @@ class AnomalyModule(pl.LightningModule):
             optimizer = with_fused_default(optimizer, params)
         return build_optimizers(params, optimizer, self.hparams.get("scheduler"))
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Loader 0: the val part against the run's targets; loader 1 (when the datamodule has one): the
+        GT-free synthetic validation set against its exact masks, logged as `val/synthetic_<metric>`."""
         amap = self.anomaly_map(batch["image"]).float()
-        self.val_metrics.update(amap, batch["target_mask"][:, 0] > 0.5)
+        if dataloader_idx == 1:
+            self.synthetic_metrics.update(amap, batch["target_mask"][:, 0] > 0.5, batch["gt_label"])
+        else:
+            self.val_metrics.update(amap, batch["target_mask"][:, 0] > 0.5)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
+        if self.synthetic_metrics.update_count:
+            self._log_metrics("val", self.synthetic_metrics, prefix="synthetic_")
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         amap = self.anomaly_map(batch["image"]).float()
@@ -135,11 +143,11 @@ class AnomalyModule(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         return {"index": batch["index"], "anomaly_map": self.anomaly_map(batch["image"]).float()}
 
-    def _log_metrics(self, stage: str, metric: AnomalyMetrics) -> dict[str, float]:
+    def _log_metrics(self, stage: str, metric: AnomalyMetrics, prefix: str = "") -> dict[str, float]:
         values = metric.compute()
         metric.reset()
-        out = {f"{stage}/{name}": float(values[name]) for name in METRIC_NAMES}
+        out = {f"{stage}/{prefix}{name}": float(values[name]) for name in METRIC_NAMES}
         # the metric states are already gathered across ranks, so every rank logs the same global value
-        self.log_dict(out, prog_bar=stage == "val", sync_dist=True)
-        self.computed_metrics[stage] = out
+        self.log_dict(out, prog_bar=stage == "val" and not prefix, sync_dist=True)
+        self.computed_metrics[f"{stage}_{prefix.rstrip('_')}" if prefix else stage] = out
         return out

@@ -33,10 +33,15 @@ log = logging.getLogger(__name__)
 PARTS = ("train", "val", "test")
 
 
+NOT_RULES: tuple[str, ...] = ("name", "rounds", "select", "candidates", "synthetic_fraction")
+"""`mask.*` settings that do not change a set of targets (how many rounds, how a run picks among sets,
+what the student adds to them)."""
+
+
 def mask_settings(cfg: DictConfig) -> dict:
-    """The rule settings a set of targets depends on: `cfg.mask` without `name` and `rounds`."""
+    """The rule settings a set of targets depends on: `cfg.mask` without `NOT_RULES`."""
     settings = OmegaConf.to_container(cfg.mask, resolve=True)
-    return {k: v for k, v in settings.items() if k not in ("name", "rounds")}
+    return {k: v for k, v in settings.items() if k not in NOT_RULES}
 
 
 def pseudo_dir(source_dir: Path, settings: dict, extra: dict | None = None) -> Path:
@@ -77,6 +82,8 @@ def write_pseudo_masks(out: Path, maps: np.ndarray, dm, settings: dict, category
     np.save(out / "target.npy", t.target)
     if t.weight is not None:
         np.save(out / "weight.npy", t.weight)
+    if t.soft is not None:
+        np.save(out / "soft.npy", t.soft)
     for i, row in enumerate(rows):
         name = f"{i:05d}_{row['defect_type']}_{Path(row['image']).stem}.png"
         atomic_save_png(out / "png" / name, t.mask[i] * 255)
@@ -101,14 +108,15 @@ def read_pseudo(pdir: Path) -> dict:
     return info
 
 
-def load_targets(info: dict) -> tuple[np.ndarray, np.ndarray | None]:
-    """The training target ([N,H,W]) and per-pixel weight (or None) of a set written by this module."""
+def load_targets(info: dict) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The training target ([N,H,W]), per-pixel weight and distillation target (each or None) of a set
+    written by this module: the arguments of `MVTecDataModule.set_target_masks`."""
     pdir = Path(info["dir"])
-    target = pdir / "target.npy"
-    weight = pdir / "weight.npy"
+    target, weight, soft = pdir / "target.npy", pdir / "weight.npy", pdir / "soft.npy"
     return (
         np.load(target if target.exists() else pdir / "masks.npy"),
         np.load(weight) if weight.exists() else None,
+        np.load(soft) if soft.exists() else None,
     )
 
 

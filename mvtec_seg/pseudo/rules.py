@@ -5,12 +5,22 @@ defective, so the normal images (most of the train part) teach false positives. 
 normal train images' distribution in other ways:
 
 - gating: an image whose score (max of its map) stays within the normal images' scores gets an empty mask;
+  the level is a fixed quantile of the normal images' scores (`quantile`), or where the normal images'
+  scores separate best from the other train images' (`separation`: the level that maximises the gap between
+  the two empirical distribution functions, as in a two-sample Kolmogorov-Smirnov test; it adapts to how
+  well the teacher separates them, and needs no label of the other images);
+- `normal_empty`: the train part's normal images (the images the teacher trains on) get empty targets;
+- `gated`: what a gated image that is not a known normal teaches: `empty` (no defect), or `ignore` (loss
+  weight 0 on the whole image): a low score does not tell whether the teacher missed a defect, so the image
+  is left out rather than taught as defect-free;
+- MEBin (`mebin.py`): a threshold per image where its regions are stable;
 - hysteresis (`skimage.filters.apply_hysteresis_threshold`): a region needs one pixel above the high
   threshold and grows through pixels above the low one;
 - regions (`skimage.morphology`): regions below `min_area` pixels are dropped, holes up to `fill_holes`
   pixels filled;
 - target `ignore`: pixels between the low and the high threshold that the rules left out get weight 0;
-- target `soft`: the map calibrated to [0, 1] between the low and the high threshold (soft BCE).
+- target `soft`: the map calibrated to [0, 1] between the low and the high threshold (soft BCE); the same
+  calibrated map is the distillation target (`mask.distill.weight`) beside hard targets.
 """
 
 from __future__ import annotations
@@ -21,9 +31,13 @@ import numpy as np
 from skimage.filters import apply_hysteresis_threshold
 from skimage.morphology import remove_small_holes, remove_small_objects
 
-from mvtec_seg.pseudo.thresholds import choose_threshold
+from mvtec_seg.metrics import image_scores as _image_scores
+from mvtec_seg.pseudo.mebin import mebin
+from mvtec_seg.pseudo.thresholds import mask_threshold
 
 TARGETS = ("hard", "ignore", "soft")
+GATES = ("quantile", "separation")
+GATED = ("empty", "ignore")
 
 
 @dataclass
@@ -36,6 +50,7 @@ class Targets:
     target: np.ndarray
     weight: np.ndarray | None
     record: dict
+    soft: np.ndarray | None = None  # float16 calibrated map: the distillation target (mask.distill)
 
 
 def strategy_label(settings: dict, rounds: int = 0) -> str:
@@ -49,8 +64,15 @@ def strategy_label(settings: dict, rounds: int = 0) -> str:
     elif s == "fixed":
         s += f" {th.get('fixed')}"
     parts = [s]
-    if (settings.get("gate") or {}).get("quantile") is not None:
-        parts.append(f"gate {settings['gate']['quantile']}")
+    gate = settings.get("gate") or {}
+    if gate.get("strategy") == "separation":
+        parts.append("gate separation")
+    elif gate.get("quantile") is not None:
+        parts.append(f"gate {gate['quantile']}")
+    if settings.get("normal_empty"):
+        parts.append("normals empty")
+    if settings.get("gated", "empty") == "ignore":
+        parts.append("gated ignored")
     regions = settings.get("regions") or {}
     if regions.get("min_area"):
         parts.append(f"area {regions['min_area']}")
@@ -58,23 +80,45 @@ def strategy_label(settings: dict, rounds: int = 0) -> str:
         parts.append(f"holes {regions['fill_holes']}")
     if settings.get("target", "hard") != "hard":
         parts.append(settings["target"])
+    if settings.get("synthetic_fraction"):
+        parts.append(f"synthetic {settings['synthetic_fraction']}")
+    if (settings.get("distill") or {}).get("weight"):
+        parts.append(f"distill {settings['distill']['weight']}")
     if rounds:
         parts.append(f"{rounds} round" + ("s" if rounds > 1 else ""))
     return " + ".join(parts)
 
 
 def image_scores(maps: np.ndarray) -> np.ndarray:
-    """Image score = max of its map (as everywhere in the project)."""
-    return np.asarray(maps, dtype=np.float32).reshape(len(maps), -1).max(axis=1)
+    """Image score = max of its map (`metrics.image_scores`, the one definition), as float32 numpy."""
+    import torch
+
+    return _image_scores(torch.from_numpy(np.asarray(maps, dtype=np.float32))).numpy()
 
 
-def gate_level(maps: np.ndarray, normal_idx: np.ndarray, quantile: float | None) -> float | None:
+def separation_level(normal: np.ndarray, others: np.ndarray) -> float:
+    """The score level that best separates `normal` scores from `others`: the maximiser of
+    F_normal(level) - F_others(level) over the observed scores (the two-sample KS statistic's location),
+    the lowest such level on a tie. An image at or below it counts as normal."""
+    levels = np.unique(np.concatenate([normal, others]))
+    f_normal = np.searchsorted(np.sort(normal), levels, side="right") / len(normal)
+    f_others = np.searchsorted(np.sort(others), levels, side="right") / len(others)
+    return float(levels[int(np.argmax(f_normal - f_others))])
+
+
+def gate_level(maps: np.ndarray, train_idx: np.ndarray, normal_idx: np.ndarray, gate: dict) -> float | None:
     """The image score at or below which an image counts as normal (None: gating off)."""
-    if quantile is None:
+    strategy = gate.get("strategy", "quantile")
+    if strategy == "quantile" and gate.get("quantile") is None:
         return None
     if len(normal_idx) == 0:
-        raise ValueError("mask.gate.quantile needs normal images in the train part")
-    return float(np.quantile(image_scores(maps[normal_idx]), float(quantile)))
+        raise ValueError("mask.gate needs normal images in the train part")
+    scores = image_scores(maps[train_idx])
+    is_normal = np.isin(train_idx, normal_idx)
+    if strategy == "separation" and (~is_normal).any():
+        return separation_level(scores[is_normal], scores[~is_normal])
+    q = gate.get("quantile")
+    return float(np.quantile(scores[is_normal], 0.99 if q is None else float(q)))
 
 
 def hysteresis_masks(maps: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -111,41 +155,55 @@ def derive_targets(
     th = settings["threshold"]
     strategy = th["strategy"]
     maps = np.asarray(maps, dtype=np.float32)
-    high = choose_threshold(
-        maps,
-        train_idx,
-        normal_idx,
-        strategy,
-        th.get("quantile", 0.995),
-        th.get("fixed", 0.5),
+    high = mask_threshold(
+        maps, train_idx, normal_idx, strategy, th.get("quantile", 0.995), th.get("fixed", 0.5)
     )
     target_kind = settings.get("target", "hard")
     if target_kind not in TARGETS:
         raise ValueError(f"mask.target={target_kind!r} is not one of {TARGETS}")
-    needs_low = strategy == "hysteresis" or target_kind != "hard"
+    distill = float((settings.get("distill") or {}).get("weight") or 0.0)
+    needs_low = strategy in ("hysteresis", "mebin") or target_kind != "hard" or distill > 0
     low = high
     if needs_low:
         if len(normal_idx) == 0:
             raise ValueError("mask.threshold.low_quantile needs normal images in the train part")
         low = min(high, float(np.quantile(maps[normal_idx], float(th.get("low_quantile", 0.98)))))
-    masks = hysteresis_masks(maps, low, high) if strategy == "hysteresis" else (maps >= high).astype(np.uint8)
+    record: dict = {"threshold": high, "low_threshold": low}
+    if strategy == "hysteresis":
+        masks = hysteresis_masks(maps, low, high)
+    elif strategy == "mebin":
+        options = th.get("mebin") or {}
+        masks, per_image = mebin(maps, train_idx, **options)
+        finite = per_image[np.isfinite(per_image)]
+        record["mebin_thresholds"] = {
+            "median": float(np.median(finite)) if len(finite) else None,
+            "n_empty": int((~np.isfinite(per_image)).sum()),
+        }
+    else:
+        masks = (maps >= high).astype(np.uint8)
     regions = settings.get("regions") or {}
     masks = clean_regions(masks, int(regions.get("min_area", 0)), int(regions.get("fill_holes", 0)))
-    level = gate_level(maps, normal_idx, (settings.get("gate") or {}).get("quantile"))
+    level = gate_level(maps, train_idx, normal_idx, settings.get("gate") or {})
     gated = image_scores(maps) <= level if level is not None else np.zeros(len(maps), dtype=bool)
+    known_normal = np.zeros(len(maps), dtype=bool)
+    if settings.get("normal_empty"):
+        known_normal[normal_idx] = True
+    gated |= known_normal
     masks[gated] = 0
     weight = None
+    if settings.get("gated", "empty") == "ignore":
+        weight = np.ones(maps.shape, dtype=np.uint8)
+        weight[gated & ~known_normal] = 0
     target: np.ndarray = masks
     if target_kind == "ignore":
         uncertain = (maps >= low) & (maps < high) & (masks == 0) & ~gated[:, None, None]
-        weight = (~uncertain).astype(np.uint8)
+        weight = (~uncertain).astype(np.uint8) * (1 if weight is None else weight)
     elif target_kind == "soft":
         target = calibrate(maps, low, high).astype(np.float16)
         target[gated] = 0
-    record = {
-        "threshold": high,
-        "low_threshold": low,
-        "gate_level": level,
-        "n_gated": int(gated.sum()),
-    }
-    return Targets(masks, target, weight, record)
+    soft = None
+    if distill > 0:
+        soft = calibrate(maps, low, high).astype(np.float16)
+        soft[gated] = 0
+    record |= {"gate_level": level, "n_gated": int(gated.sum())}
+    return Targets(masks, target, weight, record, soft)

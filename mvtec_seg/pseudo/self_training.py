@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mvtec_seg.builders import build_model, build_trainer, max_epochs, one_device
+from mvtec_seg.builders import build_model, build_trainer, max_epochs, one_device, student_settings
 from mvtec_seg.io_utils import build_once
 from mvtec_seg.pseudo.masks import ensure_masks_from, load_targets, round_dir
 from mvtec_seg.pseudo.rules import strategy_label
@@ -28,6 +28,7 @@ def round_spec(cfg: DictConfig, round_index: int) -> dict:
         "round": round_index,
         "seed": int(cfg.seed),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "student": student_settings(cfg),
         "epochs": max_epochs(cfg),
         "limit_train_batches": cfg.trainer.get("limit_train_batches"),
         "data": {k: data.get(k) for k in ("image_size", "batch_size", "train_crop", "augment")},
@@ -36,8 +37,7 @@ def round_spec(cfg: DictConfig, round_index: int) -> dict:
 
 def _round_maps(cfg: DictConfig, dm, info: dict) -> np.ndarray:
     """Train a segmenter on `info`'s targets (train part, final weights) and predict every image."""
-    target, weight = load_targets(info)
-    dm.set_target_masks(target, weight)
+    dm.set_target_masks(*load_targets(info))
     model = build_model(cfg)
     settings = one_device(cfg.trainer)
     trainer = build_trainer(
@@ -73,5 +73,6 @@ def self_train(cfg: DictConfig, dm, info: dict) -> dict:
         build_once(maps_file, build)
         _, info = ensure_masks_from(np.load(maps_file), source, cfg, dm)
         records.append({"round": r, **_record(info)})
-    label = strategy_label(info["settings"], rounds)
+    student = {"synthetic_fraction": cfg.mask.get("synthetic_fraction") or 0.0}  # not a rule: not in "settings"
+    label = strategy_label({**info["settings"], **student}, rounds)
     return {**info, "label": label, "round": rounds, "rounds": records}

@@ -5,6 +5,8 @@
   normal pixels rarely exceed, so it adapts to the map's scale.
 - `otsu`: Otsu's threshold on the map values of the train part.
 - `hysteresis`: the `quantile` level is the high threshold (`rules.py` adds the low one and grows regions).
+- `mebin`: a threshold per image where its regions are stable (`mebin.py`); the `quantile` level is still
+  computed, as the upper edge of the calibrated map (`mask.target=soft`, distillation).
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 from skimage.filters import threshold_otsu
 
-STRATEGIES = ("fixed", "quantile", "otsu", "hysteresis")
+STRATEGIES = ("fixed", "quantile", "otsu", "hysteresis", "mebin")
 
 
-def choose_threshold(
+def mask_threshold(
     maps: np.ndarray,
     train_idx: np.ndarray,
     normal_train_idx: np.ndarray,
@@ -23,10 +25,11 @@ def choose_threshold(
     quantile: float = 0.995,
     fixed: float = 0.5,
 ) -> float:
-    """The binarisation (for `hysteresis`: the high) threshold for `maps` ([N,H,W] over the manifest)."""
+    """The binarisation level for `maps` ([N,H,W] over the manifest): for `hysteresis` the high one, for
+    `mebin` the calibration's upper edge."""
     if strategy == "fixed":
         return float(fixed)
-    if strategy in ("quantile", "hysteresis"):
+    if strategy in ("quantile", "hysteresis", "mebin"):
         if len(normal_train_idx) == 0:
             raise ValueError(f"mask.threshold.strategy={strategy} needs normal images in the train part")
         return float(np.quantile(np.asarray(maps[normal_train_idx], dtype=np.float32), quantile))

@@ -1,0 +1,99 @@
+"""`python -m mvtec_seg.compare [overrides]`: the whole comparison for one category in one command.
+
+The jobs of `compare.jobs` (default: TransFusion, U-Net on GT, U-Net on pseudo masks) run one after the
+other with the same overrides, each into its own run folder under one comparison folder, sharing the
+category's split, decoded images, teacher, maps and pseudo masks; then the report (`report.md`,
+`report.html`, `report.csv`) is built over them and the headline table printed: the five test metrics of
+each job and PSEUDO - GT. `make demo` is `python -m mvtec_seg.compare experiment=demo`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from mvtec_seg.config import compose_config
+from mvtec_seg.errors import UserError
+from mvtec_seg.metrics import METRIC_NAMES
+
+log = logging.getLogger(__name__)
+LABELS = {"image_AUROC": "image AUROC", "pixel_AUROC": "pixel AUROC", "pixel_AP": "pixel AP",
+          "pixel_AUPRO": "AUPRO", "IoU": "IoU"}  # fmt: skip
+
+
+def comparison_dir(cfg: DictConfig) -> Path:
+    """`compare.output` or `<paths.output_dir>/compare/<date>_<time>_<category>`."""
+    if cfg.compare.get("output"):
+        return Path(cfg.compare.output)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return Path(cfg.paths.output_dir) / "compare" / f"{stamp}_{cfg.category.name}"
+
+
+def headline(summaries: dict[str, dict]) -> str:
+    """The five test metrics of every job as a table, and PSEUDO - GT for each model that has both."""
+    width = max([len(n) for n in summaries] + [18])
+    lines = [f"{'':<{width}} " + " ".join(f"{LABELS[m]:>11}" for m in METRIC_NAMES)]
+
+    def value(s: dict, m: str) -> float:
+        v = (s.get("metrics") or {}).get(f"test/{m}")
+        return math.nan if v is None else float(v)
+
+    def row(name: str, values: list[float], signed: bool = False) -> str:
+        fmt = "{:>+11.3f}" if signed else "{:>11.3f}"
+        cells = [f"{'–':>11}" if not math.isfinite(v) else fmt.format(v) for v in values]
+        return f"{name:<{width}} " + " ".join(cells)
+
+    for name, s in summaries.items():
+        lines.append(row(name, [value(s, m) for m in METRIC_NAMES]))
+    by = {(s.get("model"), s.get("mask")): s for s in summaries.values()}
+    for model in dict.fromkeys(s.get("model") for s in summaries.values()):
+        gt, pseudo = by.get((model, "gt")), by.get((model, "pseudo"))
+        if gt and pseudo:
+            diff = [value(pseudo, m) - value(gt, m) for m in METRIC_NAMES]
+            lines.append(row(f"{model}: PSEUDO - GT", diff, signed=True))
+    return "\n".join(lines)
+
+
+def compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Run every job of `compare.jobs` with `overrides`, then the report; returns the summaries and paths."""
+    from mvtec_seg.report.build import build_report
+    from mvtec_seg.train import train
+
+    base = compose_config(list(overrides), run_dir="unused")  # a typo stops here, before any work
+    jobs = OmegaConf.to_container(base.compare.jobs, resolve=True)
+    if not jobs:
+        raise UserError(
+            "compare.jobs is empty — name at least one job, e.g. compare.jobs={unet_gt: [model=unet]}"
+        )
+    folder = comparison_dir(base)
+    summaries: dict[str, dict] = {}
+    for name, job in jobs.items():
+        log.warning("compare: job %s (%s)", name, " ".join(job))
+        cfg = compose_config([*overrides, *job], run_dir=folder / name)
+        summaries[name] = train(cfg)
+    report = build_report(folder)
+    return {"summaries": summaries, "folder": folder, "report": report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mvtec_seg.cli import run_command
+
+    return run_command("mvtec_seg.compare", __doc__, list(sys.argv[1:] if argv is None else argv), _run)
+
+
+def _run(overrides: list[str]) -> int:
+    result = compare(overrides)
+    print(headline(result["summaries"]))
+    print(f"report: {result['report']['report_html']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
