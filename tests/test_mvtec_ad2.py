@@ -1,0 +1,145 @@
+"""MVTec AD 2's metrics against brute force, their record in a run (`summary.json`, `mvtec_ad2.json`), and one
+end-to-end `train(cfg)` per new layout."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_cfg, make_fake_mvtec_ad2, make_fake_visa
+from references import ref_aupro_from_points, ref_pro_points
+from trained_runs import TINY_TRANSFUSION
+
+from mvtec_seg.builders import build_datamodule
+from mvtec_seg.inference import anomaly_maps, load_trained
+from mvtec_seg.layout_metrics import MVTEC_AD2_RECORD
+from mvtec_seg.metrics import UndefinedMetricWarning, aupro, mvtec_ad2_metrics, normal_threshold, seg_f1
+from mvtec_seg.train import train
+
+STANDARD = {"test/image_AUROC", "test/pixel_AUROC", "test/pixel_AP", "test/pixel_AUPRO", "test/IoU"}
+EXTRA = {"test/SegF1", "test/pixel_AUPRO_0.05"}
+
+# --- metrics against brute force ---------------------------------------------------------------------------
+
+
+def _ref_seg_f1(maps: np.ndarray, masks: np.ndarray, threshold: float) -> float:
+    tp = fp = fn = 0
+    for score, gt in zip(maps.reshape(-1).tolist(), masks.reshape(-1).tolist(), strict=True):
+        hit = score >= threshold
+        tp += hit and gt
+        fp += hit and not gt
+        fn += (not hit) and gt
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def _case(rng: np.random.Generator, n: int = 3, size: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    maps = rng.integers(0, 8, (n, size, size)).astype(np.float32) / 7  # coarse values: many ties
+    masks = np.zeros((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        if rng.random() < 0.8:
+            y, x = rng.integers(0, size - 3, 2)
+            masks[i, y : y + rng.integers(1, 4), x : x + rng.integers(1, 4)] = 1
+    masks[0, 0, 0] = 1  # at least one region
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_metrics_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    maps, masks = _case(rng)
+    normal = rng.normal(0.3, 0.1, (2, 12, 12)).astype(np.float32)
+    expected = statistics.fmean(normal.reshape(-1).tolist()) + 3 * statistics.pstdev(
+        normal.reshape(-1).tolist()
+    )
+    assert normal_threshold(normal) == pytest.approx(expected, rel=1e-12)
+    for threshold in (*np.unique(maps).tolist(), float(maps.max()) + 1.0):  # every tie, and nothing predicted
+        assert seg_f1(maps, masks, threshold) == pytest.approx(_ref_seg_f1(maps, masks, threshold), abs=1e-12)
+    ref = ref_aupro_from_points(ref_pro_points(maps, masks), 0.05)
+    values, threshold = mvtec_ad2_metrics(torch.from_numpy(maps), torch.from_numpy(masks), normal)
+    assert threshold == pytest.approx(expected, rel=1e-12)
+    assert values["pixel_AUPRO_0.05"] == pytest.approx(ref, abs=1e-9)
+    assert values["SegF1"] == pytest.approx(_ref_seg_f1(maps, masks, threshold), abs=1e-12)
+
+
+def test_undefined_cases_are_nan_with_a_reason():
+    empty = np.zeros((1, 4, 4), np.float32)
+    with pytest.warns(
+        UndefinedMetricWarning, match="no anomalous pixel in the ground truth and none predicted"
+    ):
+        assert np.isnan(seg_f1(empty, np.zeros((1, 4, 4), np.uint8), 0.5))
+    assert seg_f1(np.ones((1, 4, 4), np.float32), np.zeros((1, 4, 4), np.uint8), 0.5) == 0.0  # FP only
+    with pytest.warns(UndefinedMetricWarning, match="no normal image"):
+        assert np.isnan(normal_threshold(np.zeros((0, 4, 4), np.float32)))
+
+
+# --- one end-to-end run per layout -------------------------------------------------------------------------
+
+
+def _run(tmp: Path, layout: str, root: Path, *extra: str):
+    name = {"visa": "candle", "mvtec_ad2": "can"}[layout]
+    cfg = compose_cfg(
+        tmp, [f"category={layout}/{name}", f"data.root={root}", "debug=fast", "data.image_size=32", *extra]
+    )
+    return cfg, train(cfg)
+
+
+def test_visa_end_to_end(tmp_path):
+    make_fake_visa(tmp_path / "visa")
+    cfg, summary = _run(tmp_path, "visa", tmp_path / "visa")
+    assert summary["status"] == "ok" and set(summary["metrics"]) == STANDARD  # no extra metrics for VisA
+    manifest = json.loads(Path(summary["split"]["manifest"]).read_text())
+    assert (
+        manifest["layout"] == "visa"
+        and sum(summary["split"][f"n_{p}"] for p in ("train", "val", "test")) == 18
+    )
+    assert not (Path(cfg.paths.run_dir) / MVTEC_AD2_RECORD).exists()
+
+
+def test_mvtec_ad2_end_to_end_records_its_metrics(tmp_path):
+    make_fake_mvtec_ad2(tmp_path / "ad2", n_train=10, n_val=5, n_good=4, n_bad=6)
+    cfg, summary = _run(tmp_path, "mvtec_ad2", tmp_path / "ad2", "trainer.limit_test_batches=null")
+    run = Path(cfg.paths.run_dir)
+    assert summary["status"] == "ok" and set(summary["metrics"]) == STANDARD | EXTRA
+    on_disk = json.loads((run / "summary.json").read_text())
+    record = json.loads((run / MVTEC_AD2_RECORD).read_text())
+    assert record["metrics"] == {k: on_disk["metrics"][k] for k in EXTRA}
+    # recomputed from the saved test maps and from the val part's normal images alone
+    pred = np.load(run / "test_predictions.npz")
+    assert seg_f1(pred["anomaly_map"], pred["gt_mask"], record["threshold"]) == pytest.approx(
+        summary["metrics"]["test/SegF1"], abs=1e-12
+    )
+    assert aupro(pred["anomaly_map"], pred["gt_mask"], fpr_limit=0.05) == pytest.approx(
+        summary["metrics"]["test/pixel_AUPRO_0.05"], abs=1e-12
+    )
+    dm = build_datamodule(cfg)
+    normal = dm.dataset("val", normal_only=True)
+    assert record["n_images"] == len(normal) > 0
+    module = load_trained(run).module
+    maps = anomaly_maps(module, torch.stack([normal[i]["image"] for i in range(len(normal))]))
+    assert normal_threshold(maps) == pytest.approx(record["threshold"], rel=1e-5)
+
+
+def test_mvtec_ad2_official_protocol_thresholds_on_validation_good(tmp_path):
+    """Official parts with the teacher: train/good trains it, validation/good alone sets the threshold,
+    test_public is scored."""
+    make_fake_mvtec_ad2(tmp_path / "ad2", n_train=6, n_val=3, n_good=2, n_bad=3)
+    cfg, summary = _run(
+        tmp_path,
+        "mvtec_ad2",
+        tmp_path / "ad2",
+        *TINY_TRANSFUSION,
+        "data.protocol=official",
+        "trainer.limit_test_batches=null",
+    )
+    assert (
+        summary["split"]["n_train"] == 6
+        and summary["split"]["n_val"] == 3
+        and summary["split"]["n_test"] == 5
+    )
+    record = json.loads((Path(cfg.paths.run_dir) / MVTEC_AD2_RECORD).read_text())
+    assert record["n_images"] == 3 and np.isfinite(record["threshold"])
+    assert set(summary["metrics"]) == STANDARD | EXTRA and 0.0 <= summary["metrics"]["test/SegF1"] <= 1.0
