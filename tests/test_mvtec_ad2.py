@@ -1,23 +1,30 @@
-"""MVTec AD 2's metrics against brute force, their record in a run (`summary.json`, `mvtec_ad2.json`), and one
-end-to-end `train(cfg)` per new layout."""
+"""MVTec AD 2's metrics against brute force, their record in a run (`summary.json`, `mvtec_ad2.json`), the
+evaluation server's output format of `predict`, and one end-to-end `train(cfg)` per new layout."""
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
-from conftest import compose_cfg, make_fake_mvtec_ad2, make_fake_visa
+from conftest import _save, compose_cfg, make_fake_mvtec_ad2, make_fake_visa
+from PIL import Image
 from references import ref_aupro_from_points, ref_pro_points
-from trained_runs import TINY_TRANSFUSION
+from trained_runs import TINY_TRANSFUSION, unet_run
 
 from mvtec_seg.builders import build_datamodule
-from mvtec_seg.inference import anomaly_maps, load_trained
+from mvtec_seg.data.mvtec import load_rgb
+from mvtec_seg.data.mvtec_ad2 import SUBMISSION_MAPS, SUBMISSION_MASKS, tiff_bytes
+from mvtec_seg.errors import UserError
+from mvtec_seg.inference import anomaly_maps, load_trained, resize_map
 from mvtec_seg.layout_metrics import MVTEC_AD2_RECORD
 from mvtec_seg.metrics import UndefinedMetricWarning, aupro, mvtec_ad2_metrics, normal_threshold, seg_f1
+from mvtec_seg.predict import main, predict
 from mvtec_seg.train import train
 
 STANDARD = {"test/image_AUROC", "test/pixel_AUROC", "test/pixel_AP", "test/pixel_AUPRO", "test/IoU"}
@@ -76,6 +83,90 @@ def test_undefined_cases_are_nan_with_a_reason():
         assert np.isnan(normal_threshold(np.zeros((0, 4, 4), np.float32)))
 
 
+def test_tiff_is_single_channel_float16_clipped():
+    amap = np.array([[0.25, 1e9], [-1e9, 0.5]], np.float32)
+    back = tifffile.imread(io.BytesIO(tiff_bytes(amap)))
+    assert back.dtype == np.float16 and back.shape == (2, 2) and np.isfinite(back).all()
+    assert back[0, 0] == np.float16(0.25) and back[0, 1] == np.finfo(np.float16).max
+
+
+# --- predict: the evaluation server's format ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ad2_run(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("ad2_predict")
+    run_dir, module = unet_run(tmp, threshold=None)
+    cat = make_fake_mvtec_ad2(tmp / "data", n_private=3, n_private_mixed=2)
+    rng = np.random.default_rng(5)
+    _save(cat / "test_private" / "001_regular.png", rng.integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    _save(cat / "test_private_mixed" / "000_mixed.png", rng.integers(0, 255, (64, 48), dtype=np.uint8))
+    refs = {}
+    for path in sorted((cat / "test_private").glob("*.png")) + sorted(
+        (cat / "test_private_mixed").glob("*.png")
+    ):
+        image = torch.from_numpy(np.array(load_rgb(path, 32))).permute(2, 0, 1)[None].float() / 255.0
+        with Image.open(path) as im:
+            hw = (im.height, im.width)
+        refs[f"can/{path.parent.name}/{path.stem}"] = resize_map(anomaly_maps(module, image)[0].numpy(), hw)
+    threshold = float(np.median(np.concatenate([r.reshape(-1) for r in refs.values()])))
+    (run_dir / MVTEC_AD2_RECORD).write_text(json.dumps({"threshold": threshold}))
+    return {"tmp": tmp, "run": run_dir, "cat": cat, "refs": refs, "threshold": threshold}
+
+
+def test_submission_folder_is_what_the_server_takes(ad2_run):
+    out = ad2_run["tmp"] / "submission"
+    result = predict(ad2_run["run"], str(ad2_run["cat"]), output=out, trainer="cpu", format="mvtec_ad2")
+    assert result["csv"] is None and result["threshold"] == ad2_run["threshold"]  # the run's recorded one
+    assert {p.name for p in out.iterdir()} == {SUBMISSION_MAPS, SUBMISSION_MASKS}  # nothing else at the top
+    for top, suffix in ((SUBMISSION_MAPS, ".tiff"), (SUBMISSION_MASKS, ".png")):
+        assert {p.name for p in (out / top).iterdir()} == {"can"}
+        assert {p.name for p in (out / top / "can").iterdir()} == {"test_private", "test_private_mixed"}
+        files = {p.relative_to(out / top).with_suffix("").as_posix() for p in (out / top).rglob(f"*{suffix}")}
+        assert files == set(ad2_run["refs"])
+    for name, ref in ad2_run["refs"].items():
+        amap = tifffile.imread(out / SUBMISSION_MAPS / f"{name}.tiff")
+        assert amap.dtype == np.float16 and amap.shape == ref.shape
+        np.testing.assert_allclose(amap.astype(np.float32), ref, atol=2e-3)
+        mask = np.asarray(Image.open(out / SUBMISSION_MASKS / f"{name}.png"))
+        assert mask.ndim == 2 and set(np.unique(mask).tolist()) <= {0, 255}
+        clear = np.abs(ref - ad2_run["threshold"]) > 1e-5
+        assert np.array_equal((mask == 255)[clear], (ref >= ad2_run["threshold"])[clear])
+    for row in result["rows"]:  # the area reported is the mask written
+        mask = np.asarray(Image.open(out / SUBMISSION_MASKS / f"{row.name}.png"))
+        assert row.defect_area_px == int((mask == 255).sum()) and row.path.endswith(
+            f"{Path(row.name).name}.png"
+        )
+
+
+def test_submission_errors_are_one_line(ad2_run, tmp_path, capsys):
+    (ad2_run["run"] / MVTEC_AD2_RECORD).rename(tmp_path / "record.json")
+    try:
+        with pytest.raises(
+            UserError, match="records no threshold chosen on normal images .* pass threshold="
+        ):
+            predict(ad2_run["run"], str(ad2_run["cat"]), output=tmp_path / "s", format="mvtec_ad2")
+        done = predict(
+            ad2_run["run"], str(ad2_run["cat"]), output=tmp_path / "s", format="mvtec_ad2", threshold=0.5
+        )
+        assert done["threshold"] == 0.5 and (tmp_path / "s" / SUBMISSION_MAPS).is_dir()
+    finally:
+        (tmp_path / "record.json").rename(ad2_run["run"] / MVTEC_AD2_RECORD)
+    with pytest.raises(UserError, match="has no images in test_private or test_private_mixed"):
+        predict(ad2_run["run"], str(ad2_run["cat"] / "train"), output=tmp_path / "t", format="mvtec_ad2")
+    broken = make_fake_mvtec_ad2(tmp_path / "broken")
+    (broken / "test_private_mixed" / "001_mixed.png").write_bytes(b"not a png")
+    assert (
+        main([f"run={ad2_run['run']}", f"input={broken}", f"output={tmp_path / 'u'}", "format=mvtec_ad2"])
+        == 2
+    )
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "cannot read image" in lines[0] and "001_mixed.png" in lines[0]
+    assert not (tmp_path / "u").exists()  # stopped before anything was written
+    with pytest.raises(UserError, match=r"format='tiff' is not one of \['default', 'mvtec_ad2'\]"):
+        predict(ad2_run["run"], str(ad2_run["cat"]), format="tiff")
+
+
 # --- one end-to-end run per layout -------------------------------------------------------------------------
 
 
@@ -121,6 +212,10 @@ def test_mvtec_ad2_end_to_end_records_its_metrics(tmp_path):
     module = load_trained(run).module
     maps = anomaly_maps(module, torch.stack([normal[i]["image"] for i in range(len(normal))]))
     assert normal_threshold(maps) == pytest.approx(record["threshold"], rel=1e-5)
+    # and the run's submission for the server, with that threshold
+    result = predict(run, str(tmp_path / "ad2" / "can"), trainer="cpu", format="mvtec_ad2")
+    assert result["output"] == run / "submission" and result["threshold"] == record["threshold"]
+    assert len(list((run / "submission" / SUBMISSION_MAPS).rglob("*.tiff"))) == 3 + 2
 
 
 def test_mvtec_ad2_official_protocol_thresholds_on_validation_good(tmp_path):

@@ -1,18 +1,27 @@
-"""Reader for the MVTec AD 2 layout.
+"""Reader for the MVTec AD 2 layout, and the folder structure its evaluation server takes.
 
 A category holds `train/good`, `validation/good` (normal only), `test_public/{good,bad}` with masks in
 `test_public/ground_truth/bad/<image stem>_mask.png`, and `test_private/`, `test_private_mixed/` (no masks:
 predicted for the server, never scored here). `source` is the folder a sample came from (`train`,
 `validation`, `test_public`); the private images are listed by `private_test_images`, not by the scan, so no
 split, cache or teacher ever sees them.
+
+The server takes one folder holding `anomaly_images/<category>/<split>/<stem>.tiff` (single-channel float16:
+its upload checker refuses any other type) and `anomaly_images_thresholded/<category>/<split>/<stem>.png`
+(8-bit, 0 or 255), with `<split>` in `test_private`, `test_private_mixed` and nothing else in the folder
+(MVTec's `check_and_prepare_data_for_upload.py`).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+import numpy as np
 
 from mvtec_seg.data.mvtec import Sample, _dead_link, _images_in
 from mvtec_seg.errors import UserError
+from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes
 
 MVTEC_AD2_CATEGORIES: tuple[str, ...] = (
     "can",
@@ -27,6 +36,9 @@ MVTEC_AD2_CATEGORIES: tuple[str, ...] = (
 NORMAL_PARTS: tuple[str, ...] = ("train", "validation")
 TEST_PUBLIC = "test_public"
 PRIVATE_SPLITS: tuple[str, ...] = ("test_private", "test_private_mixed")
+SUBMISSION_MAPS = "anomaly_images"
+SUBMISSION_MASKS = "anomaly_images_thresholded"
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 def _defect_samples(root: Path, test_dir: Path, source: str) -> list[Sample]:
@@ -124,3 +136,22 @@ def private_test_images(category_dir: Path | str) -> list[tuple[Path, str]]:
             f"folder for format=mvtec_ad2"
         )
     return out
+
+
+def tiff_bytes(amap: np.ndarray) -> bytes:
+    """A map as the single-channel float16 TIFF the server takes (clipped to float16's finite range)."""
+    import tifffile
+
+    arr = np.clip(np.asarray(amap, dtype=np.float32), -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
+    if arr.ndim != 2:
+        raise ValueError(f"an anomaly image must be [H,W], got {arr.shape}")
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr)
+    return buf.getvalue()
+
+
+def write_submission_files(out: Path | str, name: str, amap: np.ndarray, mask: np.ndarray) -> None:
+    """`name` (`<category>/<split>/<stem>`): the map as TIFF and the mask as a 0/255 PNG, atomically."""
+    out = Path(out)
+    atomic_write_bytes(out / SUBMISSION_MAPS / f"{name}.tiff", tiff_bytes(amap))
+    atomic_save_png(out / SUBMISSION_MASKS / f"{name}.png", np.asarray(mask, dtype=bool))
