@@ -18,9 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from mvtec_seg.callbacks import EpochProgress, ResumeCheckpoint, RngState
 from mvtec_seg.data.datamodule import MVTecDataModule
-from mvtec_seg.data.mvtec import MVTEC_CATEGORIES
+from mvtec_seg.data.layouts import CATEGORIES, DATASET_NAMES, DEFAULT_LAYOUT, check_layout
 from mvtec_seg.errors import UserError
 from mvtec_seg.models.base import AnomalyModule
+
+
+def layout(cfg: DictConfig) -> str:
+    """`data.layout` (default `mvtec`), checked: one line naming the choices for another value."""
+    return check_layout(cfg.data.get("layout", DEFAULT_LAYOUT))
 
 
 def category_dir(cfg: DictConfig) -> Path:
@@ -29,6 +34,11 @@ def category_dir(cfg: DictConfig) -> Path:
     root = Path(cfg.data.root)
     gen = cfg.category.get("generate")
     if gen:
+        if layout(cfg) != DEFAULT_LAYOUT:
+            raise UserError(
+                f"category={name} is generated in the MVTec AD layout, not data.layout={layout(cfg)} — drop the "
+                f"data.layout override or pick a {DATASET_NAMES[layout(cfg)]} category"
+            )
         from mvtec_seg.data.synthetic import generate_category
 
         return generate_category(
@@ -36,7 +46,8 @@ def category_dir(cfg: DictConfig) -> Path:
         )
     path = root / name
     if not path.is_dir():
-        known = "" if name in MVTEC_CATEGORIES else f" ('{name}' is not an MVTec AD category name)"
+        dataset = DATASET_NAMES[layout(cfg)]
+        known = "" if name in CATEGORIES[layout(cfg)] else f" ('{name}' is not an {dataset} category name)"
         raise UserError(
             f"category folder not found: {path}{known} — set data.root=<folder holding {name}/> "
             f"(or MVTEC_ROOT), or use category=synthetic for the built-in demo data"
@@ -49,10 +60,11 @@ def build_datamodule(
 ) -> MVTecDataModule:
     d = cfg.data
     protocol = d.get("protocol", "split")
+    data_layout = layout(cfg)
     if protocol == "official" and train_subset == "all" and cfg.model.get("source") == "fit":
         raise UserError(
-            f"data.protocol=official: the train part is train/good only, so model={cfg.model.name} with "
-            f"mask={cfg.mask.name} would have no defective training images (and there is no val part) — "
+            f"data.protocol=official: the train part holds normal images only, so model={cfg.model.name} with "
+            f"mask={cfg.mask.name} would have no defective training images (and no defective val image) — "
             "use data.protocol=split for segmenters; the official protocol is for model=transfusion"
         )
     return MVTecDataModule(
@@ -72,6 +84,7 @@ def build_datamodule(
         train_crop=d.get("train_crop"),
         shard_evaluation=not cfg.trainer.get("use_distributed_sampler", True),
         protocol=protocol,
+        layout=data_layout,
     )
 
 

@@ -18,6 +18,13 @@ Per image, in `output` (default `<run>/predictions/`), named after the input's p
 - a row of `predictions.csv`: `path, name, image_score` (max of the map at the model's size, the score
   the run's metrics use), `decision` (`anomalous` when `image_score >= threshold`, else `normal`),
   `defect_area_px` (mask pixels at the input's size).
+
+`format=mvtec_ad2` (input: an MVTec AD 2 category folder) writes what its evaluation server takes instead:
+`anomaly_images/<category>/<split>/<stem>.tiff` (float16 maps at the input's size) and
+`anomaly_images_thresholded/<category>/<split>/<stem>.png` (0/255) for `test_private` and
+`test_private_mixed`, and nothing else (the server refuses other files); the default threshold is the one the
+run chose on normal images alone (`mvtec_ad2.json`; `threshold=` overrides it); `output` defaults to
+`<run>/submission/`: point every category's run at one `output=` folder to build the whole submission.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import numpy as np
 import torch
 
 from mvtec_seg.data.mvtec import IMAGE_SUFFIXES, image_hw, load_rgb, resize_rgb
+from mvtec_seg.data.mvtec_ad2 import private_test_images, write_submission_files
 from mvtec_seg.errors import UserError
 from mvtec_seg.inference import (
     Trained,
@@ -48,12 +56,14 @@ from mvtec_seg.inference import (
     resize_map,
 )
 from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes, atomic_write_text
+from mvtec_seg.layout_metrics import MVTEC_AD2_RECORD, recorded_threshold
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS_CSV = "predictions.csv"
 CSV_COLUMNS: tuple[str, ...] = ("path", "name", "image_score", "decision", "defect_area_px")
 OVERLAY_RANGE: tuple[float, float] = (0.0, 1.0)  # segmenter probabilities; TransFusion's map is in [0,1] too
+FORMATS: tuple[str, ...] = ("default", "mvtec_ad2")
 ARGS: dict[str, tuple[type, Any]] = {  # key -> (type, default)
     "run": (str, None),
     "input": (str, None),
@@ -62,6 +72,7 @@ ARGS: dict[str, tuple[type, Any]] = {  # key -> (type, default)
     "trainer": (str, "auto"),
     "batch_size": (int, None),
     "image_size": (int, None),
+    "format": (str, "default"),
 }
 
 
@@ -137,6 +148,25 @@ def _write_outputs(out: Path, name: str, image: np.ndarray, amap: np.ndarray, th
     return int(mask.sum())
 
 
+def _write_submission(out: Path, name: str, image: np.ndarray, amap: np.ndarray, threshold: float) -> int:
+    """`format=mvtec_ad2`: the map (TIFF) and its mask (PNG) at the input's size, as the server takes them."""
+    full = resize_map(amap, image.shape[:2])
+    mask = full >= threshold
+    write_submission_files(out, name, full, mask)
+    return int(mask.sum())
+
+
+def _server_threshold(trained: Trained) -> float:
+    """`format=mvtec_ad2`: the threshold the run chose on normal images alone, as the benchmark wants."""
+    value = recorded_threshold(trained.run_dir)
+    if value is None:
+        raise UserError(
+            f"{trained.run_dir or trained.checkpoint} records no threshold chosen on normal images "
+            f"({MVTEC_AD2_RECORD}: runs with data.layout=mvtec_ad2 write it) — pass threshold=<map value>"
+        )
+    return value
+
+
 def _progress(total: int, batch_size: int):
     from tqdm.auto import tqdm
 
@@ -152,12 +182,19 @@ def predict(
     trainer: str = "auto",
     batch_size: int | None = None,
     image_size: int | None = None,
+    format: str = "default",
 ) -> dict[str, Any]:
-    """Predict every input image; returns `{csv, output, rows, threshold, trained}`."""
+    """Predict every input image; returns `{csv, output, rows, threshold, trained}` (`csv` is None for
+    `format=mvtec_ad2`)."""
+    if format not in FORMATS:
+        raise UserError(f"format={format!r} is not one of {list(FORMATS)}")
+    server = format == "mvtec_ad2"
     trained: Trained = load_trained(run, image_size)
-    files = input_files(str(input))
+    files = private_test_images(Path(input).expanduser()) if server else input_files(str(input))
     for f, _ in files:  # an unreadable header stops here, before anything is written
         image_hw(f)
+    if threshold is None and server:
+        threshold = _server_threshold(trained)
     if threshold is None:
         if trained.threshold is None:
             where = trained.run_dir or trained.checkpoint
@@ -169,6 +206,8 @@ def predict(
     threshold = float(threshold)
     if output is None:
         output = (trained.run_dir or trained.checkpoint.parent) / "predictions"
+        if server:  # one submission folder takes every category: pass output= to collect them
+            output = Path(output).with_name("submission")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(str(trainer))
@@ -185,11 +224,11 @@ def predict(
             maps = anomaly_maps(trained.module, batch.permute(0, 3, 1, 2).float().div_(255.0)).numpy()
             for (f, name), image, amap in zip(chunk, images, maps, strict=True):
                 score = float(amap.max())
-                area = _write_outputs(out, name, image, amap, threshold)
+                area = (_write_submission if server else _write_outputs)(out, name, image, amap, threshold)
                 decision = "anomalous" if score >= threshold else "normal"
                 rows.append(Prediction(str(f), name, score, decision, area))
             bar.update(len(chunk))
-    csv_path = _write_csv(out / PREDICTIONS_CSV, rows)
+    csv_path = None if server else _write_csv(out / PREDICTIONS_CSV, rows)
     return {"csv": csv_path, "output": out, "rows": rows, "threshold": threshold, "trained": trained}
 
 
@@ -215,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_anom = sum(r.decision == "anomalous" for r in result["rows"])
     print(
         f"predictions: {len(result['rows'])} images, {n_anom} anomalous at threshold "
-        f"{result['threshold']:.6g} -> {result['csv']}"
+        f"{result['threshold']:.6g} -> {result['csv'] or result['output']}"
     )
     return 0
 

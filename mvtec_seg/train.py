@@ -34,6 +34,7 @@ from mvtec_seg.data.datamodule import MVTecDataModule
 from mvtec_seg.errors import UserError
 from mvtec_seg.inference import choose_threshold
 from mvtec_seg.interrupt import Interrupted, stage
+from mvtec_seg.layout_metrics import layout_test_metrics
 from mvtec_seg.loggers import run_loggers
 from mvtec_seg.models.base import AnomalyModule, parameter_count
 from mvtec_seg.outputs import RunOutputs
@@ -357,6 +358,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     dm.eval_batch_size,
                     targets_name(cfg),
                     trainer.strategy.root_device,
+                )
+                # the layout's own benchmark metrics (MVTec AD 2: SegF1, AUPRO to FPR 0.05), if any
+                out.summary.metrics.update(
+                    layout_test_metrics(model, dm, run_dir, trainer.strategy.root_device)
                 )
             test_s = parts.throughput.test_s
             out.summary.time["test_s"] = test_s

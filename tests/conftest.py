@@ -84,6 +84,84 @@ def fake_mvtec(tmp_path: Path) -> Path:
     return make_fake_mvtec(tmp_path / "mvtec")
 
 
+def make_fake_visa(
+    root: Path,
+    name: str = "candle",
+    size: tuple[int, int] = (40, 40),
+    n_normal: int = 12,
+    n_anomaly: int = 6,
+    n_test_normal: int = 3,
+    mask_value: int = 1,
+    seed: int = 0,
+) -> Path:
+    """A tiny VisA category as distributed: JPEG images, masks with 0/`mask_value`, and its rows in
+    `<root>/split_csv/1cls.csv` (the last `n_test_normal` normal images and every anomaly in `test`)."""
+    import csv
+
+    rng = np.random.default_rng(seed)
+    cat = root / name
+    h, w = size
+    rows = []
+    for i in range(n_normal):
+        rel = f"Data/Images/Normal/{i:04d}.JPG"
+        _save(cat / rel, rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        rows.append(
+            [name, "train" if i < n_normal - n_test_normal else "test", "normal", f"{name}/{rel}", ""]
+        )
+    for i in range(n_anomaly):
+        rel, mask_rel = f"Data/Images/Anomaly/{i:03d}.JPG", f"Data/Masks/Anomaly/{i:03d}.png"
+        _save(cat / rel, rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        mask = np.zeros((h, w), dtype=np.uint8)
+        mask[h // 4 : h // 2, w // 4 : w // 2] = mask_value
+        _save(cat / mask_rel, mask)
+        rows.append([name, "test", "anomaly", f"{name}/{rel}", f"{name}/{mask_rel}"])
+    split = root / "split_csv" / "1cls.csv"
+    split.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if split.exists():  # other categories' rows stay
+        with open(split, newline="") as fh:
+            kept = [r for r in list(csv.reader(fh))[1:] if r and r[0] != name]
+    with open(split, "w", newline="") as fh:
+        csv.writer(fh).writerows([["object", "split", "label", "image", "mask"], *kept, *rows])
+    return cat
+
+
+def make_fake_mvtec_ad2(
+    root: Path,
+    name: str = "can",
+    size: tuple[int, int] = (40, 40),
+    n_train: int = 8,
+    n_val: int = 4,
+    n_good: int = 3,
+    n_bad: int = 4,
+    n_private: int = 3,
+    n_private_mixed: int = 2,
+    seed: int = 0,
+) -> Path:
+    """A tiny MVTec AD 2 category: train/good, validation/good, test_public/{good,bad} with 0/255 masks, and
+    mask-less test_private/ and test_private_mixed/."""
+    rng = np.random.default_rng(seed)
+    cat = root / name
+    h, w = size
+
+    def image() -> np.ndarray:
+        return rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+    for folder, n in (("train/good", n_train), ("validation/good", n_val), ("test_public/good", n_good)):
+        for i in range(n):
+            _save(cat / folder / f"{i:03d}_regular.png", image())
+    for i in range(n_bad):
+        _save(cat / "test_public" / "bad" / f"{i:03d}_regular.png", image())
+        mask = np.zeros((h, w), dtype=np.uint8)
+        mask[h // 4 : h // 2, w // 4 : w // 2] = 255
+        _save(cat / "test_public" / "ground_truth" / "bad" / f"{i:03d}_regular_mask.png", mask)
+    for i in range(n_private):
+        _save(cat / "test_private" / f"{i:03d}_regular.png", image())
+    for i in range(n_private_mixed):
+        _save(cat / "test_private_mixed" / f"{i:03d}_mixed.png", image())
+    return cat
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m mvtec_seg <args>` in a fresh process, offline, output captured."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}

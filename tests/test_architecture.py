@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "viz": 4,
     "loggers": 5,
     "callbacks": 5,
+    "layout_metrics": 5,
     "outputs": 6,
     "builders": 6,
     "report": 6,

@@ -2,8 +2,8 @@
 
 Decoding 900x900 PNGs dominates a small run's data time, so the cache is shared by all jobs (built once under
 a lock, written atomically). It is keyed by the content of every image and mask (`data.files`), the manifest's
-row order and the image size: a replaced image, an edited mask or another root with other bytes rebuilds it,
-and the rebuild names the file that changed.
+row order and the image size (and the layout's mask rule, when it is not MVTec's): a replaced image, an edited
+mask or another root with other bytes rebuilds it, and the rebuild names the file that changed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from mvtec_seg.data.files import announce_rebuild, data_record, file_state, files_key, write_record
-from mvtec_seg.data.mvtec import image_hw, load_mask, load_rgb
+from mvtec_seg.data.layouts import DEFAULT_LAYOUT, DEFAULT_MASK_RULE, decode_mask, mask_rule
+from mvtec_seg.data.mvtec import image_hw, load_rgb
 from mvtec_seg.io_utils import build_once, content_key
 
 log = logging.getLogger(__name__)
@@ -28,21 +29,32 @@ def manifest_files(manifest: dict) -> list[str]:
 
 
 def decode_sample(
-    category_dir: Path, row: dict, size: int, soft_masks: list[Path] | None = None
+    category_dir: Path,
+    row: dict,
+    size: int,
+    soft_masks: list[Path] | None = None,
+    rule: str = DEFAULT_MASK_RULE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One manifest row -> (uint8 RGB [size,size,3], uint8 mask [size,size] in {0,1})."""
+    """One manifest row -> (uint8 RGB [size,size,3], uint8 mask [size,size] in {0,1}); masks by `rule`."""
     image_path = category_dir / row["image"]
     image = load_rgb(image_path, size)
     if row["gt_mask"] is None:
         return image, np.zeros((size, size), dtype=np.uint8)
-    mask = load_mask(category_dir / row["gt_mask"], size, image_hw(image_path), soft_masks)
+    mask = decode_mask(category_dir / row["gt_mask"], size, image_hw(image_path), soft_masks, rule)
     return image, mask
 
 
+def manifest_mask_rule(manifest: dict) -> str:
+    """How the manifest's masks are decoded: its layout's rule (`data.layouts.MASK_RULES`)."""
+    return mask_rule(manifest.get("layout", DEFAULT_LAYOUT))
+
+
 def decoded_dir(manifest: dict, cache_dir: Path, size: int, state: dict[str, str]) -> Path:
-    """The cache folder for these files' bytes, in this manifest's order, at this size."""
+    """The cache folder for these files' bytes, in this manifest's order, at this size (and mask rule)."""
     order = [r["image"] for r in manifest["samples"]]
-    key = content_key({"files": files_key({"files": state}), "order": order, "size": int(size)})
+    rule = manifest_mask_rule(manifest)
+    extra = {} if rule == DEFAULT_MASK_RULE else {"mask_rule": rule}  # MVTec keys stay as they were
+    key = content_key({"files": files_key({"files": state}), "order": order, "size": int(size), **extra})
     return Path(cache_dir) / "decoded" / manifest["category"] / f"{key}_{size}px"
 
 
@@ -64,12 +76,13 @@ def decoded_arrays(
         state = file_state(category_dir, manifest_files(manifest))
     record = data_record(category_dir, state)
     target = decoded_dir(manifest, cache_dir, size, state)
+    rule = manifest_mask_rule(manifest)
 
     def build(tmp: Path) -> None:
         announce_rebuild(target, record, f"the decoded arrays of {manifest['category']}")
         soft: list[Path] = []
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            decoded = list(pool.map(lambda r: decode_sample(category_dir, r, size, soft), rows))
+            decoded = list(pool.map(lambda r: decode_sample(category_dir, r, size, soft, rule), rows))
         if soft:
             log.warning(
                 "%d mask(s) are not binary (first: %s): thresholded at half their range — save masks as "

@@ -151,6 +151,7 @@ class MVTecDataModule(pl.LightningDataModule):
         train_crop: int | None = None,
         shard_evaluation: bool = False,
         protocol: str = "split",
+        layout: str = "mvtec",
     ) -> None:
         super().__init__()
         self.category_dir, self.cache_dir = Path(category_dir), Path(cache_dir)
@@ -163,7 +164,8 @@ class MVTecDataModule(pl.LightningDataModule):
         self.train_subset = train_subset
         self.train_crop = train_crop
         self.shard_evaluation = shard_evaluation
-        self.protocol = protocol  # "split" (seeded 7:1:2) or "official" (MVTec AD's train/good and test/)
+        self.protocol = protocol  # "split" (seeded 7:1:2) or "official" (the dataset's own parts)
+        self.layout = layout  # the folder layout of the category (`data.layouts.LAYOUTS`)
         self.target_masks: np.ndarray | None = None
         self.target_weights: np.ndarray | None = None
         self.soft_targets: np.ndarray | None = None  # the distillation target (calibrated teacher map)
@@ -176,7 +178,13 @@ class MVTecDataModule(pl.LightningDataModule):
         """Scan, split and decode (once; cached). Safe to call repeatedly, and before the trainer exists."""
         if self.manifest is None:
             self.manifest_path, self.manifest = load_or_create_manifest(
-                self.category_dir, self.cache_dir, self.category, self.seed, self.split_ratios, self.protocol
+                self.category_dir,
+                self.cache_dir,
+                self.category,
+                self.seed,
+                self.split_ratios,
+                self.protocol,
+                self.layout,
             )
             self.file_state = file_state(self.category_dir, manifest_files(self.manifest))
             self.images, self.gt_masks = decoded_arrays(

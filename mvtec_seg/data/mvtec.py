@@ -43,7 +43,7 @@ class Sample:
     image: str
     gt_mask: str | None
     defect_type: str
-    source: str  # "train" or "test": the MVTec folder it came from
+    source: str  # where it came from: MVTec AD "train"/"test"; other layouts: `data.layouts.OFFICIAL_PARTS`
 
     @property
     def label(self) -> int:

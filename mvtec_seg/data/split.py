@@ -3,8 +3,13 @@
 All test images plus the normal training images are pooled and split per stratum (each defect type, and
 the normal images as one stratum), so every part holds every defect type when there are enough images.
 
-``protocol="official"`` (`PROTOCOLS`) instead keeps MVTec AD's own folders: ``train/good`` is the train part
-and the whole ``test/`` folder the test part (no val part), as the published results are computed.
+``protocol="official"`` (`PROTOCOLS`) instead keeps the dataset's own parts (`layouts.OFFICIAL_PARTS`): for
+MVTec AD ``train/good`` is the train part and the whole ``test/`` folder the test part (no val part), as the
+published results are computed; for VisA the split file's train/test; for MVTec AD 2 ``train/good``,
+``validation/good`` (a normal-only val part) and ``test_public``.
+
+Every layout (`data.layouts`) is read into the same records; a manifest of another layout than MVTec AD
+records its `layout` (which decides how its masks are decoded) and has a file name of its own.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mvtec_seg.data.mvtec import Sample, scan_category
+from mvtec_seg.data.layouts import DEFAULT_LAYOUT, check_layout, official_part, scan
+from mvtec_seg.data.mvtec import Sample
 from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import atomic_write_json, file_lock
 
@@ -58,16 +64,19 @@ def make_split(samples: list[Sample], seed: int, ratios=(0.7, 0.1, 0.2)) -> list
 
 
 def official_split(samples: list[Sample]) -> list[dict]:
-    """MVTec AD's own parts: every ``train/good`` image in train, every ``test/`` image in test."""
-    rows = [
-        {**s.as_dict(), "label": s.label, "part": "train" if s.source == "train" else "test"} for s in samples
-    ]
+    """The dataset's own parts: by the folder (or split-file entry) each image came from, `OFFICIAL_PARTS`."""
+    rows = [{**s.as_dict(), "label": s.label, "part": official_part(s)} for s in samples]
     rows.sort(key=lambda r: (PARTS.index(r["part"]), r["image"]))
     return rows
 
 
-def _fingerprint(samples: list[Sample]) -> str:
-    text = "\n".join(f"{s.image}|{s.gt_mask}|{s.defect_type}" for s in sorted(samples, key=lambda s: s.image))
+def _fingerprint(samples: list[Sample], with_source: bool = False) -> str:
+    """The files and their labels; `with_source` adds each file's official part, which outside MVTec AD is
+    not a function of its path (VisA's split file says it)."""
+    text = "\n".join(
+        f"{s.image}|{s.gt_mask}|{s.defect_type}" + (f"|{s.source}" if with_source else "")
+        for s in sorted(samples, key=lambda s: s.image)
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -85,14 +94,17 @@ def describe_file_changes(manifest: dict, samples: list[Sample], limit: int = 3)
         if names:
             more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
             parts.append(f"{label}: {', '.join(names[:limit])}{more}")
-    return "; ".join(parts) or "the same files under other defect types"
+    return "; ".join(parts) or "the same files under other defect types or official parts"
 
 
-def manifest_path(cache_dir: Path, category: str, seed: int, protocol: str = "split") -> Path:
+def manifest_path(
+    cache_dir: Path, category: str, seed: int, protocol: str = "split", layout: str = DEFAULT_LAYOUT
+) -> Path:
     name = (
         f"seed{seed}.json" if protocol == "split" else f"{protocol}.json"
     )  # the official parts have no seed
-    return Path(cache_dir) / "splits" / category / name
+    prefix = "" if layout == DEFAULT_LAYOUT else f"{layout}_"  # a custom name may exist in two layouts
+    return Path(cache_dir) / "splits" / category / f"{prefix}{name}"
 
 
 def load_or_create_manifest(
@@ -102,6 +114,7 @@ def load_or_create_manifest(
     seed: int,
     ratios=(0.7, 0.1, 0.2),
     protocol: str = "split",
+    layout: str = DEFAULT_LAYOUT,
 ) -> tuple[Path, dict]:
     """Return (path, manifest). The manifest is written once per category and seed (and protocol) and reused
     by every job.
@@ -111,9 +124,9 @@ def load_or_create_manifest(
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"data.protocol={protocol!r} must be one of {list(PROTOCOLS)}")
-    samples = scan_category(category_dir)
-    fp = _fingerprint(samples)
-    path = manifest_path(cache_dir, category, seed, protocol)
+    samples = scan(category_dir, check_layout(layout))
+    fp = _fingerprint(samples, with_source=layout != DEFAULT_LAYOUT)
+    path = manifest_path(cache_dir, category, seed, protocol, layout)
     with file_lock(path):
         if path.exists():
             manifest = json.loads(path.read_text())
@@ -139,6 +152,8 @@ def load_or_create_manifest(
         }
         if protocol != "split":
             manifest["protocol"] = protocol
+        if layout != DEFAULT_LAYOUT:
+            manifest["layout"] = layout
         atomic_write_json(path, manifest)
     return path, manifest
 

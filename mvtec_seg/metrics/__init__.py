@@ -18,6 +18,7 @@ from mvtec_seg.metrics.functional import (
     pro_curve,
     roc_curve,
 )
+from mvtec_seg.metrics.mvtec_ad2 import mvtec_ad2_metrics, normal_threshold, seg_f1
 
 __all__ = [
     "METRIC_LABELS",
@@ -32,8 +33,11 @@ __all__ = [
     "f1_optimal_threshold",
     "image_scores",
     "iou",
+    "mvtec_ad2_metrics",
+    "normal_threshold",
     "precision_recall_curve",
     "precision_recall_iou",
     "pro_curve",
     "roc_curve",
+    "seg_f1",
 ]

@@ -1,0 +1,107 @@
+"""The folder layouts a category can come in (`data.layout`), behind one interface.
+
+Each reader returns the same `Sample` records (paths relative to the category folder), so the split, the
+content digests, the decoded cache and the datamodule work the same for every layout. What differs is said
+here once: which reader lists the files, which folder (`source`) lands in which part under
+`data.protocol=official`, and how a mask file is decoded (`MASK_RULES`):
+
+- `half_range` (MVTec AD, MVTec AD 2): resized, then binarised at half the mask's range
+  (`data.mvtec.load_mask`);
+- `nonzero` (VisA): any non-zero pixel is a defect, whatever its value (VisA masks hold 0/1 or 0/255),
+  binarised before the resize so the area is kept (`load_mask_nonzero`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mvtec_seg.data.mvtec import MVTEC_CATEGORIES, Sample, load_mask, open_image, scan_category
+from mvtec_seg.data.mvtec_ad2 import MVTEC_AD2_CATEGORIES, scan_mvtec_ad2
+from mvtec_seg.data.visa import VISA_CATEGORIES, scan_visa
+from mvtec_seg.errors import UserError
+
+LAYOUTS: tuple[str, ...] = ("mvtec", "visa", "mvtec_ad2")
+DEFAULT_LAYOUT = "mvtec"
+DATASET_NAMES: dict[str, str] = {"mvtec": "MVTec AD", "visa": "VisA", "mvtec_ad2": "MVTec AD 2"}
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "mvtec": MVTEC_CATEGORIES,
+    "visa": VISA_CATEGORIES,
+    "mvtec_ad2": MVTEC_AD2_CATEGORIES,
+}
+MASK_RULES: dict[str, str] = {"mvtec": "half_range", "visa": "nonzero", "mvtec_ad2": "half_range"}
+DEFAULT_MASK_RULE = "half_range"
+_READERS: dict[str, Callable[[Path | str], list[Sample]]] = {
+    "mvtec": scan_category,
+    "visa": scan_visa,
+    "mvtec_ad2": scan_mvtec_ad2,
+}
+OFFICIAL_PARTS: dict[str, str] = {
+    "train": "train",  # MVTec AD train/good, VisA's CSV split=train, MVTec AD 2 train/good
+    "validation": "val",  # MVTec AD 2 validation/good: normal only
+    "test": "test",  # MVTec AD test/, VisA's CSV split=test
+    "test_public": "test",  # MVTec AD 2 test_public/ (test_private* are never scanned)
+}
+"""The part each `Sample.source` belongs to under `data.protocol=official`."""
+
+
+def check_layout(layout: str) -> str:
+    """`data.layout` as given, or one line naming the choices."""
+    if layout not in LAYOUTS:
+        raise UserError(
+            f"data.layout={layout!r} is not one of {list(LAYOUTS)} — set data.layout to one of those"
+        )
+    return layout
+
+
+def scan(category_dir: Path | str, layout: str = DEFAULT_LAYOUT) -> list[Sample]:
+    """Every scored image of a category in `layout`, validated (bad input is one `UserError` line)."""
+    return _READERS[check_layout(layout)](category_dir)
+
+
+def official_part(sample: Sample) -> str:
+    return OFFICIAL_PARTS[sample.source]
+
+
+def mask_rule(layout: str) -> str:
+    return MASK_RULES[check_layout(layout)]
+
+
+def load_mask_nonzero(path: Path, size: int, image_size_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode a mask whose every non-zero pixel is a defect, resize it bilinearly and keep >= 0.5.
+
+    Binarising before the resize makes 0/1, 0/255 and multi-valued masks alike; thresholding the resized
+    fraction at one half keeps the area (thresholding at > 0 would dilate it).
+    """
+    img = open_image(path)
+    if image_size_hw is not None and (img.height, img.width) != tuple(image_size_hw):
+        raise UserError(
+            f"mask {path} is {img.width}x{img.height} but its image is {image_size_hw[1]}x{image_size_hw[0]} — "
+            f"masks must have the size of their images"
+        )
+    arr = np.asarray(img)
+    if arr.ndim == 3:  # colour (alpha ignored) or grey + alpha
+        arr = arr[..., : 3 if arr.shape[2] >= 3 else 1].any(axis=2)
+    binary = (arr != 0).astype(np.float32)
+    if not binary.any():
+        return np.zeros((size, size), dtype=np.uint8)
+    resized = np.asarray(Image.fromarray(binary).resize((size, size), Image.BILINEAR))
+    return (resized >= 0.5).astype(np.uint8)
+
+
+def decode_mask(
+    path: Path,
+    size: int,
+    image_size_hw: tuple[int, int] | None = None,
+    soft_masks: list[Path] | None = None,
+    rule: str = DEFAULT_MASK_RULE,
+) -> np.ndarray:
+    """A GT mask by its layout's rule: uint8 [size, size] in {0, 1}."""
+    if rule == "nonzero":
+        return load_mask_nonzero(path, size, image_size_hw)
+    if rule != DEFAULT_MASK_RULE:
+        raise ValueError(f"unknown mask rule {rule!r}; known: {sorted(set(MASK_RULES.values()))}")
+    return load_mask(path, size, image_size_hw, soft_masks)
