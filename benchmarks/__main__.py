@@ -27,10 +27,14 @@ def run_suite(name: str, overrides: list[str]) -> list[dict]:
     cache = Path(cfg.get("cache") or os.environ.get("MVTEC_SEG_CACHE") or ROOT / "outputs" / "_cache")
     runs.mkdir(parents=True, exist_ok=True)
     module = RUNNERS[name]
-    rows = module.run(cfg, runs.resolve(), cache.resolve())
-    if rows:
-        write_rows(out / f"{name}.csv", rows, module.KEY)
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:  # each case lands in the CSV as it finishes: a long grid cut short keeps it
+        rows.append(row)
+        write_rows(out / f"{name}.csv", [row], module.KEY)
         report.build(out)
+
+    module.run(cfg, runs.resolve(), cache.resolve(), emit)
     return rows
 
 

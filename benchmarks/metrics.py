@@ -99,12 +99,11 @@ def _timed(fn: Callable, *args) -> tuple[float, float, int]:
     return seconds, value, peak
 
 
-def run(cfg: DictConfig, runs: Path, cache: Path) -> list[dict]:
+def run(cfg: DictConfig, runs: Path, cache: Path, emit: Callable[[dict], None]) -> None:
     maps = [4, 8] if cfg.get("tiny") else list(cfg.maps)
     size = 32 if cfg.get("tiny") else int(cfg.size)
     rounds = 1 if cfg.get("tiny") else int(cfg.rounds)
     table = methods(float(cfg.fpr_limit))
-    rows = []
     for n in maps:
         scores, masks = make_maps(int(n), size)
         runs_of: dict[str, list] = {name: [] for name in table}
@@ -114,7 +113,7 @@ def run(cfg: DictConfig, runs: Path, cache: Path) -> list[dict]:
         values = {name: r[-1][1] for name, r in runs_of.items()}
         for name, (metric, _, reference) in table.items():
             seconds = statistics.median(r[0] for r in runs_of[name])
-            rows.append(
+            emit(
                 {
                     "suite": "metrics",
                     "maps": int(n),
@@ -132,7 +131,6 @@ def run(cfg: DictConfig, runs: Path, cache: Path) -> list[dict]:
                     **context(),
                 }
             )
-    return rows
 
 
 def section(rows: list[dict[str, str]]) -> str:

@@ -16,6 +16,7 @@ import math
 import shlex
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +142,38 @@ def summary_row(summary: dict) -> dict[str, Any]:
     return row
 
 
-def run_case(cfg: DictConfig, category: str, row: str, seed: int, runs: Path, cache: Path) -> dict:
-    """One case: reused when its run folder holds a finished run of the same digest, else trained."""
+def candidate_rows(case: dict, summary: dict) -> list[dict]:
+    """A `mask.select=auto` case's candidates as rows of their own (`candidate_of` the case): their test
+    metrics, recorded by the run after its choice, and their synthetic-val scores, the criterion."""
+    selection = (summary.get("pseudo") or {}).get("selection") or {}
+    rows = []
+    for c in selection.get("candidates") or []:
+        synthetic = c.get("synthetic_val") or {}
+        quality_train = (c.get("quality") or {}).get("train") or {}
+        test = c.get("test_metrics") or {}
+        rows.append(
+            case
+            | {
+                "row": f"{case['row']}/{c['index']}",
+                "label": f"candidate: {c['label']}",
+                "candidate_of": case["row"],
+                "chosen": c["index"] == selection.get("chosen"),
+                "mask_settings": json.dumps(c.get("settings"), sort_keys=True),
+                "status": "ok",
+                "error": "",
+                **{m: number(test.get(f"test/{m}")) for m in METRIC_NAMES},
+                **{f"mask_{k}": number(quality_train.get(k)) for k in QUALITY_KEYS},
+                "synthetic_val_AUPRO": number(synthetic.get("pixel_AUPRO")),
+                "synthetic_val_AP": number(synthetic.get("pixel_AP")),
+                "train_s": number(c.get("train_s")),
+            }
+        )
+    return rows
+
+
+def run_case(cfg: DictConfig, category: str, row: str, seed: int, runs: Path, cache: Path) -> list[dict]:
+    """One case (and, for `mask.select=auto`, a row per candidate): reused when its run folder holds a
+    finished run of the same digest, else trained."""
     from mvtec_seg.train import train
 
     run_cfg = resolved(cfg, category, row, seed, cache)
@@ -173,11 +204,12 @@ def run_case(cfg: DictConfig, category: str, row: str, seed: int, runs: Path, ca
         try:
             summary = train(run_cfg)
         except UserError as err:
-            return out | {"status": "failed", "error": str(err)}
+            return [out | {"status": "failed", "error": str(err)}]
         except Exception as err:  # a bug in one case must not cost the rest of a grid of hours
             log.exception("quality: %s / %s / seed %d crashed", category, row, seed)
-            return out | {"status": "failed", "error": f"{type(err).__name__}: {err}"}
-    return out | {"status": summary.get("status", "ok"), "error": ""} | summary_row(summary)
+            return [out | {"status": "failed", "error": f"{type(err).__name__}: {err}"}]
+    case = out | {"status": summary.get("status", "ok"), "error": ""} | summary_row(summary)
+    return [case, *candidate_rows(out, summary)]
 
 
 def data_present(cfg: DictConfig, category: str) -> bool:
@@ -186,10 +218,9 @@ def data_present(cfg: DictConfig, category: str) -> bool:
     return all(Path(r).is_dir() for r in roots)
 
 
-def run(cfg: DictConfig, runs: Path, cache: Path) -> list[dict]:
+def run(cfg: DictConfig, runs: Path, cache: Path, emit: Callable[[dict], None]) -> None:
     """Every selected case, in the order category, seed, row (a category's teacher is trained once)."""
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    rows = []
     available = list(cfg.tiny_categories) if cfg.get("tiny") else list(cfg.categories)
     for category in selected(cfg, "categories", available):
         if not data_present(cfg, category):
@@ -197,9 +228,8 @@ def run(cfg: DictConfig, runs: Path, cache: Path) -> list[dict]:
             continue
         for seed in selected(cfg, "seeds", [str(s) for s in cfg.seeds]):
             for row in selected(cfg, "rows", cfg.rows):
-                result = run_case(cfg, category, row, int(seed), runs, cache)
-                rows.append(result | {"command": command} | context())
-    return rows
+                for result in run_case(cfg, category, row, int(seed), runs, cache):
+                    emit(result | {"command": command} | context())
 
 
 # ------------------------------------------------------------------------------------------- the section
@@ -297,7 +327,11 @@ def _rank_correlation(ok: list[dict]) -> list[str]:
     """Spearman between each pseudo row's synthetic-val AUPRO and its test AUPRO, per category and seed."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in ok:
-        if math.isfinite(number(r["synthetic_val_AUPRO"])) and not r.get("selected"):
+        if (
+            math.isfinite(number(r["synthetic_val_AUPRO"]))
+            and not r.get("selected")
+            and r.get("candidate_of")
+        ):
             groups.setdefault((r["category"], r["seed"]), []).append(r)
     values = []
     lines = ["### Does the GT-free criterion rank candidates like the test AUPRO does?", ""]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +101,10 @@ def segmenter_case(run_cfg, steps: int, epochs: int) -> dict[str, Any]:
     }
 
 
-def run(cfg: DictConfig, runs: Path, cache: Path) -> list[dict]:
+def run(cfg: DictConfig, runs: Path, cache: Path, emit: Callable[[dict], None]) -> None:
     import torch
 
     gpu = torch.cuda.is_available()
-    rows = []
     for name in selected(cfg, "cases", cfg.cases):
         case = cfg.cases[name]
         steps, epochs = int(case.get("steps", cfg.steps)), int(case.get("epochs", cfg.epochs))
@@ -114,24 +114,20 @@ def run(cfg: DictConfig, runs: Path, cache: Path) -> list[dict]:
             run_cfg = _cfg(cfg, case, Path(tmp), gpu)
             fn = teacher_case if case.kind == "teacher" else segmenter_case
             figures = fn(run_cfg, steps, epochs)
-        rows.append(
-            {
-                "suite": "speed",
-                "case": name,
-                "what": case.what,
-                "image_size": int(run_cfg.data.image_size),
-                "precision": str(run_cfg.trainer.precision),
-                "steps_per_epoch": steps,
-                "epochs": epochs,
-                **figures,
-                "tiny": bool(cfg.get("tiny")),
-                **context(),
-            }
-        )
-        log.warning(
-            "speed: %s: %s", name, {k: rows[-1][k] for k in ("train_images_per_s", "infer_images_per_s")}
-        )
-    return rows
+        row = {
+            "suite": "speed",
+            "case": name,
+            "what": case.what,
+            "image_size": int(run_cfg.data.image_size),
+            "precision": str(run_cfg.trainer.precision),
+            "steps_per_epoch": steps,
+            "epochs": epochs,
+            **figures,
+            "tiny": bool(cfg.get("tiny")),
+            **context(),
+        }
+        emit(row)
+        log.warning("speed: %s: %s", name, {k: row[k] for k in ("train_images_per_s", "infer_images_per_s")})
 
 
 def section(rows: list[dict[str, str]]) -> str:

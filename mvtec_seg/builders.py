@@ -91,7 +91,7 @@ def build_datamodule(
 def pin_memory(cfg: DictConfig) -> bool:
     """`data.pin_memory`; ``auto``: page-locked batches when the run trains on a GPU. A batch copied from
     pageable memory makes the host wait for the GPU's queued work first (CUDA's rule for such copies), so
-    every training step would end the overlap of host and device (#9)."""
+    every training step would end the overlap of host and device."""
     value = cfg.data.get("pin_memory", "auto")
     if isinstance(value, bool):
         return value
@@ -185,7 +185,8 @@ def build_trainer(
         settings = OmegaConf.to_container(settings, resolve=True)
     kwargs = {k: v for k, v in settings.items() if v is not None} | overrides
     callbacks = list(callbacks)
-    bar = kwargs.get("enable_progress_bar", True) and sys.stderr.isatty()
-    if not bar and kwargs.get("max_epochs", 1) > 1:  # logs get a line per epoch instead of a bar
+    # a terminal shows Lightning's bars; a log (no terminal, or bars off) a line per epoch instead
+    kwargs["enable_progress_bar"] = bool(kwargs.get("enable_progress_bar", True)) and sys.stderr.isatty()
+    if not kwargs["enable_progress_bar"] and (kwargs.get("max_epochs") or 1) > 1:
         callbacks.append(EpochProgress())
     return pl.Trainer(callbacks=callbacks, logger=logger, **kwargs)

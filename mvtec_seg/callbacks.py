@@ -73,9 +73,9 @@ class ResumeCheckpoint(pl.callbacks.ModelCheckpoint):
     """`<dirpath>/last.ckpt` for resuming: written at the end of an epoch once ``every_s`` seconds have passed
     since the previous write (or since training started), and always after the last epoch; 0: every epoch.
 
-    Why not every epoch: the published TransFusion's checkpoint (weights and AdamW state) is 655 MB, a write
-    took about 2 s on a 2-core machine, and its epochs take about 3 s on an H200, so writing each one could
-    nearly double the training time (benchmarks/resume_checkpoint.py). Which epoch a run resumes from does not
+    Why not every epoch: the published TransFusion's checkpoint (weights and AdamW state) is 655 MB and its
+    epochs on a GPU take seconds, so writing each one could nearly double the training time (`docs/design.md`).
+    Which epoch a run resumes from does not
     change its result. Rank 0's clock decides for every rank (a save is collective under DDP). Written after
     validation, so it holds the best-checkpoint tracking too; Lightning writes a temporary and renames it, so
     a kill mid-write leaves the previous one.

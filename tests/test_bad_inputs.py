@@ -1,4 +1,4 @@
-"""The bad-input battery (#7): each broken dataset or setting stops with one `error:` line that names the path
+"""The bad-input battery: each broken dataset or setting stops with one `error:` line that names the path
 or setting and the fix, a non-zero exit and no traceback.
 
 Most cases run in-process (`train(cfg)` raising `UserError`, or the CLI's `main()` with `sys.argv` set) to keep

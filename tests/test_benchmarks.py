@@ -66,7 +66,9 @@ def test_a_changed_setting_makes_another_case(tmp_path: Path) -> None:
 def test_a_row_that_does_not_pin_every_mask_setting_is_refused(tmp_path: Path) -> None:
     cfg = load_suite("quality", ["tiny=true"])
     del cfg.masks.hysteresis_gate_area.gate
-    with pytest.raises(UserError, match=r"does not pin its mask: missing \['gate.quantile'\]"):
+    with pytest.raises(
+        UserError, match=r"does not pin its mask: missing \['gate.quantile', 'gate.strategy'\]"
+    ):
         quality.resolved(cfg, "synthetic", "unet_hga", 0, tmp_path)
     cfg = load_suite("quality", ["tiny=true"])
     cfg.masks.hysteresis_gate_area.gates = {"quantile": 0.9}

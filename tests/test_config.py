@@ -83,7 +83,7 @@ def test_other_groups_compose(tmp_path, group):
             and cfg.teacher.params.scheduler.step_size == 800
         )
         assert cfg.teacher.params.optimizer._target_ == "torch.optim.AdamW"
-        assert cfg.data.eval_batch_size == 32  # the maps stage's batch, tuned on a GPU (#9)
+        assert cfg.data.eval_batch_size == 32  # the maps stage's batch on a GPU
     if group == "debug=fast":
         assert cfg.trainer.max_epochs == 1 and cfg.trainer.limit_train_batches == 2
 
@@ -93,7 +93,7 @@ def test_optimizer_and_scheduler_come_from_the_config(cfg_fast):
     from mvtec_seg.builders import build_model
 
     opt = build_model(cfg_fast).configure_optimizers()
-    assert isinstance(opt, torch.optim.Adam) and opt.defaults["fused"]  # the default, fused (#9)
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["fused"]  # the default, fused
     with open_dict(cfg_fast):
         cfg_fast.model.params.optimizer = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01}
         cfg_fast.model.params.scheduler = {
@@ -138,7 +138,7 @@ def test_pin_memory_rejects_other_values(tmp_path):
 
 
 def test_adam_and_adamw_are_fused_unless_the_config_chooses(cfg_fast):
-    """#9: one fused kernel instead of a loop over the parameters, unless `fused`/`foreach` is configured,
+    """One fused kernel instead of a loop over the parameters, unless `fused`/`foreach` is configured,
     the parameters are on a device without the fused kernel, or 16-mixed gradients are clipped (Lightning
     refuses clipping with an optimizer that unscales itself)."""
     from types import SimpleNamespace

@@ -1,4 +1,4 @@
-"""Cached artefacts are keyed by the bytes of the files they derive from (#7): another root, an edited mask, a
+"""Cached artefacts are keyed by the bytes of the files they derive from: another root, an edited mask, a
 replaced image or an added file never reuses stale arrays, teachers, maps or pseudo masks, and says why."""
 
 from __future__ import annotations

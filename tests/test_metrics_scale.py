@@ -1,4 +1,4 @@
-"""#11: the selection/split algorithms against the brute-force references, their edge cases, and the torch
+"""The selection/split algorithms against the brute-force references, their edge cases, and the torch
 path (the one CUDA tensors take) run on CPU tensors."""
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ def test_user_checkpoint_must_match_architecture(pseudo_run):
 
 
 def test_edited_mask_rebuilds_only_the_pseudo_masks_and_says_so(pseudo_run, caplog):
-    """#7: the teacher and its maps never read GT masks; the pseudo masks' recorded quality does. The edit is
+    """The teacher and its maps never read GT masks; the pseudo masks' recorded quality does. The edit is
     undone at the end (mtime too), and the original artefacts are then found again by their content."""
     tmp, cfg, first = pseudo_run
     dm = build_datamodule(cfg)

@@ -312,7 +312,7 @@ def _count_decodes(monkeypatch) -> list[str]:
 
 
 def test_texture_cache_gives_the_same_material_and_decodes_each_file_once(tmp_path: Path, monkeypatch):
-    """#9: with texture_dir (the published recipe), every pick decoded a file on the loop's thread; cached,
+    """With texture_dir (the published recipe), every pick decoded a file on the loop's thread; cached,
     each file is decoded once and the material is bitwise what the uncached generator draws."""
     folder = _texture_folder(tmp_path, 5)
     opened = _count_decodes(monkeypatch)

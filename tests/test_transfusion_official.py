@@ -1,7 +1,7 @@
 """TransFusion against the official code: the fixture made by ECCV_TransFusion at 4e8e961 (its README gives
 every step with file and line). Skipped when the shared fixture is absent.
 
-The network is CPU-heavy in float64 (~1 min per 128 px image on a busy 2-core machine), so the default tests
+The network is CPU-heavy in float64 (about a minute per 128 px image on two CPU cores), so the default tests
 use one image per precision; ``-m slow`` runs all six and a whole `train()` run with the fixture checkpoint.
 """
 

@@ -1,6 +1,6 @@
-"""TransFusion speed work (#9): no device read-backs in a training step, cached foregrounds, the batched
+"""TransFusion speed: no device read-backs in a training step, cached foregrounds, the batched
 augmentations equal torchvision's per-image ones, no float32 round trips around GroupNorm under autocast.
-Timing lives in benchmarks/transfusion_speed.py, not here."""
+Timing lives in the speed benchmark suite, not here."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def test_foreground_is_computed_once_per_image(monkeypatch):
 
 def test_augmentation_constants_reach_the_device_once():
     """On a GPU, copying the colour matrices / sharpen kernel from host memory on every call made the host
-    wait 2-3 times a step (`benchmarks/sync_sites.py`); they are copied once per (device, dtype)."""
+    wait several times a step; they are copied once per (device, dtype)."""
     image_ops._constant.cache_clear()
     g = torch.Generator().manual_seed(0)
     img = disc_images(2)
@@ -269,7 +269,7 @@ def _cuda_autocast_upcasts() -> int:
 
 def test_network_never_upcasts_activations_under_cuda_autocast(monkeypatch):
     """CUDA autocast runs group_norm in float32; those casts moved more bytes than the published network's
-    convolutions (`benchmarks/autocast_traffic.py`). The network's GroupNorm keeps bf16 instead."""
+    convolutions. The network's GroupNorm keeps bf16 instead."""
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _fused_attention)
     assert _cuda_autocast_upcasts() == 0
     # the check sees CUDA's rule: with plain nn.GroupNorm, one upcast per norm

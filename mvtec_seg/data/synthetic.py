@@ -2,15 +2,15 @@
 
 Two kinds:
 
-* ``object`` (category ``synthetic``): a bottle top seen from above (shaded, knurled cap with a groove, a
-  specular highlight and directional light) on a brushed, uneven background. Position, radius, colour,
+* ``object`` (category ``synthetic``): a bottle top seen from above (shaded, knurled cap with a groove, under
+  directional light) on a brushed, uneven background. Position, radius, colour,
   light direction, rotation and sensor noise vary per image. Defects, all on the cap: ``crack``,
   ``missing``, ``scratch``, ``spot``.
 * ``texture`` (category ``synthetic_texture``): a plain-weave fabric with fibre noise, random phase and slight
   rotation, filling the image. Defects: ``color``, ``hole``, ``scratch``, ``spot``.
 
-Defects vary in size (a few pixels to a few percent of the image) and contrast (some are close to the noise
-level; bright and dark variants exist), so a global intensity threshold cannot segment them and a model has
+Defects vary in size (a few pixels to a few percent of the image) and contrast (faint and strong, bright and dark
+variants), so a global intensity threshold cannot segment them and a model has
 to learn the normal appearance. Each mask is exactly the set of pixels the defect changed.
 
 Every image is drawn from its own generator seeded by (seed, kind, split, defect, index), so files are
@@ -158,14 +158,14 @@ def _object_scene(rng: np.random.Generator, size: int) -> _Scene:
     blotches = _smooth_noise(rng, size, 10.0 * s) * rng.uniform(0.008, 0.02)
     bg = (level + ramp + streaks + blotches)[..., None] * tint
 
-    # Bottle top: dome shading, groove, knurled rim, inner ring, directional light and a highlight.
+    # Bottle top: dome shading, groove, knurled rim, inner ring, directional light.
     centre = (size / 2 + np.clip(rng.normal(0, 2.5 * s, 2), -6 * s, 6 * s)).astype(np.float32)
     radius = float(size * rng.uniform(0.30, 0.345))
     dy, dx = yy - centre[0], xx - centre[1]
     r = np.hypot(dy, dx)
     theta = np.arctan2(dy, dx)
     rho = r / radius
-    light = rng.normal(np.deg2rad(225.0), np.deg2rad(12.0))
+    light = rng.normal(np.deg2rad(225.0), np.deg2rad(6.0))
     rim_zone = 1.0 / (1.0 + np.exp(-(rho - 0.86) / 0.015))
     gray = (
         0.80
@@ -179,10 +179,7 @@ def _object_scene(rng: np.random.Generator, size: int) -> _Scene:
     gray *= 1.0 + 0.18 * np.clip(rho, 0, 1) * np.cos(theta - light)
     colour = np.array([0.66, 0.50, 0.28], dtype=np.float32)
     colour = colour * (1 + rng.normal(0, 0.04, 3)).astype(np.float32) * rng.uniform(0.88, 1.08)
-    hy = centre[0] + 0.35 * radius * np.sin(light)
-    hx = centre[1] + 0.35 * radius * np.cos(light)
-    spec = rng.uniform(0.12, 0.25) * np.exp(-((yy - hy) ** 2 + (xx - hx) ** 2) / (2 * (0.13 * radius) ** 2))
-    fg = gray[..., None] * colour + spec[..., None]
+    fg = gray[..., None] * colour
     alpha = np.clip(radius - r + 0.5, 0.0, 1.0)
     support = r <= radius - 1.5
     return _Scene(

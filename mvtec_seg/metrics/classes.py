@@ -4,7 +4,7 @@ Why one class for all five metrics: the curve metrics (AUROC, AP, AUPRO) are not
 per-batch sums, so every pixel's score is kept (``dist_reduce_fx="cat"``, gathered across DDP ranks) and the
 exact functional definitions are applied once at ``compute()``.
 
-What is kept (#11), and why it is exact: not the maps and masks, but the pixels already split by the ground
+What is kept, and why it is exact: not the maps and masks, but the pixels already split by the ground
 truth, which is all the exact definitions need (`split.PixelSplit`): the float32 score of each normal
 pixel (4 bytes), the float32 score and int32 region size of each anomalous pixel (8 bytes; regions are
 8-connected within one image, so they are labelled at ``update``), the number of regions (a sum), and one

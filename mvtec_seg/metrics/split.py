@@ -1,4 +1,4 @@
-"""The split core of the pixel metrics (#11): no metric argsorts all pixels.
+"""The split core of the pixel metrics: no metric argsorts all pixels.
 
 The pixels are split by the ground truth into normal scores and anomalous scores (with their region's
 size); the normal scores are sorted directly (a plain float sort, many times faster than an argsort), the

@@ -29,9 +29,8 @@ FUSED_BY_DEFAULT = ("torch.optim.Adam", "torch.optim.AdamW")
 def with_fused_default(optimizer: dict, parameters: list[Tensor]) -> dict:
     """Adam and AdamW with ``fused=True`` unless the config picks an implementation (``fused`` or ``foreach``):
     one kernel over all parameters instead of a loop over them (CPU) or several kernels over lists of them
-    (CUDA). The same update up to rounding; an AdamW step of the published TransFusion network took 44 ms
-    instead of 176 on the 2-core CPU (`benchmarks/optimizer_step.py`). Only for floating parameters on the
-    CPU or CUDA, the devices that have the fused kernel."""
+    (CUDA): the same update up to rounding, several times faster on a CPU (`docs/design.md`). Only for floating
+    parameters on the CPU or CUDA, the devices that have the fused kernel."""
     if optimizer.get("_target_") not in FUSED_BY_DEFAULT or {"fused", "foreach"} & set(optimizer):
         return optimizer
     if not all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in parameters):

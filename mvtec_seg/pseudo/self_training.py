@@ -73,6 +73,8 @@ def self_train(cfg: DictConfig, dm, info: dict) -> dict:
         build_once(maps_file, build)
         _, info = ensure_masks_from(np.load(maps_file), source, cfg, dm)
         records.append({"round": r, **_record(info)})
-    student = {"synthetic_fraction": cfg.mask.get("synthetic_fraction") or 0.0}  # not a rule: not in "settings"
+    student = {
+        "synthetic_fraction": cfg.mask.get("synthetic_fraction") or 0.0
+    }  # not a rule: not in "settings"
     label = strategy_label({**info["settings"], **student}, rounds)
     return {**info, "label": label, "round": rounds, "rounds": records}

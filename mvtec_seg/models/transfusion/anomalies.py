@@ -25,7 +25,7 @@ Foregrounds of training images are computed once per image path and cached (on t
 so are textures from ``texture_dir``: each file decoded and resized once (uint8, on the images' device, up to
 ``texture_cache_mb``), not on the training loop's thread at every pick.
 
-Speed (issue #9): the generator never waits on the device. Decisions that steer Python control flow (which
+Speed: the generator never waits on the device. Decisions that steer Python control flow (which
 rows get a texture, which augmentations, Perlin lattice sizes, which rows rotate) come from a seeded NumPy
 generator on the host; every number that enters pixel arithmetic is drawn on the images' device from a seeded
 device ``torch.Generator``; data-dependent choices (an empty mask, a rotation that loses the mask) are made

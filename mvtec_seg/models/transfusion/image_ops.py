@@ -4,7 +4,7 @@ Perlin noise, per-image rotation, procedural textures, the 10 published augmenta
 Every function works on a whole batch at once with its own random parameters per image, drawn on the
 images' device from a seeded ``torch.Generator`` (``g``); the few choices that fix Python control flow or a
 tensor shape (lattice sizes, which augmentation) come from a host NumPy generator (``rng``), so nothing here
-reads a value back from the device (issue #9).
+reads a value back from the device.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ _CONSTANTS = {"rgb2yiq": _RGB2YIQ, "yiq2rgb": _YIQ2RGB, "sharpen": _SHARPEN_KERN
 @functools.cache
 def _constant(name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
     """A module constant on ``device``, copied there once: copying it from pageable host memory on every
-    call made the host wait for the GPU (2-3 times a step; found by `benchmarks/sync_sites.py`)."""
+    call made the host wait for the GPU several times a step."""
     return _CONSTANTS[name].to(device=device, dtype=dtype)
 
 

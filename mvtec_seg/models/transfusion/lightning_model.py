@@ -3,7 +3,7 @@
 Trained on normal images only: every batch gets synthetic anomalies from `AnomalyGenerator`, so no GT mask
 is ever seen in training. Evaluation goes through the shared `AnomalyModule` code like every other model.
 
-The training step never waits on the device (issue #9): losses are logged as tensors, and a non-finite loss
+The training step never waits on the device: losses are logged as tensors, and a non-finite loss
 is recorded on the device (the first bad step and its terms) and raised at the end of the epoch, before
 that epoch's checkpoint is written.
 """
@@ -25,7 +25,7 @@ class TransFusion(AnomalyModule):
 
     `anomalies` takes `AnomalyGenerator` arguments plus `kind` ("object": anomalies on the foreground only,
     "texture": anywhere), which the configs fill from the category. `compile`: `torch.compile` the network
-    and the loss when training starts (pays only on a GPU; see benchmarks/gpu_transfusion.sh).
+    and the loss when training starts (pays only on a GPU).
     """
 
     def __init__(

@@ -91,12 +91,12 @@ def reverse_step(
 
 # -- network -------------------------------------------------------------------------------------------------
 class GroupNorm(nn.GroupNorm):
-    """`nn.GroupNorm` that keeps autocast's low-precision activations in low precision (issue #9).
+    """`nn.GroupNorm` that keeps autocast's low-precision activations in low precision.
 
     CUDA autocast runs ``group_norm`` in float32: every call upcasts its bf16 input, writes a float32 output,
     the SiLU after it reads and writes float32, and the next convolution casts it back to bf16. In the
-    published network those casts moved more bytes than every convolution's inputs and outputs together
-    (`benchmarks/autocast_traffic.py`). The kernel accumulates its statistics in float32 either way; only
+    published network those casts moved more bytes than every convolution's inputs and outputs together.
+    The kernel accumulates its statistics in float32 either way; only
     the output is rounded to bf16, as the next convolution would round it. Weight and bias are cast like a
     convolution's. Without autocast (float32, float64) this is exactly `nn.GroupNorm`.
     """
