@@ -19,16 +19,17 @@ LAYERS: dict[str, int] = {
     "interrupt": 0,
     "io_utils": 1,
     "summary": 2,
+    "identity": 3,
     "metrics": 2,
     "data": 3,
     "models": 4,
     "viz": 4,
+    "settings": 4,
     "loggers": 5,
     "callbacks": 5,
     "outputs": 6,
     "builders": 6,
     "report": 6,
-    "sweep": 6,
     "teacher": 7,
     "pseudo": 8,
     "inference": 8,
@@ -36,6 +37,7 @@ LAYERS: dict[str, int] = {
     "predict": 9,
     "export": 9,
     "__main__": 10,
+    "sweep": 10,
 }
 
 
