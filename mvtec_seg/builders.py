@@ -13,6 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import get_class
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from mvtec_seg.callbacks import ResumeCheckpoint, RngState
@@ -101,7 +102,14 @@ def build_module(target: str, params: DictConfig, cfg: DictConfig) -> AnomalyMod
     in `configure_optimizers`) so checkpoints load with `weights_only=True`.
     """
     kwargs = OmegaConf.to_container(params, resolve=True)
-    return get_class(target)(**kwargs, evaluation=evaluation_settings(cfg))
+    try:
+        return get_class(target)(**kwargs, evaluation=evaluation_settings(cfg))
+    except (ImportError, TypeError, ValueError, KeyError, AttributeError) as err:  # a setting, not a bug
+        detail = " ".join(str(err).split())[:300]
+        raise UserError(
+            f"cannot build {target.rsplit('.', 1)[-1]} from its settings ({type(err).__name__}: {detail}) — "
+            f"fix the model.params / teacher.params override"
+        ) from None
 
 
 def build_model(cfg: DictConfig) -> AnomalyModule:
@@ -150,4 +158,11 @@ def build_trainer(
     if isinstance(settings, DictConfig):
         settings = OmegaConf.to_container(settings, resolve=True)
     kwargs = {k: v for k, v in settings.items() if v is not None} | overrides
-    return pl.Trainer(callbacks=list(callbacks), logger=logger, **kwargs)
+    try:
+        return pl.Trainer(callbacks=list(callbacks), logger=logger, **kwargs)
+    except (TypeError, ValueError, MisconfigurationException) as err:  # an unknown or refused setting
+        detail = " ".join(str(err).split())[:300]
+        raise UserError(
+            f"Lightning refuses the trainer settings ({type(err).__name__}: {detail}) — fix the trainer.* "
+            f"(or teacher.trainer.*) override"
+        ) from None

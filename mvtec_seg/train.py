@@ -14,6 +14,7 @@ reason in `error`, where `outputs.RunOutputs` may write it (never over a finishe
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -37,16 +38,20 @@ from mvtec_seg.data.datamodule import MVTecDataModule
 from mvtec_seg.data.mvtec import set_max_image_pixels
 from mvtec_seg.errors import UserError
 from mvtec_seg.identity import RunFolder, check_start, launched_child, settings_digest
-from mvtec_seg.inference import choose_threshold
+from mvtec_seg.inference import SEGMENTER_CLASS, TRANSFUSION_CLASS, choose_threshold
 from mvtec_seg.interrupt import Interrupted, stage
 from mvtec_seg.loggers import run_loggers
 from mvtec_seg.models.base import AnomalyModule, parameter_count
+from mvtec_seg.models.segmenter.loss import SegmentationLoss
+from mvtec_seg.models.segmenter.torch_model import ARCHITECTURES, SegmentationNet, encoders
+from mvtec_seg.models.transfusion.loss import TransFusionLoss
+from mvtec_seg.models.transfusion.torch_model import TransFusionModel
 from mvtec_seg.outputs import RunOutputs
 from mvtec_seg.pseudo.masks import ensure_pseudo_masks, load_targets
 from mvtec_seg.pseudo.rules import TARGETS
 from mvtec_seg.pseudo.self_training import self_train
 from mvtec_seg.pseudo.thresholds import STRATEGIES
-from mvtec_seg.settings import check_paths, check_settings, resolved_settings
+from mvtec_seg.settings import check_keys, check_paths, check_settings, resolved_settings
 from mvtec_seg.teacher import build_teacher, ensure_teacher, teacher_overlap
 
 log = logging.getLogger(__name__)
@@ -186,10 +191,37 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
     settings = resolved_settings(cfg)
     check_paths(settings)
     choices = {"model.source": MODEL_SOURCES}
+    if settings.get("model.source") == "fit" and settings.get("model.module") == SEGMENTER_CLASS:
+        choices |= {
+            "model.params.net.arch": tuple(ARCHITECTURES),
+            "model.params.net.encoder_name": encoders(),
+        }
     if settings.get("mask.name") == "pseudo":
         choices |= {"mask.threshold.strategy": STRATEGIES, "mask.target": TARGETS}
     check_settings(settings, choices)
+    check_keys(settings, _takers(settings))
     return settings
+
+
+def _takers(settings: dict[str, Any]) -> dict[str, Any]:
+    """The constructors the config nodes are passed to, for `check_keys` (unknown keys are one line)."""
+    takers: dict[str, Any] = {"trainer": pl.Trainer, "teacher.trainer": pl.Trainer}
+    for node in ("model", "teacher"):
+        if node == "teacher" and not (
+            settings.get("model.source") == "teacher" or settings.get("mask.name") == "pseudo"
+        ):
+            continue
+        target = str(settings.get(f"{node}.module"))
+        module, _, name = target.rpartition(".")
+        try:
+            takers[f"{node}.params"] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            raise UserError(f"{node}.module={target!r} cannot be imported — fix the {node} config") from None
+        if target == SEGMENTER_CLASS:
+            takers |= {f"{node}.params.net": SegmentationNet, f"{node}.params.loss": SegmentationLoss}
+        elif target == TRANSFUSION_CLASS:
+            takers |= {f"{node}.params.net": TransFusionModel, f"{node}.params.loss": TransFusionLoss}
+    return takers
 
 
 def start_mode(settings: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from mvtec_seg import report
+from mvtec_seg.errors import UserError
 from mvtec_seg.report.aggregate import aggregate
 from mvtec_seg.report.collect import collect_runs
 from mvtec_seg.report.tables import csv_columns, csv_rows
@@ -128,3 +129,10 @@ def test_pseudo_mask_rules_are_cells_and_gaps_pair_by_agreeing_settings(tmp_path
     md = report.build_report(tmp_path)["report_md"].read_text()
     assert "unet / pseudo [mask.rounds=2]" in md and "Cells are kept apart by every setting" in md
     assert "`mask.rounds`" in md
+
+
+def test_report_output_that_cannot_be_a_folder_is_one_line(tmp_path: Path) -> None:
+    _run(tmp_path / "runs", "a", _settings(), 0.5)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="a_file is a file, not a folder"):
+        report.build_report(tmp_path / "runs", tmp_path / "a_file")

@@ -198,6 +198,7 @@ def test_failure_of_a_resumed_finished_run_keeps_its_files(trained: dict, run: P
         (["trainer.max_epochs=null", "model.max_epochs=0"], "model.max_epochs=0"),  # debug=fast sets 1
         (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
         (["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0"),
+        (["+trainer.max_steps=0"], "trainer.max_steps=0"),
         (["mask=pseudo", "teacher.trainer.max_epochs=0"], "teacher.trainer.max_epochs=0"),
         (["model=transfusion", "teacher.trainer.limit_train_batches=0"], "teacher would be used untrained"),
     ],
@@ -274,3 +275,19 @@ def test_failed_jobs_reads_only_what_this_sweep_wrote(tmp_path: Path) -> None:
     failure.parent.mkdir(parents=True)
     failure.write_text(json.dumps({"status": "failed", "error": "NaN loss"}))
     assert sweep._reason(job, None) == "NaN loss"
+
+
+def test_a_sweep_into_a_folder_holding_runs_is_refused(tmp_path: Path, capsys) -> None:
+    """Before any job: Hydra would rewrite each job's .hydra/ otherwise. With resume=true it goes on."""
+    from omegaconf import OmegaConf
+
+    (tmp_path / "0_unet_gt_widget").mkdir()
+    (tmp_path / "0_unet_gt_widget" / "summary.json").write_text("{}")
+    config = OmegaConf.create(
+        {"resume": False, "hydra": {"sweep": {"dir": str(tmp_path)}, "overrides": {"task": []}}}
+    )
+    with pytest.raises(SystemExit) as stop:
+        sweep.RunFolderGuard().on_multirun_start(config)
+    assert stop.value.code == 2 and "already holds 1 run folder" in capsys.readouterr().err
+    config.hydra.overrides.task = ["resume=true"]
+    sweep.RunFolderGuard().on_multirun_start(config)  # each job is checked on its own
