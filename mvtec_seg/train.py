@@ -15,6 +15,7 @@ reason in `error`, where `outputs.RunOutputs` may write it (never over a finishe
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -30,14 +31,16 @@ from mvtec_seg.builders import (
     build_datamodule,
     build_model,
     build_trainer,
+    category_dir,
     max_epochs,
     resume_callbacks,
 )
 from mvtec_seg.callbacks import TestArtefacts, Throughput
 from mvtec_seg.data.datamodule import MVTecDataModule
-from mvtec_seg.data.mvtec import set_max_image_pixels
+from mvtec_seg.data.files import data_record, describe_changes, file_state
+from mvtec_seg.data.mvtec import scan_category, set_max_image_pixels
 from mvtec_seg.errors import UserError
-from mvtec_seg.identity import RunFolder, check_start, launched_child, settings_digest
+from mvtec_seg.identity import DATA_RECORD_FILE, RunFolder, check_start, launched_child, settings_digest
 from mvtec_seg.inference import SEGMENTER_CLASS, TRANSFUSION_CLASS, choose_threshold
 from mvtec_seg.interrupt import Interrupted, stage
 from mvtec_seg.loggers import run_loggers
@@ -233,10 +236,33 @@ def start_mode(settings: dict[str, Any]) -> str:
     return check_start(folder, settings_digest(settings), settings, bool(settings.get("resume")))
 
 
+def check_same_data(cfg: DictConfig, run_dir: Path) -> None:
+    """A resumed run reads the files its run read (`files.json`): compared before anything is written,
+    so another root with other bytes, an edited mask or a typo in `data.root` leave the folder untouched.
+    (After reading, `RunOutputs.set_data` compares the whole data digest, split parts included.)"""
+    try:
+        old = json.loads((run_dir / DATA_RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    root = category_dir(cfg)
+    samples = scan_category(root)
+    rels = [s.image for s in samples] + [s.gt_mask for s in samples if s.gt_mask]
+    change = describe_changes(old, data_record(root, file_state(root, rels)))
+    if change:
+        raise UserError(
+            f"resume=true but the data differs from the data of the run in {run_dir} ({change}) — resume "
+            f"with the run's data, or start a new run in another folder"
+        )
+
+
 def preflight(cfg: DictConfig) -> tuple[dict[str, Any], str]:
-    """Everything checked before a job writes anything: the settings, then its run folder."""
+    """Everything checked before a job writes anything: the settings, its run folder, and on resume that
+    the data is the run's."""
     settings = check_config(cfg)
-    return settings, start_mode(settings)
+    mode = start_mode(settings)
+    if mode == "resume" and not launched_child():
+        check_same_data(cfg, Path(settings["paths.run_dir"]))
+    return settings, mode
 
 
 def _dry_run(cfg: DictConfig, out: RunOutputs) -> None:

@@ -242,18 +242,23 @@ def test_predict_loads_the_checkpoint_the_summary_names(trained: dict, run: Path
 
 
 @pytest.mark.slow
-def test_cli_refuses_a_finished_folder_before_hydra_writes(trained: dict, run: Path) -> None:
+def test_cli_refuses_a_finished_folder_before_hydra_writes(trained: dict, run: Path, tmp_path: Path) -> None:
+    """A new run, and a resume with a typo in data.root: one line, exit 2, `.hydra/` and the log untouched."""
     (run / ".hydra").mkdir(exist_ok=True)
     (run / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    (run / "__main__.log").write_text("the finished run's log\n")
     before = _state(run)
-    args = [a for a in _overrides(trained["data"], run) if not a.startswith("paths.run_dir")]
-    proc = run_cli(
-        [*args, "seed=1", f"hydra.run.dir={run}", f"paths.cache_dir={trained['tmp'] / 'cache'}"], run.parent
-    )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "already holds a run" in lines[0], proc.stderr[-2000:]
-    assert _state(run) == before  # .hydra/ and the log included
+    base = [a for a in _overrides(trained["data"], run) if not a.startswith(("paths.run_dir", "data.root"))]
+    base += [f"hydra.run.dir={run}", f"paths.cache_dir={trained['tmp'] / 'cache'}"]
+    for extra, expected in (
+        ([f"data.root={trained['data']}", "seed=1"], "already holds a run"),
+        ([f"data.root={tmp_path / 'typo'}", "resume=true"], "category folder not found"),
+    ):
+        proc = run_cli([*base, *extra], run.parent)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
+        assert _state(run) == before
 
 
 # --- a sweep counts only what it wrote -------------------------------------------------------------------------
