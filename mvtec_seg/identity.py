@@ -176,15 +176,14 @@ class RunFolder:
         return ident if isinstance(ident, dict) else {}
 
     def differences(self, config_digest: str, settings: Mapping[str, Any]) -> str:
-        """'' when the folder's run has these settings (up to `RESUME_MUTABLE`), else what differs."""
+        """'' when the folder's run has these settings (up to `RESUME_MUTABLE`), else what differs. The digest
+        decides when it matches; otherwise its config.yaml is compared setting by setting (a run written
+        before its summary recorded an identity, or under another list of resume-mutable settings)."""
         if self.identity.get("config") == config_digest:
             return ""
         if self.settings is None:
             return f"its settings are unknown (no readable {CONFIG_FILE})"
-        diff = describe_differences(self.settings, settings)
-        if not diff and self.identity.get("config") not in (None, config_digest):
-            return f"settings digest {self.identity.get('config')} vs {config_digest}"
-        return diff
+        return describe_differences(self.settings, settings)
 
     def describe(self) -> str:
         what = [f"status {self.status}"] if self.status else []
