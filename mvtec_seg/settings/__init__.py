@@ -174,10 +174,9 @@ def _check_relations(s: Flat) -> None:
         if s.get(key) is not None and (fit(s) if key.startswith("model.") else teacher_used(s)):
             _importable(key, s[key])
     crop, size = s.get("data.train_crop"), s["data.image_size"]
-    if crop is not None and crop > size:
-        raise UserError(f"data.train_crop={crop} is larger than data.image_size={size} — crop at most that")
+    cropped = crop is not None and crop < size  # a crop of the whole image or more is no crop
     if fit(s) and str(s.get("model.params.net.arch", "")).lower().startswith("deeplab"):
-        for key in ("data.image_size", "data.train_crop"):
+        for key in ("data.image_size", *(["data.train_crop"] if cropped else [])):
             _multiple(s, key, 16, "DeepLabv3+ needs (its encoder's output stride)")
     mult = s.get("teacher.params.net.channel_mult")
     if teacher_used(s) and isinstance(mult, list) and mult:

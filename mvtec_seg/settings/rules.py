@@ -148,7 +148,11 @@ RULES: tuple[Rule, ...] = (
         ("data.pin_memory", (one_of("auto", True, False), "auto, true or false"), "auto"),
         ("data.protocol", choice(*PROTOCOLS), "split"),
         ("data.augment", BOOL, "true"),
-        ("data.train_crop", optional(POSITIVE, "whole images"), "128"),
+        (
+            "data.train_crop",
+            optional(POSITIVE, "whole images; so is a crop of the image size or more"),
+            "128",
+        ),
         ("data.max_image_pixels", optional(POSITIVE, "Pillow's limit"), "200000000"),
         ("evaluation.iou_threshold", (number(0.0, 1.0), "a number between 0 and 1"), "0.5"),
         ("evaluation.fpr_limit", (number(0.0, 1.0, open_lo=True), "a number in (0, 1]"), "0.3"),
