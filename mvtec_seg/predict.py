@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mvtec_seg.data.mvtec import IMAGE_SUFFIXES, image_hw, load_rgb, resize_rgb, set_max_image_pixels
+from mvtec_seg.data.mvtec import IMAGE_SUFFIXES, image_hw, load_rgb, pixel_limit, resize_rgb
 from mvtec_seg.errors import UserError
 from mvtec_seg.inference import (
     Trained,
@@ -198,7 +198,20 @@ def predict(
     _check_args(threshold, trainer, batch_size, image_size)
     if max_image_pixels is not None and max_image_pixels < 1:
         raise UserError(f"max_image_pixels={max_image_pixels} must be at least 1 (null: Pillow's limit)")
-    set_max_image_pixels(max_image_pixels)
+    with pixel_limit(max_image_pixels):
+        return _predict(run, input, output, threshold, trainer, batch_size, image_size, overwrite)
+
+
+def _predict(
+    run: str | Path,
+    input: str,
+    output: str | Path | None,
+    threshold: float | None,
+    trainer: str,
+    batch_size: int | None,
+    image_size: int | None,
+    overwrite: bool,
+) -> dict[str, Any]:
     trained: Trained = load_trained(run, image_size)
     if threshold is None:
         if trained.threshold is None:

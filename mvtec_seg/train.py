@@ -38,7 +38,7 @@ from mvtec_seg.builders import (
 from mvtec_seg.callbacks import TestArtefacts, Throughput
 from mvtec_seg.data.datamodule import MVTecDataModule
 from mvtec_seg.data.files import data_record, describe_changes, file_state
-from mvtec_seg.data.mvtec import scan_category, set_max_image_pixels
+from mvtec_seg.data.mvtec import pixel_limit, scan_category
 from mvtec_seg.errors import UserError
 from mvtec_seg.identity import DATA_RECORD_FILE, RunFolder, check_start, launched_child, settings_digest
 from mvtec_seg.inference import SEGMENTER_CLASS, TRANSFUSION_CLASS, choose_threshold
@@ -292,7 +292,12 @@ def targets_name(cfg: DictConfig) -> str:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job and return its summary (also written to `<run_dir>/summary.json`)."""
     settings, mode = preflight(cfg)
-    set_max_image_pixels(settings.get("data.max_image_pixels"))
+    with pixel_limit(settings.get("data.max_image_pixels")):
+        return _run(cfg, settings, mode)
+
+
+def _run(cfg: DictConfig, settings: dict[str, Any], mode: str) -> dict[str, Any]:
+    """The job after its preflight: data, model, test, record (see the module docstring)."""
     pl.seed_everything(int(cfg.seed), workers=True)
     run_dir = Path(cfg.paths.run_dir)
     out = RunOutputs(run_dir, cfg, mode, settings, write=not launched_child())

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import _save, compose_cfg, make_fake_mvtec, run_cli
+from PIL import Image
 
 from mvtec_seg import __main__ as cli
 from mvtec_seg import io_utils
 from mvtec_seg.data.datamodule import MVTecDataModule
-from mvtec_seg.data.mvtec import scan_category
+from mvtec_seg.data.mvtec import DEFAULT_MAX_IMAGE_PIXELS, scan_category
 from mvtec_seg.errors import UserError
 from mvtec_seg.train import train
 
@@ -342,3 +343,4 @@ def test_a_system_folder_is_refused(tmp_path, widget):
 def test_an_image_above_the_decompression_bomb_limit(tmp_path, widget):
     msg = _user_error(_cfg(tmp_path, widget.parent, "data.max_image_pixels=100"), "decompression bomb")
     assert "data.max_image_pixels" in msg and str(widget) in msg
+    assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_IMAGE_PIXELS  # the limit was the job's, not the process's

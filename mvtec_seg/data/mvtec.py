@@ -6,6 +6,8 @@ that names the file and the fix.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -141,9 +143,16 @@ FEW_PIXELS = 16
 this many pixels is named in a warning: its noise, or its faint marks, were dropped."""
 
 
-def set_max_image_pixels(limit: int | None) -> None:
-    """Pillow's decompression-bomb limit for this process (`data.max_image_pixels`; None: Pillow's own)."""
+@contextlib.contextmanager
+def pixel_limit(limit: int | None) -> Iterator[None]:
+    """Pillow's decompression-bomb limit while a job reads images (`data.max_image_pixels`; None: Pillow's
+    own), restored after it: the limit is process-wide in Pillow."""
+    previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS if limit is None else int(limit)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def _bomb(path: Path, err: Exception) -> UserError:
