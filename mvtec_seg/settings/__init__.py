@@ -169,7 +169,7 @@ def _check_relations(s: Flat) -> None:
         ]
     for key, exists, what in files:
         if s.get(key) is not None and not exists(Path(str(s[key]))):
-            raise UserError(f"{key}={s[key]!r} is not a {what} — pass an existing {what}, or null")
+            raise UserError(f"{key}={s[key]} not found (no such {what}) — pass an existing {what}, or null")
     for key in TARGETS:
         if s.get(key) is not None and (fit(s) if key.startswith("model.") else teacher_used(s)):
             _importable(key, s[key])
