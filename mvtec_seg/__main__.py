@@ -17,12 +17,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from mvtec_seg.errors import UserError
 from mvtec_seg.interrupt import Interrupted, install_handlers
 from mvtec_seg.io_utils import WRITE_ERRNOS, write_error
 
 log = logging.getLogger("mvtec_seg")
+FOLDER_ERRNOS: frozenset[int] = frozenset({errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP})
+"""A folder that cannot be made where it was asked for (below a file, under a system folder)."""
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -85,7 +88,22 @@ def one_line_errors() -> Iterator[None]:
     except HydraException as err:  # config typos and unknown options, before any job starts
         print(f"error: {_config_error(err)}", file=sys.stderr)
         sys.exit(2)
+    except OmegaConfBaseException as err:  # an interpolation that cannot be resolved, a value left unset
+        key = getattr(err, "full_key", None) or "a setting"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(
+            f"error: {key}: {first} — fix that setting (or the environment variable it reads)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     except OSError as err:  # e.g. Hydra writing .hydra/ into a read-only or full output folder
+        if err.errno in FOLDER_ERRNOS:
+            print(
+                f"error: cannot make the folder {err.filename or ''}: {err.strerror} — point hydra.run.dir / "
+                f"hydra.sweep.dir (paths.output_dir, MVTEC_SEG_OUTPUTS) at a folder you can write",
+                file=sys.stderr,
+            )
+            sys.exit(2)
         if err.errno not in WRITE_ERRNOS:
             raise
         verb = "access" if err.errno in (errno.EACCES, errno.EPERM) else "write"  # may have been a read

@@ -14,6 +14,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import get_class
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from mvtec_seg.callbacks import EpochProgress, ResumeCheckpoint, RngState
@@ -115,7 +116,14 @@ def build_module(target: str, params: DictConfig, cfg: DictConfig, **extra: Any)
     in `configure_optimizers`) so checkpoints load with `weights_only=True`.
     """
     kwargs = OmegaConf.to_container(params, resolve=True) | extra
-    return get_class(target)(**kwargs, evaluation=evaluation_settings(cfg))
+    try:
+        return get_class(target)(**kwargs, evaluation=evaluation_settings(cfg))
+    except (ImportError, TypeError, ValueError, KeyError, AttributeError) as err:  # a setting, not a bug
+        detail = " ".join(str(err).split())[:300]
+        raise UserError(
+            f"cannot build {target.rsplit('.', 1)[-1]} from its settings ({type(err).__name__}: {detail}) — "
+            f"fix the model.params / teacher.params override"
+        ) from None
 
 
 def student_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -189,4 +197,11 @@ def build_trainer(
     kwargs["enable_progress_bar"] = bool(kwargs.get("enable_progress_bar", True)) and sys.stderr.isatty()
     if not kwargs["enable_progress_bar"] and (kwargs.get("max_epochs") or 1) > 1:
         callbacks.append(EpochProgress())
-    return pl.Trainer(callbacks=callbacks, logger=logger, **kwargs)
+    try:
+        return pl.Trainer(callbacks=callbacks, logger=logger, **kwargs)
+    except (TypeError, ValueError, MisconfigurationException) as err:  # an unknown or refused setting
+        detail = " ".join(str(err).split())[:300]
+        raise UserError(
+            f"Lightning refuses the trainer settings ({type(err).__name__}: {detail}) — fix the trainer.* "
+            f"(or teacher.trainer.*) override"
+        ) from None

@@ -32,6 +32,7 @@ from mvtec_seg.inference import Trained, load_trained, parse_key_values
 from mvtec_seg.io_utils import atomic_write_json
 from mvtec_seg.models.segmenter import Segmenter
 from mvtec_seg.models.transfusion.lightning_model import TransFusion
+from mvtec_seg.settings import folder_problem
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ def export_graph(trained: Trained) -> tuple[nn.Module, tuple[Tensor, ...], list[
 
 def export_onnx(run: str | Path, output: str | Path | None = None, image_size: int | None = None) -> Path:
     """Export the run's model to ONNX (and the JSON beside it); returns the .onnx path."""
+    if image_size is not None and image_size < 1:
+        raise UserError(f"image_size={image_size} must be a positive whole number of pixels")
     trained = load_trained(run, image_size)
     if output is None:
         base = trained.run_dir / "export" / "model" if trained.run_dir else trained.checkpoint.with_suffix("")
@@ -138,6 +141,11 @@ def export_onnx(run: str | Path, output: str | Path | None = None, image_size: i
     out = Path(output)
     if out.suffix.lower() != ".onnx":
         raise UserError(f"output={out} must end in .onnx")
+    if out.is_dir():
+        raise UserError(f"output={out} is a folder — pass output=<file>.onnx")
+    problem = folder_problem(out.parent)
+    if problem:
+        raise UserError(f"output={out}: its folder cannot be made: {problem} — pass another output=")
     out.parent.mkdir(parents=True, exist_ok=True)
     graph, example, inputs, outputs, info = export_graph(trained)
     batch = torch.export.Dim("batch", min=1)

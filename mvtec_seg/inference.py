@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mvtec_seg.errors import UserError
+from mvtec_seg.io_utils import file_digest
 from mvtec_seg.metrics import f1_optimal_threshold
 from mvtec_seg.models.base import AnomalyModule
 from mvtec_seg.summary import SUMMARY_FILE, RunSummary
@@ -107,6 +108,16 @@ def choose_threshold(
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+def boolean(text: str) -> bool:
+    """`true`/`false` (also yes/no, 1/0) as the CLIs' key=value form writes them."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise ValueError(text)
+
+
 def parse_key_values(
     argv: Sequence[str], spec: dict[str, tuple[type, Any]], required: Sequence[str] = (), usage: str = ""
 ) -> dict[str, Any]:
@@ -127,7 +138,8 @@ def parse_key_values(
         try:
             out[key] = None if value in ("null", "None", "") else kind(value)
         except ValueError:
-            raise UserError(f"{key}={value!r} is not a valid {kind.__name__}") from None
+            what = "true or false" if kind is boolean else f"a valid {kind.__name__}"
+            raise UserError(f"{key}={value!r} is not {what}") from None
     missing = [k for k in required if out.get(k) is None]
     if missing:
         raise UserError(f"{missing[0]}= is required{usage_line}")
@@ -162,18 +174,42 @@ def _load_module(target: str, path: Path) -> AnomalyModule:
         ) from None
 
 
-def _run_checkpoint(run_dir: Path, summary: RunSummary) -> Path:
-    """The tested checkpoint: `checkpoints/best.ckpt` in the folder (it may have moved), else the one the
-    summary names (TransFusion's lives in the shared cache)."""
-    best = run_dir / "checkpoints" / "best.ckpt"
-    if best.is_file():
-        return best
-    if summary.checkpoint and Path(summary.checkpoint).is_file():
-        return Path(summary.checkpoint)
-    raise UserError(
-        f"run {run_dir} has no checkpoint (no checkpoints/best.ckpt; summary.json names "
-        f"{summary.checkpoint!r}) — pass a finished run folder or a .ckpt"
-    )
+def _moved(path: Path, written_in: str | None, run_dir: Path) -> Path:
+    """`path` as it is now when it lay inside the run folder `written_in` and that folder is now `run_dir`."""
+    if not written_in:
+        return path
+    for old, p in ((Path(written_in), path), (Path(written_in).resolve(), path.resolve())):
+        if p.is_relative_to(old):
+            return run_dir / p.relative_to(old)
+    return path
+
+
+def run_checkpoint(run_dir: Path, summary: RunSummary) -> Path:
+    """Exactly the checkpoint `summary.json` names (the tested weights), found inside the folder when the
+    folder has moved since, and with the bytes it had then (`checkpoint_digest`)."""
+    if not summary.checkpoint:
+        raise UserError(
+            f"run {run_dir} records no checkpoint (summary.json checkpoint is null) — pass a finished run "
+            f"folder, or a .ckpt with threshold="
+        )
+    path = _moved(Path(summary.checkpoint), summary.run_dir, run_dir)
+    if not path.is_file():
+        raise UserError(
+            f"checkpoint {path} that {run_dir}/{SUMMARY_FILE} names is missing — restore it, or pass a .ckpt "
+            f"with threshold="
+        )
+    if summary.checkpoint_digest is not None:
+        try:
+            digest = file_digest(path)
+        except OSError as err:
+            raise UserError(f"cannot read checkpoint {path}: {err.strerror} — fix its permissions") from None
+        if digest != summary.checkpoint_digest:
+            raise UserError(
+                f"checkpoint {path} is not the one run {run_dir} tested (its bytes changed since "
+                f"{SUMMARY_FILE} was written, e.g. by a resumed run that did not finish) — finish that run "
+                f"(resume=true), or pass the .ckpt itself with threshold="
+            )
+    return path
 
 
 def _load_run(run_dir: Path, ckpt: Path | None) -> Trained:
@@ -184,7 +220,13 @@ def _load_run(run_dir: Path, ckpt: Path | None) -> Trained:
         raise UserError(
             f"cannot read run folder {run_dir}: {err} — pass a run folder written by mvtec_seg"
         ) from None
-    ckpt = ckpt or _run_checkpoint(run_dir, summary)
+    if ckpt is None and summary.status != "ok":
+        why = f": {summary.error}" if summary.error else ""
+        raise UserError(
+            f"run {run_dir} did not finish (status {summary.status}{why}) — pass a finished run folder, or "
+            f"one of its checkpoints with threshold="
+        )
+    ckpt = ckpt or run_checkpoint(run_dir, summary)
     if cfg.model.get("source") == "teacher" and cfg.teacher.get("checkpoint"):
         from mvtec_seg.teacher import load_teacher_checkpoint  # a user's TransFusion, maybe a bare state dict
 

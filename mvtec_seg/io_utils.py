@@ -32,6 +32,7 @@ __all__ = [
     "atomic_write_text",
     "build_once",
     "content_key",
+    "file_digest",
     "file_lock",
     "write_error",
 ]
@@ -120,6 +121,12 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
+
+
+def file_digest(path: Path | str) -> str:
+    """The BLAKE2b digest (128 bits, hex) of a file's bytes (raises OSError)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "blake2b").hexdigest()[:32]
 
 
 def content_key(obj: Any) -> str:

@@ -4,7 +4,11 @@ a trained model on new images.
 Other settings (key=value like the rest of the CLI): `threshold=` (default: the run's
 `decision_threshold` from `summary.json`), `trainer=auto|cpu|gpu` (auto: the GPU when present),
 `batch_size=` (default: the run's `data.eval_batch_size`), `image_size=` (only for a checkpoint outside a
-run folder whose input size is not recorded).
+run folder whose input size is not recorded), `overwrite=true` (replace a non-empty output folder; without
+it such a folder is refused), `max_image_pixels=` (Pillow's decompression-bomb limit; default Pillow's).
+
+Every argument, the model and every input's header are checked before anything is written; the files are
+written into a temporary sibling folder that becomes `output` only when every image went through.
 
 Images are read and resized exactly as in training (`data.mvtec.load_rgb`: grey, RGBA and 16-bit become
 RGB; bilinear to `data.image_size`); maps are computed in fp32 and resized back to each input's size.
@@ -33,9 +37,12 @@ import csv
 import glob
 import io
 import logging
+import math
+import os
 import re
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +51,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mvtec_seg.data.mvtec import IMAGE_SUFFIXES, image_hw, load_rgb, resize_rgb
+from mvtec_seg.data.mvtec import IMAGE_SUFFIXES, image_hw, load_rgb, pixel_limit, resize_rgb
 from mvtec_seg.data.mvtec_ad2 import private_test_images, write_submission_files
 from mvtec_seg.errors import UserError
 from mvtec_seg.inference import (
     Trained,
     anomaly_maps,
+    boolean,
     load_trained,
     parse_key_values,
     pick_device,
@@ -57,6 +65,7 @@ from mvtec_seg.inference import (
 )
 from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes, atomic_write_text
 from mvtec_seg.layout_metrics import MVTEC_AD2_RECORD, recorded_threshold
+from mvtec_seg.settings import folder_problem
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,8 @@ ARGS: dict[str, tuple[type, Any]] = {  # key -> (type, default)
     "batch_size": (int, None),
     "image_size": (int, None),
     "format": (str, "default"),
+    "overwrite": (boolean, False),
+    "max_image_pixels": (int, None),
 }
 
 
@@ -115,8 +126,6 @@ def input_files(spec: str) -> list[tuple[Path, str]]:
 
 
 def _common_parent(files: list[Path]) -> str:
-    import os
-
     return os.path.commonpath([str(f.parent.resolve()) for f in files]) if files else "."
 
 
@@ -174,6 +183,31 @@ def _progress(total: int, batch_size: int):
     return tqdm(total=total, unit="img", desc="predict", disable=True if total <= batch_size else None)
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """The output folder must be new or empty, or `overwrite=true`; it must be able to be a folder."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output={out} is a file — pass output=<a new folder>")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(
+            f"output folder {out} is not empty — pass output=<a new folder>, or overwrite=true to replace it"
+        )
+    problem = folder_problem(out)
+    if problem:
+        raise UserError(f"output={out} cannot be a folder: {problem} — pass output=<a folder you can write>")
+
+
+def _check_args(
+    threshold: float | None, trainer: str, batch_size: int | None, image_size: int | None
+) -> None:
+    if threshold is not None and not math.isfinite(threshold):
+        raise UserError(f"threshold={threshold} must be a finite number — pass a map value, e.g. 0.5")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"batch_size={batch_size} must be at least 1")
+    if image_size is not None and image_size < 1:
+        raise UserError(f"image_size={image_size} must be a positive whole number of pixels")
+    pick_device(str(trainer))  # an unknown device, or a GPU that is not there
+
+
 def predict(
     run: str | Path,
     input: str,
@@ -183,16 +217,39 @@ def predict(
     batch_size: int | None = None,
     image_size: int | None = None,
     format: str = "default",
+    overwrite: bool = False,
+    max_image_pixels: int | None = None,
 ) -> dict[str, Any]:
     """Predict every input image; returns `{csv, output, rows, threshold, trained}` (`csv` is None for
-    `format=mvtec_ad2`)."""
+    `format=mvtec_ad2`).
+
+    Everything is checked before anything is written: the arguments, the model, every input's header and
+    the output folder (new or empty, or `overwrite`). The files are written into a temporary sibling that
+    replaces the output folder only when every image went through, so a failure leaves no partial output
+    and a second call never leaves the first call's files beside its own. `format=mvtec_ad2` writes into
+    one submission folder that collects every category (each call adds its category's files)."""
     if format not in FORMATS:
         raise UserError(f"format={format!r} is not one of {list(FORMATS)}")
+    _check_args(threshold, trainer, batch_size, image_size)
+    if max_image_pixels is not None and max_image_pixels < 1:
+        raise UserError(f"max_image_pixels={max_image_pixels} must be at least 1 (null: Pillow's limit)")
+    with pixel_limit(max_image_pixels):
+        return _predict(run, input, output, threshold, trainer, batch_size, image_size, format, overwrite)
+
+
+def _predict(
+    run: str | Path,
+    input: str,
+    output: str | Path | None,
+    threshold: float | None,
+    trainer: str,
+    batch_size: int | None,
+    image_size: int | None,
+    format: str,
+    overwrite: bool,
+) -> dict[str, Any]:
     server = format == "mvtec_ad2"
     trained: Trained = load_trained(run, image_size)
-    files = private_test_images(Path(input).expanduser()) if server else input_files(str(input))
-    for f, _ in files:  # an unreadable header stops here, before anything is written
-        image_hw(f)
     if threshold is None and server:
         threshold = _server_threshold(trained)
     if threshold is None:
@@ -208,13 +265,45 @@ def predict(
         output = (trained.run_dir or trained.checkpoint.parent) / "predictions"
         if server:  # one submission folder takes every category: pass output= to collect them
             output = Path(output).with_name("submission")
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(output).expanduser().absolute()
+    if server:
+        files = private_test_images(Path(input).expanduser())
+    else:
+        files = [(f, n) for f, n in input_files(str(input)) if not f.absolute().is_relative_to(out)]
+    if not files:
+        raise UserError(f"input {input} holds no images outside the output folder {out}")
+    for f, _ in files:  # an unreadable header stops here, before anything is written
+        image_hw(f)
+    if not server:
+        check_output(out, overwrite)
     device = pick_device(str(trainer))
     trained.module.to(device)
     bs = int(batch_size or trained.batch_size)
-    if bs < 1:
-        raise UserError(f"batch_size={bs} must be at least 1")
+    result = {"csv": None, "output": out, "threshold": threshold, "trained": trained}
+    if server:  # the submission folder collects categories: written in place, file by file
+        out.mkdir(parents=True, exist_ok=True)
+        return result | {"rows": _predict_into(out, files, trained, threshold, bs, _write_submission)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}-{os.urandom(3).hex()}")
+    tmp.mkdir()
+    try:
+        rows = _predict_into(tmp, files, trained, threshold, bs, _write_outputs)
+        _write_csv(tmp / PREDICTIONS_CSV, rows)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result | {"csv": out / PREDICTIONS_CSV, "rows": rows}
+
+
+def _predict_into(
+    folder: Path,
+    files: list[tuple[Path, str]],
+    trained: Trained,
+    threshold: float,
+    bs: int,
+    write: Callable[[Path, str, np.ndarray, np.ndarray, float], int],
+) -> list[Prediction]:
     rows: list[Prediction] = []
     with ThreadPoolExecutor(max(1, min(4, bs))) as pool, _progress(len(files), bs) as bar:
         for start in range(0, len(files), bs):
@@ -224,12 +313,22 @@ def predict(
             maps = anomaly_maps(trained.module, batch.permute(0, 3, 1, 2).float().div_(255.0)).numpy()
             for (f, name), image, amap in zip(chunk, images, maps, strict=True):
                 score = float(amap.max())
-                area = (_write_submission if server else _write_outputs)(out, name, image, amap, threshold)
+                area = write(folder, name, image, amap, threshold)
                 decision = "anomalous" if score >= threshold else "normal"
                 rows.append(Prediction(str(f), name, score, decision, area))
             bar.update(len(chunk))
-    csv_path = None if server else _write_csv(out / PREDICTIONS_CSV, rows)
-    return {"csv": csv_path, "output": out, "rows": rows, "threshold": threshold, "trained": trained}
+    return rows
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Put the finished `tmp` folder at `out`; an earlier `out` (empty, or `overwrite=true`) goes."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{os.urandom(3).hex()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_csv(path: Path, rows: list[Prediction]) -> Path:

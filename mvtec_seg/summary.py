@@ -58,6 +58,9 @@ class RunSummary:
     model=transfusion), `params` the model it scores.
     `decision_threshold` is the map threshold `python -m mvtec_seg.predict` decides with (`value`, chosen
     on the val part by `rule`; see `inference.choose_threshold`).
+    `identity` is what makes the run one run (`identity.py`): `config` and `data` digests and the
+    `resume_mutable` settings; `checkpoint_digest` the BLAKE2b of the tested `checkpoint`, so `predict` and
+    `export` load the very weights the metrics describe.
     """
 
     category: str
@@ -75,9 +78,11 @@ class RunSummary:
     pseudo: dict[str, Any] | None = None
     decision_threshold: dict[str, Any] | None = None
     checkpoint: str | None = None
+    checkpoint_digest: str | None = None
     run_dir: str | None = None
     teacher_overlap: dict[str, int] | None = None  # {val, test}: seen by an authors' checkpoint
     error: str | None = None
+    identity: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,11 +116,15 @@ class RunSummary:
                 data["decision_threshold"] if isinstance(data.get("decision_threshold"), dict) else None
             ),
             checkpoint=data.get("checkpoint"),
+            checkpoint_digest=data.get("checkpoint_digest")
+            if isinstance(data.get("checkpoint_digest"), str)
+            else None,
             run_dir=data.get("run_dir"),
             teacher_overlap=data["teacher_overlap"]
             if isinstance(data.get("teacher_overlap"), dict)
             else None,
             error=data.get("error") if isinstance(data.get("error"), str) else None,
+            identity=data["identity"] if isinstance(data.get("identity"), dict) else None,
         )
 
     def test_metric(self, name: str) -> float:

@@ -1,14 +1,22 @@
-"""The end of a Hydra multirun: a table of the jobs that failed, and a non-zero exit when any did.
+"""Hydra callbacks (`hydra.callbacks` in mvtec_seg/conf/config.yaml): the run folder checked before Hydra
+writes into it, and the end of a multirun: a table of the jobs that failed, and a non-zero exit.
 
-A failed job must not stop the sweep (`__main__` logs it and goes on), but neither may the sweep end as if
-all went well. `FailedJobs` is a Hydra callback (`hydra.callbacks` in mvtec_seg/conf/config.yaml) that runs in the
-launching process after every job has ended, whatever the launcher, and reads what the jobs wrote: their
-`summary.json` (status and the one-line `error`) and Hydra's `.hydra/overrides.yaml`.
+`RunFolderGuard`: Hydra creates the run folder and writes `.hydra/` into it before the job starts, so the
+checks that a job may use its folder (`train.preflight`: every setting, then a folder holding another run's
+results, or `resume=true` with other settings) run here first, and a refused job touches nothing. A multirun
+into a sweep folder that already holds runs is refused unless `resume=true`.
+
+`FailedJobs`: a failed job must not stop the sweep (`__main__` logs it and goes on), but neither may the
+sweep end as if all went well. It runs in the launching process after every job has ended, whatever the
+launcher, and reads what the jobs wrote: their `summary.json` (status and the one-line `error`; a
+`failed/*/summary.json` of a resumed finished run), the job's log, and Hydra's `.hydra/overrides.yaml`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -17,9 +25,14 @@ from typing import Any
 
 import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
 
+from mvtec_seg.errors import UserError
 from mvtec_seg.summary import SUMMARY_FILE
+
+FAILED_DIR = "failed"  # outputs.FAILED_DIR: where a resumed finished run records a failure
+JOB_FAILED = re.compile(r"job \S+ failed: (.+)$")
 
 PASSED = ("ok", "dry_run")
 
@@ -37,10 +50,37 @@ def _job_number(folder: Path) -> tuple[int, str]:
     return (int(head) if head.isdigit() else 1 << 30, folder.name)
 
 
-def _reason(folder: Path) -> str | None:
-    """None when the job passed, else why it did not (one line)."""
+def _newer(path: Path, since: float | None) -> bool:
+    return since is None or path.stat().st_mtime >= since
+
+
+def _logged_reason(folder: Path) -> str | None:
+    """The one-line reason `__main__` logged for a job that wrote no summary (refused, or failed early)."""
+    for log in sorted(folder.glob("*.log")):
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in reversed(lines):
+            found = JOB_FAILED.search(line)
+            if found:
+                return found.group(1)
+    return None
+
+
+def _reason(folder: Path, since: float | None = None) -> str | None:
+    """None when the job passed, else why it did not (one line). Only what this sweep wrote counts: a
+    summary.json older than the sweep is an earlier run's."""
+    failures = [p for p in folder.glob(f"{FAILED_DIR}/*/{SUMMARY_FILE}") if _newer(p, since)]
     path = folder / SUMMARY_FILE
-    if not path.is_file():
+    if failures:
+        path = max(failures, key=lambda p: p.stat().st_mtime_ns)
+    elif not path.is_file() or not _newer(path, since):
+        logged = _logged_reason(folder)
+        if logged:
+            return logged
+        if path.is_file():
+            return "its summary.json is from an earlier run: this job wrote none (killed, or refused)"
         return "no summary.json: the job was killed or crashed before writing it"
     try:
         data = json.loads(path.read_text())
@@ -49,6 +89,8 @@ def _reason(folder: Path) -> str | None:
     status = str(data.get("status", "unknown"))
     if status in PASSED:
         return None
+    if status == "running":
+        return "status 'running': the job was killed or crashed before it finished"
     return str(data.get("error") or f"status {status!r}")
 
 
@@ -70,7 +112,7 @@ def failed_jobs(sweep_dir: Path | str, since: float | None = None) -> tuple[list
     )
     failed = []
     for job in jobs:
-        reason = _reason(job)
+        reason = _reason(job, since)
         if reason is None:
             continue
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
@@ -113,3 +155,72 @@ class FailedJobs(Callback):
             sys.stdout.flush()
             print(failure_table(failed, n_jobs), file=sys.stderr, flush=True)
             raise SystemExit(1)  # not an Exception: Hydra's callback runner lets it through
+
+
+def _task_config(config: DictConfig, run_dir: Path) -> DictConfig:
+    """The job's config as `train` sees it, with `paths.run_dir` = the folder Hydra is about to make."""
+    task = copy.deepcopy(config)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+        task.paths.run_dir = str(run_dir)
+    return task
+
+
+def _resume_requested(config: DictConfig) -> bool:
+    overrides = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task", default=[]) or []]
+    return bool(config.get("resume")) or any(o.replace(" ", "").lower() == "resume=true" for o in overrides)
+
+
+def _refuse(err: UserError) -> None:
+    """Stop before Hydra goes on: Hydra turns an Exception in a callback into a warning, not SystemExit."""
+    sys.stdout.flush()
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+class RunFolderGuard(Callback):
+    """Refuse a job before Hydra makes or writes its run folder (see the module docstring)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._check_run(config)
+        except UserError as err:
+            _refuse(err)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._check_sweep(config)
+        except UserError as err:
+            _refuse(err)
+
+    @staticmethod
+    def _check_run(config: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from mvtec_seg.settings import resolved_settings
+        from mvtec_seg.train import preflight
+
+        HydraConfig.instance().set_config(config)  # `${hydra:...}` in the run folder's name resolves
+        try:
+            run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
+        except OmegaConfBaseException:  # the folder's name reads a setting: name that setting
+            resolved_settings(_task_config(config, Path(".")))
+            raise
+        preflight(_task_config(config, run_dir))
+
+    @staticmethod
+    def _check_sweep(config: DictConfig) -> None:
+        from mvtec_seg.settings import folder_problem
+
+        sweep = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        problem = folder_problem(sweep)
+        if problem:
+            raise UserError(
+                f"hydra.sweep.dir={sweep} cannot be a folder: {problem} — choose another hydra.sweep.dir"
+            )
+        runs = sorted(sweep.glob(f"*/{SUMMARY_FILE}")) if sweep.is_dir() else []
+        if runs and not _resume_requested(config):
+            raise UserError(
+                f"hydra.sweep.dir={sweep} already holds {len(runs)} run folder(s) — choose another "
+                f"hydra.sweep.dir, or pass resume=true to continue those runs"
+            )

@@ -63,6 +63,8 @@ def teacher_spec(cfg: DictConfig, dm) -> dict:
     """Everything the teacher's weights depend on (for a user-supplied checkpoint: that file)."""
     spec = _weights_spec(cfg, dm)
     protocol = cfg.data.get("protocol", "split")
+    if getattr(dm, "decoding", None) is not None and not cfg.teacher.get("checkpoint"):
+        spec = {**spec, "decoding": dm.decoding}  # 16-bit images: trained on pixels of these rules
     return spec if protocol == "split" else {**spec, "protocol": protocol}
 
 
@@ -272,8 +274,10 @@ def ensure_teacher(cfg: DictConfig, dm) -> Teacher:
 def maps_dir(dm, teacher: Teacher) -> Path:
     """The folder of the teacher's maps of these images (their bytes, order and size)."""
     order = [r["image"] for r in dm.manifest["samples"]]
-    key = content_key({"files": files_key(dm.data_record()), "order": order, "size": int(dm.image_size)})
-    return teacher.dir / "maps" / key
+    spec = {"files": files_key(dm.data_record()), "order": order, "size": int(dm.image_size)}
+    if getattr(dm, "decoding", None) is not None:  # 16-bit images: maps of pixels of these rules
+        spec["decoding"] = dm.decoding
+    return teacher.dir / "maps" / content_key(spec)
 
 
 def predict_maps(settings: DictConfig | dict, module: AnomalyModule, dm) -> np.ndarray:

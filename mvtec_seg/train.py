@@ -3,14 +3,19 @@
 One path through a run: check the data and split it; get the model (`model.source=fit`: train a segmenter
 on the mask source; `teacher`: the shared TransFusion teacher, trained once per category in the cache);
 test it on the test part; record and finish. `dry_run=true` stops after building every model the run would
-use (the teacher included) and the trainer. Whatever happens, `summary.json` is written: `ok`, `dry_run`,
-`failed` or `interrupted`, with the one-line reason in `error`. `resume=true` continues the segmenter from
-`<run_dir>/checkpoints/last.ckpt` (weights, optimizer, scheduler, epoch, RNG states).
+use (the teacher included) and the trainer. Before anything is read or written, `preflight` checks every
+setting and whether the run folder is free (`identity.check_start`): a new run refuses a folder holding
+another run, `resume=true` continues only the run with these settings (and, once read, this data) from
+`<run_dir>/checkpoints/last.ckpt` (weights, optimizer, scheduler, epoch, RNG states). Then, whatever
+happens, `summary.json` records the run: `ok`, `dry_run`, `failed` or `interrupted`, with the one-line
+reason in `error`, where `outputs.RunOutputs` may write it (never over a finished run's files).
 `__main__` is a thin Hydra wrapper around this, so tests compose configs and call it directly.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,32 +24,41 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mvtec_seg.builders import (
     LAST_CHECKPOINT,
     build_datamodule,
     build_model,
     build_trainer,
+    category_dir,
     max_epochs,
     resume_callbacks,
 )
 from mvtec_seg.callbacks import TestArtefacts, Throughput
 from mvtec_seg.data.datamodule import MVTecDataModule
+from mvtec_seg.data.files import data_record, describe_changes, file_state
+from mvtec_seg.data.mvtec import pixel_limit, scan_category
 from mvtec_seg.errors import UserError
-from mvtec_seg.inference import choose_threshold
+from mvtec_seg.identity import DATA_RECORD_FILE, RunFolder, check_start, launched_child, settings_digest
+from mvtec_seg.inference import SEGMENTER_CLASS, TRANSFUSION_CLASS, choose_threshold
 from mvtec_seg.interrupt import Interrupted, stage
 from mvtec_seg.layout_metrics import layout_test_metrics
 from mvtec_seg.loggers import run_loggers
 from mvtec_seg.models.base import AnomalyModule, parameter_count
+from mvtec_seg.models.segmenter.loss import SegmentationLoss
+from mvtec_seg.models.segmenter.torch_model import ARCHITECTURES, SegmentationNet, encoders
+from mvtec_seg.models.transfusion.loss import TransFusionLoss
+from mvtec_seg.models.transfusion.torch_model import TransFusionModel
 from mvtec_seg.outputs import RunOutputs
 from mvtec_seg.plan import announce
 from mvtec_seg.pseudo.masks import ensure_pseudo_masks, load_targets
-from mvtec_seg.pseudo.rules import GATED, GATES, TARGETS
+from mvtec_seg.pseudo.rules import TARGETS
 from mvtec_seg.pseudo.select import select
 from mvtec_seg.pseudo.self_training import self_train
 from mvtec_seg.pseudo.synthetic_val import ensure_synthetic_val, synthetic_scores
 from mvtec_seg.pseudo.thresholds import STRATEGIES
+from mvtec_seg.settings import check_keys, check_paths, check_settings, resolved_settings
 from mvtec_seg.teacher import build_teacher, ensure_teacher, teacher_overlap
 
 log = logging.getLogger(__name__)
@@ -78,6 +92,8 @@ def run_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RunParts]:
         ),
         wandb=None,
     )
+    if cfg.get("resume") and not launched_child():
+        keep_epoch_log(run_dir)
     loggers, parts.wandb = run_loggers(cfg, run_dir)
     trainer = build_trainer(
         cfg.trainer,
@@ -95,26 +111,41 @@ def run_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RunParts]:
     return trainer, parts
 
 
+def keep_epoch_log(run_dir: Path) -> Path | None:
+    """Lightning's CSV logger deletes `csv/metrics.csv` when it starts in a folder that has one: a resumed
+    run keeps the epochs before the resume as `csv/metrics.before_resume_<k>.csv`."""
+    log_file = run_dir / "csv" / "metrics.csv"
+    if not log_file.is_file():
+        return None
+    k = 1
+    while (kept := log_file.with_name(f"metrics.before_resume_{k}.csv")).exists():
+        k += 1
+    log_file.rename(kept)
+    return kept
+
+
 def _fit(
     cfg: DictConfig, model: AnomalyModule, dm, trainer: pl.Trainer, parts: RunParts, out: RunOutputs
 ) -> str | None:
     """Train (or resume) the segmenter; records and returns the checkpoint to test (`ckpt_path` if given,
     else the best)."""
     if cfg.ckpt_path is not None:
-        out.summary.checkpoint = str(cfg.ckpt_path)
+        out.summary.checkpoint = str(Path(cfg.ckpt_path).resolve())
         return out.summary.checkpoint
     last = out.run_dir / "checkpoints" / LAST_CHECKPOINT
     resume = str(last) if cfg.get("resume") and last.exists() else None
     if resume:
         log.warning("resuming training from %s", last)
-    elif cfg.get("resume"):
-        log.warning("resume=true but %s does not exist: training from the start", last)
+    elif cfg.get("resume"):  # the run (checked: same settings and data) stopped before its first checkpoint
+        log.warning(
+            "resume=true: the run in %s wrote no %s yet: training from the start", out.run_dir, last.name
+        )
     t0 = time.perf_counter()
     with stage("segmenter training"):
         trainer.fit(model, datamodule=dm, ckpt_path=resume)
     out.summary.time["train_s"] = time.perf_counter() - t0
     out.summary.throughput["train_images_per_s"] = parts.throughput.images_per_s
-    out.summary.checkpoint = parts.checkpoint.best_model_path or None
+    out.summary.checkpoint = _here(parts.checkpoint.best_model_path, out.run_dir)
     return out.summary.checkpoint
 
 
@@ -174,6 +205,19 @@ def _select_pseudo(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> tup
     return info, records[chosen]["checkpoint"]
 
 
+def _here(best: str | None, run_dir: Path) -> str | None:
+    """The best checkpoint in this run folder: a resumed run whose folder was moved or copied restores
+    Lightning's record of the old folder's path; the file it means is the one of that name here."""
+    if not best:
+        return None
+    path = Path(best)
+    if not path.resolve().is_relative_to(run_dir.resolve()):
+        local = run_dir / "checkpoints" / path.name
+        if local.is_file():
+            return str(local.resolve())
+    return best
+
+
 def _set_pseudo_targets(cfg: DictConfig, dm: MVTecDataModule) -> dict:
     """Put the pseudo targets (and loss weights) on `dm`: the teacher's, or after `mask.rounds` rounds of
     self-training; returns their record (thresholds, quality vs GT of every round)."""
@@ -218,76 +262,81 @@ def _uses_synthetic_val(cfg: DictConfig) -> bool:
     return bool(enabled) and cfg.model.source == "fit"
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Stop on a setting out of its range before anything is read or trained (one line naming it)."""
-    if cfg.model.get("source") not in MODEL_SOURCES:
-        raise UserError(
-            f"model.source={cfg.model.get('source')!r} must be one of {MODEL_SOURCES} — fix the model config"
-        )
-    size = cfg.data.image_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise UserError(
-            f"data.image_size={size!r} must be a positive whole number of pixels — set it to e.g. 256"
-        )
-    ratios = cfg.data.split_ratios
-    if (
-        len(ratios) != 3
-        or any(isinstance(r, bool) or not isinstance(r, int | float) or r < 0 for r in ratios)
-        or ratios[0] <= 0
-        or abs(sum(ratios) - 1.0) > 1e-6
-    ):
-        raise UserError(
-            f"data.split_ratios={list(ratios)} must be three non-negative fractions (train, val, test) with "
-            f"train > 0 that sum to 1 — set it to e.g. [0.7,0.1,0.2]"
-        )
-    _check_mask_config(cfg.mask)
+def check_config(cfg: DictConfig) -> dict[str, Any]:
+    """Stop on a setting out of its range before anything is read or trained (one line naming it, see
+    `settings`); returns the resolved settings as `{dotted key: value}`."""
+    settings = resolved_settings(cfg)
+    check_paths(settings)
+    choices = {"model.source": MODEL_SOURCES}
+    if settings.get("model.source") == "fit" and settings.get("model.module") == SEGMENTER_CLASS:
+        choices |= {
+            "model.params.net.arch": tuple(ARCHITECTURES),
+            "model.params.net.encoder_name": encoders(),
+        }
+    if settings.get("mask.name") == "pseudo":
+        choices |= {"mask.threshold.strategy": STRATEGIES, "mask.target": TARGETS}
+    check_settings(settings, choices)
+    check_keys(settings, _takers(settings))
+    return settings
 
 
-def _is_number(x: Any) -> bool:
-    return not isinstance(x, bool) and isinstance(x, int | float)
+def _takers(settings: dict[str, Any]) -> dict[str, Any]:
+    """The constructors the config nodes are passed to, for `check_keys` (unknown keys are one line)."""
+    takers: dict[str, Any] = {"trainer": pl.Trainer, "teacher.trainer": pl.Trainer}
+    for node in ("model", "teacher"):
+        if node == "teacher" and not (
+            settings.get("model.source") == "teacher" or settings.get("mask.name") == "pseudo"
+        ):
+            continue
+        target = str(settings.get(f"{node}.module"))
+        module, _, name = target.rpartition(".")
+        try:
+            takers[f"{node}.params"] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            raise UserError(f"{node}.module={target!r} cannot be imported — fix the {node} config") from None
+        if target == SEGMENTER_CLASS:
+            takers |= {f"{node}.params.net": SegmentationNet, f"{node}.params.loss": SegmentationLoss}
+        elif target == TRANSFUSION_CLASS:
+            takers |= {f"{node}.params.net": TransFusionModel, f"{node}.params.loss": TransFusionLoss}
+    return takers
 
 
-def _check_mask_config(mask: DictConfig) -> None:
-    """The `mask.*` rule settings (pseudo masks): names from their lists, fractions in [0, 1], counts >= 0."""
-    threshold = mask.get("threshold") or {}
-    for key, example in (
-        ("threshold.quantile", 0.995),
-        ("threshold.low_quantile", 0.98),
-        ("gate.quantile", 0.95),
-    ):
-        group, name = key.split(".")
-        q = (mask.get(group) or {}).get(name)
-        if q is not None and (not _is_number(q) or not 0.0 <= q <= 1.0):
-            raise UserError(f"mask.{key}={q!r} must be a fraction between 0 and 1 — set it to e.g. {example}")
-    if mask.get("name") != "pseudo":
+def start_mode(settings: dict[str, Any]) -> str:
+    """'fresh' or 'resume': how this job may use its run folder (`identity.check_start`; only reads it).
+    A process that a distributed launcher started for rank 1+ shares rank 0's folder: 'fresh', unchecked."""
+    if launched_child():
+        return "fresh"
+    folder = RunFolder.read(settings["paths.run_dir"])
+    return check_start(folder, settings_digest(settings), settings, bool(settings.get("resume")))
+
+
+def check_same_data(cfg: DictConfig, run_dir: Path) -> None:
+    """A resumed run reads the files its run read (`files.json`): compared before anything is written,
+    so another root with other bytes, an edited mask or a typo in `data.root` leave the folder untouched.
+    (After reading, `RunOutputs.set_data` compares the whole data digest, split parts included.)"""
+    try:
+        old = json.loads((run_dir / DATA_RECORD_FILE).read_text())
+    except (OSError, ValueError):
         return
-    choices = {
-        "threshold.strategy": STRATEGIES,
-        "target": TARGETS,
-        "gate.strategy": GATES,
-        "gated": GATED,
-        "select": ("fixed", "auto"),
-    }
-    for key, allowed in choices.items():
-        value = OmegaConf.select(mask, key)
-        if value is not None and value not in allowed:
-            raise UserError(f"mask.{key}={value!r} is not one of {list(allowed)} — pick one of those")
-    for key in ("regions.min_area", "regions.fill_holes", "rounds"):
-        value = OmegaConf.select(mask, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise UserError(f"mask.{key}={value!r} must be a whole number >= 0 — set it to e.g. 0")
-    fraction = mask.get("synthetic_fraction")
-    if fraction is not None and (not _is_number(fraction) or not 0.0 <= fraction <= 1.0):
-        raise UserError(f"mask.synthetic_fraction={fraction!r} must be a fraction between 0 and 1 — e.g. 0.5")
-    weight = OmegaConf.select(mask, "distill.weight")
-    if weight is not None and (not _is_number(weight) or weight < 0):
-        raise UserError(f"mask.distill.weight={weight!r} must be a number >= 0 — e.g. 0 (off) or 1")
-    low, high = threshold.get("low_quantile"), threshold.get("quantile")
-    if threshold.get("strategy") == "hysteresis" and low is not None and high is not None and low > high:
+    root = category_dir(cfg)
+    samples = scan_category(root)
+    rels = [s.image for s in samples] + [s.gt_mask for s in samples if s.gt_mask]
+    change = describe_changes(old, data_record(root, file_state(root, rels)))
+    if change:
         raise UserError(
-            f"mask.threshold.low_quantile={low} is above mask.threshold.quantile={high} — the low threshold "
-            "of the hysteresis must not exceed the high one"
+            f"resume=true but the data differs from the data of the run in {run_dir} ({change}) — resume "
+            f"with the run's data, or start a new run in another folder"
         )
+
+
+def preflight(cfg: DictConfig) -> tuple[dict[str, Any], str]:
+    """Everything checked before a job writes anything: the settings, its run folder, and on resume that
+    the data is the run's."""
+    settings = check_config(cfg)
+    mode = start_mode(settings)
+    if mode == "resume" and not launched_child():
+        check_same_data(cfg, Path(settings["paths.run_dir"]))
+    return settings, mode
 
 
 def _dry_run(cfg: DictConfig, out: RunOutputs) -> None:
@@ -316,16 +365,22 @@ def targets_name(cfg: DictConfig) -> str:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job and return its summary (also written to `<run_dir>/summary.json`)."""
-    check_config(cfg)
+    settings, mode = preflight(cfg)
+    with pixel_limit(settings.get("data.max_image_pixels")):
+        return _run(cfg, settings, mode)
+
+
+def _run(cfg: DictConfig, settings: dict[str, Any], mode: str) -> dict[str, Any]:
+    """The job after its preflight: data, model, test, record (see the module docstring)."""
     pl.seed_everything(int(cfg.seed), workers=True)
     run_dir = Path(cfg.paths.run_dir)
-    out = RunOutputs(run_dir, cfg)
+    out = RunOutputs(run_dir, cfg, mode, settings, write=not launched_child())
     status, trainer, parts = "failed", None, None
     try:
         with stage("data check, split and decoding"):
             dm = build_datamodule(cfg, train_subset="all")
             dm.prepare()  # scans, validates and splits: bad data stops here, before any training
-        out.set_split(dm)
+        out.set_data(dm)  # a resumed run must have read the same data
         announce(cfg, dm)
         if cfg.dry_run:  # build what the run would use, train nothing
             _dry_run(cfg, out)

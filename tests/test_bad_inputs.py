@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import _save, compose_cfg, make_fake_mvtec, run_cli
+from PIL import Image
 
 from mvtec_seg import __main__ as cli
 from mvtec_seg import io_utils
 from mvtec_seg.data.datamodule import MVTecDataModule
-from mvtec_seg.data.mvtec import scan_category
+from mvtec_seg.data.mvtec import DEFAULT_MAX_IMAGE_PIXELS, scan_category
 from mvtec_seg.errors import UserError
 from mvtec_seg.train import train
 
@@ -168,8 +169,9 @@ def test_other_files_are_ignored_not_read(widget):
 
 
 def test_non_binary_mask_is_thresholded_with_a_warning(tmp_path, widget, caplog):
-    """Decision: a mask with more than two grey levels (anti-aliased, JPEG) is binarised at half its range,
-    as every mask is, and the decode warns once naming the first such file; it is not refused."""
+    """Decision: a mask with more than two grey levels (anti-aliased, JPEG) is binarised at half its type's
+    range, and the decode warns once naming the first such file, and names every file whose binarisation
+    dropped more than a few non-zero pixels; it is not refused."""
     soft = np.zeros((40, 40), np.uint8)
     soft[10:20, 10:20] = 200
     soft[20:30, 10:20] = 60  # below half the range: not defect
@@ -179,6 +181,8 @@ def test_non_binary_mask_is_thresholded_with_a_warning(tmp_path, widget, caplog)
         dm.prepare()
     lines = [r.getMessage() for r in caplog.records if "not binary" in r.getMessage()]
     assert len(lines) == 1 and "hole/000_mask.png" in lines[0]
+    (dropped,) = [r.getMessage() for r in caplog.records if "read as normal" in r.getMessage()]
+    assert "hole/000_mask.png (100 px)" in dropped  # the 60-grey square
     row = next(
         i for i, r in enumerate(dm.manifest["samples"]) if r["gt_mask"] == "ground_truth/hole/000_mask.png"
     )
@@ -273,3 +277,70 @@ def test_cli_exit_code_and_no_traceback(tmp_path, widget, case, override, expect
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and expected.format(ro=ro) in lines[0], proc.stderr[-2000:]
+
+
+# --- every setting and path, validated before any work ---------------------------------------------------------
+
+
+def _a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a_file"
+    path.write_text("not a folder\n")
+    return path
+
+
+SETTING_CASES: dict[str, tuple[list[str], list[str]]] = {  # overrides -> what the line names
+    "iou_threshold": (["evaluation.iou_threshold=5"], ["evaluation.iou_threshold=5", "between 0 and 1"]),
+    "fpr_limit": (["evaluation.fpr_limit=0"], ["evaluation.fpr_limit=0", "(0, 1]"]),
+    "kind": (["category.kind=textur"], ["category.kind='textur'", "['object', 'texture']"]),
+    "batch_size": (["data.batch_size=0"], ["data.batch_size=0", ">= 1"]),
+    "eval_batch_size": (["data.eval_batch_size=-2"], ["data.eval_batch_size=-2"]),
+    "seed_text": (["seed=abc"], ["seed='abc'", "whole number"]),
+    "seed_negative": (["seed=-1"], ["seed=-1", "whole number from 0"]),
+    "seed_float": (["seed=1.5"], ["seed=1.5"]),
+    "workers": (["data.num_workers=-1"], ["data.num_workers=-1"]),
+    "protocol": (["data.protocol=mine"], ["data.protocol='mine'", "['split', 'official']"]),
+    "crop": (["data.train_crop=0"], ["data.train_crop=0 must be a whole number >= 1"]),
+    "deeplab_crop": (["model=deeplab", "data.train_crop=24"], ["data.train_crop=24 is not a multiple of 16"]),
+    "accelerator": (["trainer.accelerator=tpu"], ["trainer.accelerator='tpu'"]),
+    "precision": (["trainer.precision=8-bit"], ["trainer.precision='8-bit'"]),
+    "epochs_text": (["model.max_epochs=many"], ["model.max_epochs='many'"]),
+    "lr": (["model.params.optimizer.lr=-1"], ["model.params.optimizer.lr=-1", "positive"]),
+    "deeplab_size": (["model=deeplab", "data.image_size=24"], ["data.image_size=24 is not a multiple of 16"]),
+    "ckpt_missing": (["ckpt_path=/no/such.ckpt"], ["ckpt_path=/no/such.ckpt not found (no such file)"]),
+    "unset_env": (["data.root=${oc.env:MVTEC_SEG_NO_SUCH_VARIABLE}"], ["data.root cannot be resolved"]),
+    "custom_without_name": (["category=custom", "category.name=???"], ["category.name is not set"]),
+    "teacher_texture_dir": (
+        ["mask=pseudo", "teacher.params.anomalies.texture_dir=/no/dtd"],
+        ["texture_dir=/no/dtd not found (no such folder)"],
+    ),
+    "monitor": (["checkpoint.monitor=val/acc"], ["checkpoint.monitor='val/acc'", "val/pixel_AP"]),
+    "trainer_key": (["+trainer.max_epoch=3"], ["trainer.max_epoch is not a setting", "trainer.max_epochs?"]),
+    "net_key": (["+model.params.net.encdr=1"], ["model.params.net.encdr is not a setting", "encoder_name"]),
+    "encoder": (["model.params.net.encoder_name=resnet17"], ["encoder_name='resnet17'", "resnet18"]),
+    "optimizer": (["model.params.optimizer._target_=torch.optim.Adamm"], ["cannot be imported"]),
+    "smoothing": (["mask=pseudo", "teacher.params.net.smoothing_kernel=4"], ["smoothing_kernel=4", "odd"]),
+    "run_dir_below_a_file": (["paths.run_dir={file}/run"], ["paths.run_dir=", "{file} is a file"]),
+    "cache_is_a_file": (["paths.cache_dir={file}"], ["paths.cache_dir=", "is a file, not a folder"]),
+    "root_is_a_file": (["data.root={file}"], ["data.root=", "is a file"]),
+}
+
+
+@pytest.mark.parametrize("case", SETTING_CASES)
+def test_every_setting_is_checked_before_any_work(tmp_path, widget, case):
+    overrides, expected = SETTING_CASES[case]
+    file = _a_file(tmp_path)
+    cfg = _cfg(tmp_path, widget.parent, *(o.replace("{file}", str(file)) for o in overrides))
+    _user_error(cfg, *(e.replace("{file}", str(file)) for e in expected))
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # nothing made or read
+
+
+def test_a_system_folder_is_refused(tmp_path, widget):
+    for folder in (Path("/proc/mvtec_seg_run"), Path("/sys/mvtec_seg_run")):
+        cfg = _cfg(tmp_path, widget.parent, f"paths.run_dir={folder}")
+        _user_error(cfg, f"paths.run_dir='{folder}' cannot be a folder")
+
+
+def test_an_image_above_the_decompression_bomb_limit(tmp_path, widget):
+    msg = _user_error(_cfg(tmp_path, widget.parent, "data.max_image_pixels=100"), "decompression bomb")
+    assert "data.max_image_pixels" in msg and str(widget) in msg
+    assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_IMAGE_PIXELS  # the limit was the job's, not the process's

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import REAL_BOTTLE, _save, make_fake_mvtec
+from PIL import Image
 
 from mvtec_seg.data.cache import decoded_arrays
 from mvtec_seg.data.datamodule import MVTecDataModule
-from mvtec_seg.data.mvtec import load_mask, load_rgb, scan_category
+from mvtec_seg.data.mvtec import MaskNotes, load_mask, load_rgb, scan_category
 from mvtec_seg.data.split import allocate, load_or_create_manifest, make_split
 from mvtec_seg.errors import UserError
 
@@ -171,3 +172,57 @@ def test_real_bottle_official_counts():
     assert sum(s.source == "test" for s in samples) == 83
     assert sum(s.gt_mask is not None for s in samples) == 63
     assert {s.defect_type for s in samples} == {"good", "broken_large", "broken_small", "contamination"}
+
+
+# --- decoding by the type's range ---------------------------------------------------------------------------------
+
+
+def test_16_bit_images_are_scaled_by_the_type_range(tmp_path):
+    """A flat 16-bit image of v*257 decodes as its 8-bit twin of v, whatever the image's own maximum."""
+    for v in (100, 3, 255):
+        Image.fromarray(np.full((6, 6), v * 257, np.uint16)).save(tmp_path / f"g{v}.png")
+        Image.fromarray(np.full((6, 6), v, np.uint8)).save(tmp_path / f"e{v}.png")
+        assert np.array_equal(load_rgb(tmp_path / f"g{v}.png", None), load_rgb(tmp_path / f"e{v}.png", None))
+    ramp = (np.arange(36, dtype=np.uint16).reshape(6, 6) * 1000).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    assert np.array_equal(load_rgb(tmp_path / "ramp.png", None)[..., 0], img_as_ubyte_rounded(ramp))
+
+
+def img_as_ubyte_rounded(arr: np.ndarray) -> np.ndarray:
+    """scikit-image's uint16 -> float conversion (x / 65535), then to 8 bits with rounding."""
+    from skimage.util import img_as_float
+
+    return np.rint(img_as_float(arr) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "levels, dtype, defect",
+    [
+        ((0, 1), np.uint8, True),  # a 0/1 label mask: binary, the 1s are defect
+        ((0, 255), np.uint8, True),
+        ((0, 65535), np.uint16, True),
+        ((7, 200), np.uint8, True),  # two levels, whatever they are: the upper one is defect
+    ],
+)
+def test_two_level_masks_are_binary_whatever_their_levels(tmp_path, levels, dtype, defect):
+    mask = np.full((20, 20), levels[0], dtype)
+    mask[5:10, 5:10] = levels[1]
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    out = load_mask(tmp_path / "m.png", 20)
+    assert out[5:10, 5:10].all() == defect and out.sum() == 25
+
+
+def test_noisy_mask_is_binarised_by_the_type_range_and_named(tmp_path):
+    """Compression noise (values 0..3, no defect) stays normal; the file is named as changed."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 4, (20, 20), dtype=np.uint8)).save(tmp_path / "noise.png")
+    notes = MaskNotes()
+    assert load_mask(tmp_path / "noise.png", 20, notes=notes).sum() == 0
+    assert notes.soft == [tmp_path / "noise.png"] and notes.changed[tmp_path / "noise.png"] > 250
+    faint = np.zeros((20, 20), np.uint8)
+    faint[0:4, 0:4], faint[10:12, 10:12] = 255, 120  # one real defect, a faint grey patch, a third level
+    faint[19, 19] = 60
+    Image.fromarray(faint).save(tmp_path / "few.png")
+    notes = MaskNotes()
+    assert load_mask(tmp_path / "few.png", 20, notes=notes).sum() == 16
+    assert notes.soft == [tmp_path / "few.png"] and notes.changed == {}  # 5 px dropped: a few, not named

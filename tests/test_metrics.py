@@ -323,12 +323,21 @@ def test_aupro_undefined_cases() -> None:
 
 
 def test_iou_and_precision_recall_undefined() -> None:
+    """Undefined means NaN with a warning, IoU included: without a GT defect pixel IoU could only be 0 (some
+    pixel predicted) or 0/0, in the functional core, `compute_all` and `AnomalyMetrics` alike."""
+    for preds in (torch.zeros(1, 3, 3), torch.ones(1, 3, 3)):
+        with pytest.warns(UndefinedMetricWarning, match="IoU undefined: no anomalous pixel"):
+            assert math.isnan(iou(preds, torch.zeros(1, 3, 3)))
+        with pytest.warns(UndefinedMetricWarning) as record:
+            res = precision_recall_iou(preds[0] > 0.5, torch.zeros(3, 3))
+        assert math.isnan(res["IoU"]) and math.isnan(res["recall"])
+    assert len(record) == 2  # precision is defined when something was predicted
+    high = torch.full((2, 4, 4), 0.9)  # every pixel predicted anomalous, none is
     with pytest.warns(UndefinedMetricWarning, match="IoU undefined"):
-        assert math.isnan(iou(torch.zeros(1, 3, 3), torch.zeros(1, 3, 3)))
-    with pytest.warns(UndefinedMetricWarning) as record:
-        res = precision_recall_iou(torch.zeros(3, 3), torch.zeros(3, 3))
-    assert all(math.isnan(v) for v in res.values())
-    assert len(record) == 3
+        assert math.isnan(compute_all(high, torch.zeros(2, 4, 4))["IoU"])
+    with pytest.warns(UndefinedMetricWarning, match="IoU undefined"):
+        assert math.isnan(_class_values([(high, torch.zeros(2, 1, 4, 4))])["IoU"])
+    assert iou(high, torch.ones(2, 4, 4)) == 1.0
 
 
 def test_compute_all_all_normal_images() -> None:

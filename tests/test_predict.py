@@ -19,9 +19,9 @@ from trained_runs import TINY_TRANSFUSION, save_checkpoint, tiny_module, unet_ru
 
 from mvtec_seg.data.mvtec import load_rgb, resize_rgb
 from mvtec_seg.errors import UserError
-from mvtec_seg.inference import anomaly_maps, load_trained, resize_map
+from mvtec_seg.inference import anomaly_maps, load_trained, parse_key_values, resize_map
 from mvtec_seg.metrics import f1_optimal_threshold
-from mvtec_seg.predict import CSV_COLUMNS, PREDICTIONS_CSV, input_files, main, predict
+from mvtec_seg.predict import ARGS, CSV_COLUMNS, PREDICTIONS_CSV, input_files, main, predict
 
 SIZES = {
     "sub/a.png": (40, 40),
@@ -120,9 +120,12 @@ def test_threshold_override_and_default_output(setup: dict) -> None:
     assert result["output"] == setup["run"] / "predictions"
     (row,) = result["rows"]
     assert row.decision == "normal" and row.defect_area_px == 0
-    result = predict(setup["run"], str(setup["images"] / "sub" / "*.png"), threshold=-1.0)
+    with pytest.raises(UserError, match="is not empty .* overwrite=true"):  # the first call's files are there
+        predict(setup["run"], str(setup["images"] / "sub" / "*.png"), threshold=-1.0)
+    result = predict(setup["run"], str(setup["images"] / "sub" / "*.png"), threshold=-1.0, overwrite=True)
     assert [r.name for r in result["rows"]] == ["a", "c"]  # glob names are relative to the common folder
     assert all(r.decision == "anomalous" and r.defect_area_px > 0 for r in result["rows"])
+    assert not list(result["output"].glob("b_*"))  # replaced, not mixed with the first call's maps
 
 
 def test_transfusion_checkpoint_outside_a_run(setup: dict, tmp_path: Path) -> None:
@@ -194,6 +197,49 @@ def test_bad_input_is_one_line_exit_2(setup: dict, tmp_path: Path, capsys: pytes
         assert main(argv) == 2, case
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (case, err)
+
+
+def test_every_input_is_checked_before_anything_is_written(setup: dict, tmp_path: Path) -> None:
+    """An image that fails to decode in a later batch leaves no output and no temporary behind."""
+    images = tmp_path / "in"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / name)
+    (images / "c.png").write_bytes((images / "c.png").read_bytes()[:100])  # a valid header, truncated data
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="cannot read image .*c.png"):
+        predict(setup["run"], str(images), output=out, batch_size=1, threshold=0.5)
+    assert not out.exists() and list(tmp_path.iterdir()) == [images]
+    with pytest.raises(UserError, match="decompression bomb .* max_image_pixels="):
+        predict(setup["run"], str(images), output=out, threshold=0.5, max_image_pixels=10)
+    assert not out.exists()
+
+
+def test_output_must_be_new_or_empty_unless_overwrite(setup: dict, tmp_path: Path) -> None:
+    image = setup["images"] / "d.png"
+    stale = tmp_path / "out" / "old_map.npy"
+    stale.parent.mkdir()
+    stale.write_bytes(b"from an earlier call")
+    with pytest.raises(UserError, match="is not empty"):
+        predict(setup["run"], str(image), output=stale.parent, threshold=0.5)
+    assert stale.is_file()
+    result = predict(setup["run"], str(image), output=stale.parent, threshold=0.5, overwrite=True)
+    assert sorted(p.name for p in result["output"].iterdir()) == [
+        "d_map.npy",
+        "d_mask.png",
+        "d_overlay.png",
+        PREDICTIONS_CSV,
+    ]
+    with pytest.raises(UserError, match="is a file"):
+        predict(setup["run"], str(image), output=stale.parent / "d_map.npy", threshold=0.5)
+    for argv, message in (
+        (["threshold=nan"], "must be a finite number"),
+        (["batch_size=0"], "batch_size=0 must be at least 1"),
+        (["overwrite=maybe"], "overwrite='maybe' is not true or false"),
+    ):
+        with pytest.raises(UserError, match=message):
+            predict(**parse_key_values([f"run={setup['run']}", f"input={image}", *argv], ARGS))
 
 
 def test_names_stay_unique(tmp_path: Path) -> None:

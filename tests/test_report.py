@@ -259,12 +259,12 @@ def test_pseudo_quality_and_column_order(sweep: dict[str, Any]) -> None:
     assert _f(rows["mean"]["pseudo/train_precision.mean"]) == pytest.approx((0.52 + 0.32) / 2)
     assert _f(rows["alpha"]["pseudo/train_normal_nonempty.mean"]) == pytest.approx(0.25)
     assert rows["beta"]["pseudo/train_normal_nonempty.n"] == "0"  # an older record without it: a gap
-    assert result["cells"] == [
-        ("transfusion", "none"),
-        ("unet", "gt"),
-        ("unet", "pseudo"),
-        ("deeplab", "gt"),
-        ("deeplab", "pseudo"),
+    assert result["cells"] == [  # (model, mask, variant): no setting sets these runs apart
+        ("transfusion", "none", ()),
+        ("unet", "gt", ()),
+        ("unet", "pseudo", ()),
+        ("deeplab", "gt", ()),
+        ("deeplab", "pseudo", ()),
     ]
     assert result["columns"][1] == "transfusion/none/pixel_AUPRO.mean"
 

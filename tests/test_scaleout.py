@@ -62,7 +62,9 @@ def test_wandb_offline_writes_run_files(tmp_path, monkeypatch):
 def test_wandb_run_finished_when_job_fails(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = compose_cfg(tmp_path, ["debug=fast", "logger=wandb", f"ckpt_path={tmp_path / 'missing.ckpt'}"])
+    garbage = tmp_path / "garbage.ckpt"  # exists (the settings check passes), does not load
+    garbage.write_bytes(b"not a checkpoint")
+    cfg = compose_cfg(tmp_path, ["debug=fast", "logger=wandb", f"ckpt_path={garbage}"])
     with pytest.raises(Exception):  # noqa: B017 - any failure inside the job
         train(cfg)
     import wandb

@@ -8,6 +8,7 @@ mask or another root with other bytes rebuilds it, and the rebuild names the fil
 
 from __future__ import annotations
 
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,8 +17,14 @@ import numpy as np
 
 from mvtec_seg.data.files import announce_rebuild, data_record, file_state, files_key, write_record
 from mvtec_seg.data.layouts import DEFAULT_LAYOUT, DEFAULT_MASK_RULE, decode_mask, mask_rule
-from mvtec_seg.data.mvtec import image_hw, load_rgb
-from mvtec_seg.io_utils import build_once, content_key
+from mvtec_seg.data.mvtec import (
+    FEW_PIXELS,
+    SIXTEEN_BIT_MODES,
+    MaskNotes,
+    image_hw,
+    load_rgb,
+)
+from mvtec_seg.io_utils import atomic_write_json, build_once, content_key
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +39,7 @@ def decode_sample(
     category_dir: Path,
     row: dict,
     size: int,
-    soft_masks: list[Path] | None = None,
+    notes: MaskNotes | None = None,
     rule: str = DEFAULT_MASK_RULE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One manifest row -> (uint8 RGB [size,size,3], uint8 mask [size,size] in {0,1}); masks by `rule`."""
@@ -40,7 +47,7 @@ def decode_sample(
     image = load_rgb(image_path, size)
     if row["gt_mask"] is None:
         return image, np.zeros((size, size), dtype=np.uint8)
-    mask = decode_mask(category_dir / row["gt_mask"], size, image_hw(image_path), soft_masks, rule)
+    mask = decode_mask(category_dir / row["gt_mask"], size, image_hw(image_path), notes, rule)
     return image, mask
 
 
@@ -49,12 +56,65 @@ def manifest_mask_rule(manifest: dict) -> str:
     return mask_rule(manifest.get("layout", DEFAULT_LAYOUT))
 
 
+def _mode(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as img:  # the header only
+        return img.mode
+
+
+def decoding_key(manifest: dict, cache_dir: Path, size: int, state: dict[str, str]) -> int | None:
+    """The decoding version when some image is 16-bit or float (its pixels depend on the rules), else None:
+    8-bit images decode as they always have, so what was built from them keeps its key."""
+    path = decoded_dir(manifest, cache_dir, size, state) / DECODING_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return DECODING
+    return int(info.get("version", DECODING)) if info.get("wide_images") else None
+
+
+def warn_masks(notes: MaskNotes) -> None:
+    """One warning for the non-binary masks, one naming every mask whose binarisation dropped more than a
+    few non-zero pixels (noise that a '> 0' reading would have made defect, or faint marks)."""
+    if notes.soft:
+        log.warning(
+            "%d mask(s) are not binary (first: %s): thresholded at half their type's range (128 of 255) — "
+            "save masks as two-level PNGs (0/255) to silence this",
+            len(notes.soft),
+            sorted(notes.soft)[0],
+        )
+    if notes.changed:
+        named = ", ".join(f"{p} ({n} px)" for p, n in sorted(notes.changed.items()))
+        log.warning(
+            "%d mask(s) have more than %d non-zero pixels below half the range, read as normal: %s — check "
+            "that these masks mark what you mean",
+            len(notes.changed),
+            FEW_PIXELS,
+            named,
+        )
+
+
+DECODING = 2
+"""The version of the decoding rules (16-bit by the type's range, masks by their levels), part of the key."""
+DECODING_FILE = "decoding.json"
+WIDE_MODES: tuple[str, ...] = (*SIXTEEN_BIT_MODES, "F")
+
+
 def decoded_dir(manifest: dict, cache_dir: Path, size: int, state: dict[str, str]) -> Path:
-    """The cache folder for these files' bytes, in this manifest's order, at this size (and mask rule)."""
+    """The cache folder for these files' bytes, in this manifest's order, at this size, by these decoding and mask rules."""
     order = [r["image"] for r in manifest["samples"]]
     rule = manifest_mask_rule(manifest)
-    extra = {} if rule == DEFAULT_MASK_RULE else {"mask_rule": rule}  # MVTec keys stay as they were
-    key = content_key({"files": files_key({"files": state}), "order": order, "size": int(size), **extra})
+    extra = {} if rule == DEFAULT_MASK_RULE else {"mask_rule": rule}
+    key = content_key(
+        {
+            "files": files_key({"files": state}),
+            "order": order,
+            "size": int(size),
+            "decoding": DECODING,
+            **extra,
+        }
+    )
     return Path(cache_dir) / "decoded" / manifest["category"] / f"{key}_{size}px"
 
 
@@ -80,19 +140,15 @@ def decoded_arrays(
 
     def build(tmp: Path) -> None:
         announce_rebuild(target, record, f"the decoded arrays of {manifest['category']}")
-        soft: list[Path] = []
+        notes = MaskNotes()
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            decoded = list(pool.map(lambda r: decode_sample(category_dir, r, size, soft, rule), rows))
-        if soft:
-            log.warning(
-                "%d mask(s) are not binary (first: %s): thresholded at half their range — save masks as "
-                "0/255 PNGs to silence this",
-                len(soft),
-                sorted(soft)[0],
-            )
+            decoded = list(pool.map(lambda r: decode_sample(category_dir, r, size, notes, rule), rows))
+        warn_masks(notes)
         tmp.mkdir(parents=True)
         np.save(tmp / "images.npy", np.stack([d[0] for d in decoded]))
         np.save(tmp / "masks.npy", np.stack([d[1] for d in decoded]))
+        wide = sum(_mode(category_dir / r["image"]) in WIDE_MODES for r in rows)
+        atomic_write_json(tmp / DECODING_FILE, {"version": DECODING, "wide_images": int(wide)})
         write_record(tmp, record)
 
     build_once(target, build)

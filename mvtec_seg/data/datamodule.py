@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from mvtec_seg.data.cache import decoded_arrays, manifest_files
+from mvtec_seg.data.cache import decoded_arrays, decoding_key, manifest_files
 from mvtec_seg.data.files import data_record, file_state
 from mvtec_seg.data.split import load_or_create_manifest, part_counts
 
@@ -173,6 +173,7 @@ class MVTecDataModule(pl.LightningDataModule):
         self.manifest: dict | None = None
         self.manifest_path: Path | None = None
         self.file_state: dict[str, str] = {}
+        self.decoding: int | None = None  # the decoding rules' version when the pixels depend on it
 
     def prepare(self) -> dict:
         """Scan, split and decode (once; cached). Safe to call repeatedly, and before the trainer exists."""
@@ -195,6 +196,7 @@ class MVTecDataModule(pl.LightningDataModule):
                 self.decode_workers,
                 self.file_state,
             )
+            self.decoding = decoding_key(self.manifest, self.cache_dir, self.image_size, self.file_state)
         return self.manifest
 
     def data_record(self, indices: np.ndarray | None = None, masks: bool = False) -> dict:

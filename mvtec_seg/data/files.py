@@ -9,7 +9,6 @@ is recorded beside each artefact (`files.json`), with the digests, so that a reb
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable
@@ -17,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mvtec_seg.errors import UserError
-from mvtec_seg.io_utils import atomic_write_json, content_key
+from mvtec_seg.io_utils import atomic_write_json, content_key, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +27,7 @@ RECORD = "files.json"
 def fingerprint(path: Path) -> str:
     """The BLAKE2b digest (128 bits, hex) of a file's bytes."""
     try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "blake2b").hexdigest()[:32]
+        return file_digest(path)
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror} — fix the file or its permissions") from None
 

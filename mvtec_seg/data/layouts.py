@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mvtec_seg.data.mvtec import MVTEC_CATEGORIES, Sample, load_mask, open_image, scan_category
+from mvtec_seg.data.mvtec import MVTEC_CATEGORIES, MaskNotes, Sample, load_mask, open_image, scan_category
 from mvtec_seg.data.mvtec_ad2 import MVTEC_AD2_CATEGORIES, scan_mvtec_ad2
 from mvtec_seg.data.visa import VISA_CATEGORIES, scan_visa
 from mvtec_seg.errors import UserError
@@ -96,7 +96,7 @@ def decode_mask(
     path: Path,
     size: int,
     image_size_hw: tuple[int, int] | None = None,
-    soft_masks: list[Path] | None = None,
+    notes: MaskNotes | None = None,
     rule: str = DEFAULT_MASK_RULE,
 ) -> np.ndarray:
     """A GT mask by its layout's rule: uint8 [size, size] in {0, 1}."""
@@ -104,4 +104,4 @@ def decode_mask(
         return load_mask_nonzero(path, size, image_size_hw)
     if rule != DEFAULT_MASK_RULE:
         raise ValueError(f"unknown mask rule {rule!r}; known: {sorted(set(MASK_RULES.values()))}")
-    return load_mask(path, size, image_size_hw, soft_masks)
+    return load_mask(path, size, image_size_hw, notes)

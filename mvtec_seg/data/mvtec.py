@@ -6,7 +6,9 @@ that names the file and the fix.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +135,33 @@ def scan_category(category_dir: Path | str) -> list[Sample]:
     return samples
 
 
+DEFAULT_MAX_IMAGE_PIXELS: int | None = Image.MAX_IMAGE_PIXELS
+"""Pillow's decompression-bomb limit: a file above twice it is refused (it could exhaust memory)."""
+SIXTEEN_BIT_MODES: tuple[str, ...] = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+FEW_PIXELS = 16
+"""A non-binary mask whose binarisation differs from reading every non-zero pixel as defect by more than
+this many pixels is named in a warning: its noise, or its faint marks, were dropped."""
+
+
+@contextlib.contextmanager
+def pixel_limit(limit: int | None) -> Iterator[None]:
+    """Pillow's decompression-bomb limit while a job reads images (`data.max_image_pixels`; None: Pillow's
+    own), restored after it: the limit is process-wide in Pillow."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS if limit is None else int(limit)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _bomb(path: Path, err: Exception) -> UserError:
+    return UserError(
+        f"cannot read image {path}: {' '.join(str(err).split())} — if you trust the file, raise the limit "
+        f"with data.max_image_pixels=<pixels> (predict: max_image_pixels=), or shrink the image"
+    )
+
+
 def open_image(path: Path) -> Image.Image:
     """Open an image file, turning decoder failures into a UserError naming the file."""
     try:
@@ -140,19 +169,37 @@ def open_image(path: Path) -> Image.Image:
             raise UserError(f"image {path} is an empty file (0 bytes) — replace or remove the file")
         img = Image.open(path)
         img.load()
+    except Image.DecompressionBombError as err:
+        raise _bomb(path, err) from None
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise UserError(f"cannot read image {path}: {err} — replace or remove the file") from None
     return img
 
 
+def unit_range(img: Image.Image) -> np.ndarray:
+    """Pixel values as float32 in [0, 1] by the range of their type, as scikit-image's `img_as_float`
+    does: 8-bit / 255, 16-bit / 65535 (32-bit integer images are read as 16-bit, above 65535 clips),
+    float images clipped to [0, 1], bilevel as 0 / 1. Never by the image's own maximum, so a flat image
+    keeps its brightness and a 16-bit image decodes like its 8-bit twin."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        return (np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 65535.0).astype(np.float32)
+    if img.mode == "F":
+        return np.clip(np.nan_to_num(np.asarray(img, dtype=np.float32)), 0.0, 1.0)
+    if img.mode == "1":
+        return np.asarray(img, dtype=np.float32)
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
+        if img.mode == "RGBA":
+            img = img.convert("RGB")
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
 def load_rgb(path: Path, size: int | None) -> np.ndarray:
     """Decode any image (grayscale, RGBA, 16-bit, any size) to uint8 RGB resized to size x size
-    (`size=None`: at its own size)."""
+    (`size=None`: at its own size); 16-bit and float images by their type's range (`unit_range`)."""
     img = open_image(path)
-    if img.mode in ("I;16", "I;16B", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = max(float(arr.max()), 1.0)
-        img = Image.fromarray((arr / hi * 255.0).round().astype(np.uint8))
+    if img.mode in (*SIXTEEN_BIT_MODES, "F"):
+        img = Image.fromarray(np.rint(unit_range(img) * 255.0).astype(np.uint8))
     rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return rgb if size is None else resize_rgb(rgb, size)
 
@@ -164,28 +211,63 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
+@dataclass
+class MaskNotes:
+    """What decoding a set of masks noticed: the non-binary ones, and those whose binarisation dropped
+    more than `FEW_PIXELS` non-zero pixels (path -> pixels)."""
+
+    soft: list[Path] = field(default_factory=list)
+    changed: dict[Path, int] = field(default_factory=dict)
+
+
+def mask_levels(path: Path) -> np.ndarray:
+    """A mask file as grey values in [0, 1] by its type's range (colour masks by their luma)."""
+    img = open_image(path)
+    if img.mode not in (*SIXTEEN_BIT_MODES, "F", "1", "L"):
+        img = img.convert("RGBA" if "A" in img.getbands() else "RGB").convert("L")
+    return unit_range(img)
+
+
+def binarise(levels: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(float mask in [0,1] to resize and cut at 0.5, whether it was binary). Two levels (or one nonzero
+    level) are binary whatever they are: the upper one is defect. More levels are cut at half the type's
+    range, not at half their own, so compression noise stays noise. A uniform mask is read by the type's
+    range too."""
+    values = np.unique(levels)
+    if len(values) == 2:
+        return (levels >= values[1]).astype(np.float32), True
+    if len(values) <= 1:  # uniform: defect everywhere only at half the type's range or more
+        return (levels >= 0.5).astype(np.float32), True
+    return levels, False
+
+
 def load_mask(
-    path: Path, size: int, image_size_hw: tuple[int, int] | None = None, soft_masks: list[Path] | None = None
+    path: Path, size: int, image_size_hw: tuple[int, int] | None = None, notes: MaskNotes | None = None
 ) -> np.ndarray:
-    """Decode a mask, resize it with bilinear interpolation and binarise at half its range.
+    """Decode a mask, resize it with bilinear interpolation and binarise at half the range.
 
     Thresholding at half the range after resizing keeps the mask's area; thresholding at > 0 would dilate it.
-    A mask with more than two grey levels (anti-aliased, or saved as JPEG) is thresholded the same way, not
-    refused; its path is appended to `soft_masks` so the caller can warn once.
+    A binary mask is recognised whatever its two levels (0/1, 0/255, 0/65535). A mask with more grey levels
+    (anti-aliased, or saved as JPEG) is thresholded at half its type's range, not refused; `notes` collects
+    it, and how many non-zero pixels its binarisation dropped when more than `FEW_PIXELS`.
     """
-    img = open_image(path)
-    if image_size_hw is not None and (img.height, img.width) != tuple(image_size_hw):
+    levels = mask_levels(path)
+    if image_size_hw is not None and levels.shape[:2] != tuple(image_size_hw):
         raise UserError(
-            f"mask {path} is {img.width}x{img.height} but its image is {image_size_hw[1]}x{image_size_hw[0]} — "
-            f"masks must have the size of their images"
+            f"mask {path} is {levels.shape[1]}x{levels.shape[0]} but its image is "
+            f"{image_size_hw[1]}x{image_size_hw[0]} — masks must have the size of their images"
         )
-    arr = np.asarray(img.convert("L"), dtype=np.float32)
-    if soft_masks is not None and len(np.unique(arr)) > 2:
-        soft_masks.append(path)
-    hi = float(arr.max())
-    if hi <= 0:
+    unit, is_binary = binarise(levels)
+    if notes is not None and not is_binary:
+        notes.soft.append(path)
+        dropped = int(np.count_nonzero(levels > 0)) - int(np.count_nonzero(levels >= 0.5))
+        if dropped > FEW_PIXELS:
+            notes.changed[path] = dropped
+    if not unit.any():
         return np.zeros((size, size), dtype=np.uint8)
-    resized = np.asarray(Image.fromarray(arr / hi, mode="F").resize((size, size), Image.BILINEAR))
+    resized = np.asarray(
+        Image.fromarray(unit.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR)
+    )
     return (resized >= 0.5).astype(np.uint8)
 
 
@@ -194,5 +276,7 @@ def image_hw(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.height, img.width
+    except Image.DecompressionBombError as err:
+        raise _bomb(path, err) from None
     except (OSError, UnidentifiedImageError) as err:
         raise UserError(f"cannot read image {path}: {err} — replace or remove the file") from None

@@ -25,6 +25,7 @@ from mvtec_seg.metrics.inputs import (
     _binary_np,
     _check_fpr_limit,
     _check_same_shape,
+    _iou,
     _pro_undefined_reason,
     _ratio,
     _scores_np,
@@ -259,13 +260,13 @@ def aupro(preds: ArrayLike, target: ArrayLike, fpr_limit: float = 0.3, *, name: 
 
 
 def iou(preds: ArrayLike, target: ArrayLike, threshold: float = 0.5, *, name: str = "IoU") -> float:
-    """Intersection over union of ``preds >= threshold`` and the target, pooled over all pixels."""
+    """Intersection over union of ``preds >= threshold`` and the target, pooled over all pixels; NaN with a
+    warning when the target has no anomalous pixel."""
     p = _scores_np(preds, "preds") >= threshold
     t = _binary_np(target)
     _check_same_shape(p, t, "preds", "target")
     inter = int(np.count_nonzero(p & t))
-    union = int(np.count_nonzero(p | t))
-    return _ratio(inter, union, name, "empty prediction and empty ground truth (union is 0)")
+    return _iou(inter, int(np.count_nonzero(p)), int(np.count_nonzero(t)), name)
 
 
 def f1_optimal_threshold(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
@@ -297,9 +298,8 @@ def precision_recall_iou(pred_mask: ArrayLike, gt_mask: ArrayLike) -> dict[str, 
     tp = int(np.count_nonzero(p & t))
     n_pred = int(np.count_nonzero(p))
     n_gt = int(np.count_nonzero(t))
-    union = n_pred + n_gt - tp
     return {
-        "IoU": _ratio(tp, union, "IoU", "empty prediction and empty ground truth (union is 0)"),
+        "IoU": _iou(tp, n_pred, n_gt),
         "precision": _ratio(tp, n_pred, "precision", "no pixel predicted anomalous"),
         "recall": _ratio(tp, n_gt, "recall", "no anomalous pixel in the ground truth"),
     }

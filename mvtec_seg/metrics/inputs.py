@@ -94,6 +94,15 @@ def _pro_undefined_reason(n_regions: int, n_normal: int) -> str | None:
     return None
 
 
+IOU_UNDEFINED = "no anomalous pixel in the ground truth (it could only be 0, or 0/0)"
+
+
+def _iou(tp: int, n_pred: int, n_gt: int, name: str = "IoU") -> float:
+    """TP / (pred + GT - TP); undefined (NaN with a warning) without a GT defect pixel, like the other
+    pixel metrics: a score of 0 there would say 'missed the defect' where there was none."""
+    return _undefined(name, IOU_UNDEFINED) if n_gt == 0 else tp / (n_pred + n_gt - tp)
+
+
 def _check_fpr_limit(fpr_limit: float) -> float:
     fpr_limit = float(fpr_limit)
     if not 0.0 < fpr_limit <= 1.0:

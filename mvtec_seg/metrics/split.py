@@ -29,8 +29,8 @@ from mvtec_seg.metrics.inputs import (
     _as_3d,
     _binary_np,
     _check_same_shape,
+    _iou,
     _pro_undefined_reason,
-    _ratio,
     _scores_np,
     _stack_3d,
     _to_numpy,
@@ -301,6 +301,5 @@ def _split_metrics(sp: PixelSplit, fpr_limit: float, iou_threshold: float | None
     )
     if iou_threshold is not None:
         fp, tp = _count_ge(neg, iou_threshold), _count_ge(pos, iou_threshold)
-        union = sp.n_anomalous + fp
-        out["IoU"] = _ratio(tp, union, "IoU", "empty prediction and empty ground truth (union is 0)")
+        out["IoU"] = _iou(tp, tp + fp, sp.n_anomalous)
     return out

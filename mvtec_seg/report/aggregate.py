@@ -1,5 +1,8 @@
 """Reduce runs to a table: per (category, cell) mean / sample std / n, the mean over categories, the
-pseudo-minus-GT gaps and the pseudo-mask quality. A missing run is a gap (None), never a zero."""
+pseudo-minus-GT gaps and the pseudo-mask quality. A missing run is a gap (None), never a zero.
+
+A cell is (model, mask, variant) (`collect`): only runs of the same settings but the seed are averaged.
+A gap compares a model's gt cell with each of its pseudo cells whose variants agree (`compatible`)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from mvtec_seg.metrics import METRIC_LABELS
 from mvtec_seg.report.collect import COST_KEYS, Cell, Run
 from mvtec_seg.summary import number
 
-CELL_ORDER: tuple[Cell, ...] = (
+CELL_ORDER: tuple[tuple[str, str], ...] = (
     ("transfusion", "none"),
     ("unet", "gt"),
     ("unet", "pseudo"),
@@ -23,13 +26,28 @@ CELL_ORDER: tuple[Cell, ...] = (
     ("deeplab", "pseudo"),
 )
 QUALITY_KEYS: tuple[str, ...] = ("IoU", "precision", "recall", "normal_nonempty")
+GapPair = tuple[Cell, Cell]  # (gt cell, pseudo cell) of one model
 
 
 def _order_cells(cells: Iterable[Cell]) -> list[Cell]:
-    """Reference first, then the segmenters in the documented order, then anything else sorted."""
-    present = set(cells)
-    known = [c for c in CELL_ORDER if c in present]
-    return known + sorted(present - set(CELL_ORDER))
+    """Reference first, then the segmenters in the documented order, then anything else sorted; the
+    variants of one (model, mask) together, sorted."""
+    rank = {pair: i for i, pair in enumerate(CELL_ORDER)}
+    return sorted(set(cells), key=lambda c: (rank.get(c[:2], len(rank)), c[:2], c[2]))
+
+
+def compatible(a: Cell, b: Cell) -> bool:
+    """Two cells whose variants agree on every setting both name (a gt run and a pseudo run of the same
+    learning rate, say): their difference is the mask source's."""
+    va, vb = dict(a[2]), dict(b[2])
+    return all(va[k] == vb[k] for k in va.keys() & vb.keys())
+
+
+def gap_name(pair: GapPair) -> str:
+    """`unet`, or `unet[model.params.optimizer.lr=0.001]` when variants set the pair apart."""
+    items = dict(pair[0][2]) | dict(pair[1][2])
+    label = ", ".join(f"{k}={v}" for k, v in sorted(items.items()))
+    return pair[0][0] + (f"[{label}]" if label else "")
 
 
 @dataclass(frozen=True)
@@ -84,7 +102,7 @@ class Table:
 
     categories: list[str]
     cells: list[Cell]
-    gap_models: list[str]
+    gap_pairs: list[GapPair]
     metric: dict[tuple[str, Cell, str], Stat]  # (category, cell, metric)
     cost: dict[tuple[str, Cell, str], Stat]
     params: dict[Cell, int]
@@ -95,9 +113,20 @@ class Table:
     def get(self, category: str, cell: Cell, metric: str) -> Stat | None:
         return self.metric.get((category, cell, metric))
 
-    def gap(self, category: str, model: str, metric: str) -> float | None:
-        """Pseudo minus GT of the per-category means; None unless both are defined."""
-        gt, ps = self.get(category, (model, "gt"), metric), self.get(category, (model, "pseudo"), metric)
+    @property
+    def gap_models(self) -> list[str]:
+        """The names of the gap pairs (`gap_name`): the model alone when no variant sets them apart."""
+        return [gap_name(p) for p in self.gap_pairs]
+
+    def gap(self, category: str, pair: GapPair | str, metric: str) -> float | None:
+        """Pseudo minus GT of the per-category means; None unless both are defined. `pair` is a gap pair
+        or its name (a model's name when no variant sets its cells apart)."""
+        if isinstance(pair, str):
+            found = [p for p in self.gap_pairs if gap_name(p) == pair]
+            if not found:
+                return None
+            pair = found[0]
+        gt, ps = self.get(category, pair[0], metric), self.get(category, pair[1], metric)
         if gt is None or ps is None or not gt.defined or not ps.defined:
             return None
         return ps.mean - gt.mean
@@ -108,8 +137,8 @@ class Table:
     def mean_cost(self, cell: Cell, key: str) -> Stat | None:
         return _mean_of(self.cost.get((c, cell, key)) for c in self.categories)
 
-    def mean_gap(self, model: str, metric: str) -> Stat | None:
-        gaps = [g for c in self.categories if (g := self.gap(c, model, metric)) is not None]
+    def mean_gap(self, pair: GapPair | str, metric: str) -> Stat | None:
+        gaps = [g for c in self.categories if (g := self.gap(c, pair, metric)) is not None]
         return _stat(gaps) if gaps else None
 
     def mean_quality(self, key: str) -> Stat | None:
@@ -120,7 +149,7 @@ def aggregate(runs: Sequence[Run]) -> Table:
     """Group runs by (category, cell) and reduce each group to mean / std / n."""
     groups: dict[tuple[str, Cell], list[Run]] = {}
     for run in sorted(
-        runs, key=lambda r: (r.category, r.model, r.mask, r.seed if r.seed is not None else -1)
+        runs, key=lambda r: (r.category, r.model, r.mask, r.variant, r.seed if r.seed is not None else -1)
     ):
         groups.setdefault((run.category, run.cell), []).append(run)
     categories = sorted({r.category for r in runs})
@@ -148,7 +177,10 @@ def aggregate(runs: Sequence[Run]) -> Table:
         strategy[cat] = "/".join(
             sorted({str(info.get("label") or info.get("strategy", "?")) for info in records})
         )
-    gap_models = [
-        m for m in dict.fromkeys(m for m, _ in cells) if (m, "gt") in cells and (m, "pseudo") in cells
+    gap_pairs = [
+        (g, p)
+        for g in cells
+        for p in cells
+        if g[1] == "gt" and p[1] == "pseudo" and p[0] == g[0] and compatible(g, p)
     ]
-    return Table(categories, cells, gap_models, metric, cost, params, quality, strategy, groups)
+    return Table(categories, cells, gap_pairs, metric, cost, params, quality, strategy, groups)

@@ -17,6 +17,7 @@ from mvtec_seg.report.collect import collect_runs
 from mvtec_seg.report.html import markdown_to_html
 from mvtec_seg.report.plots import BAR_METRICS, bar_plot, category_grid, safe_name
 from mvtec_seg.report.tables import csv_columns, csv_rows, csv_text, markdown
+from mvtec_seg.settings import folder_problem
 
 log = logging.getLogger(__name__)
 PLOTS_DIR = "report_plots"
@@ -32,6 +33,9 @@ def build_report(folder: Path | str, out: Path | str | None = None) -> dict[str,
     folder = Path(folder)
     coll = collect_runs(folder)
     out_dir = Path(out) if out is not None else folder
+    problem = folder_problem(out_dir)
+    if problem:
+        raise UserError(f"report output {out_dir} cannot be a folder: {problem} — pass --out <a folder>")
     out_dir.mkdir(parents=True, exist_ok=True)
     out_dir = out_dir.resolve()
     t = aggregate(coll.runs)

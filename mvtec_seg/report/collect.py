@@ -1,19 +1,36 @@
-"""Find the finished runs below a folder: every `summary.json`, read through `RunSummary`."""
+"""Find the finished runs below a folder: every `summary.json`, read through `RunSummary`, with the
+settings of its `config.yaml`.
+
+Runs are kept apart by everything that differs between them: two runs are repeats of one cell only when
+their settings (`identity.flat_settings` of the resolved config, output-only settings and the seed left
+out) and their data are the same; a rerun of the very same settings and seed replaces the earlier one. A
+cell is (model, mask, variant): the variant names the settings that vary between the runs of that model and
+mask within a category (`label_variants`), so a sweep over the learning rate gives one cell per rate.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from mvtec_seg.errors import UserError
+from mvtec_seg.identity import CONFIG_FILE, OUTPUT_ONLY, flat_settings, matches
+from mvtec_seg.io_utils import content_key
 from mvtec_seg.metrics import METRIC_NAMES
 from mvtec_seg.summary import SUMMARY_FILE, RunSummary
 
 log = logging.getLogger(__name__)
 
-Cell = tuple[str, str]
+Variant = tuple[tuple[str, str], ...]  # (setting, value) pairs that set a cell apart; () when none do
+Cell = tuple[str, str, Variant]  # (model, mask, variant)
+NOT_COMPARED: tuple[str, ...] = (*OUTPUT_ONLY, "seed")
+"""Settings that never set runs apart: where they write, what they log, and the seed (aggregated)."""
 COST_KEYS: tuple[str, ...] = ("train_images_per_s", "test_images_per_s", "train_s")
 FAILED_STATUSES: tuple[str, ...] = ("failed", "interrupted")
 
@@ -24,6 +41,14 @@ class Run:
 
     summary: RunSummary
     run_dir: Path
+    settings: dict[str, Any] | None = field(default=None, compare=False)  # compared settings; None: unknown
+    variant: Variant = ()
+
+    @property
+    def key(self) -> tuple:
+        """What makes two runs the same run (a rerun replaces the other): cell, seed and settings."""
+        settings = content_key(self.settings) if self.settings is not None else None
+        return (self.category, self.model, self.mask, self.seed, settings)
 
     @property
     def category(self) -> str:
@@ -43,7 +68,7 @@ class Run:
 
     @property
     def cell(self) -> Cell:
-        return (self.model, self.mask)
+        return (self.model, self.mask, self.variant)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -72,9 +97,59 @@ def _mtime(run: Run) -> int:
 
 
 def _redone(failed: Run, latest: dict[tuple, Run]) -> bool:
-    """A failure that a later run of the same (category, model, mask, seed) replaced is not marked."""
-    ok = latest.get((failed.category, failed.model, failed.mask, failed.seed))
+    """A failure that a later run of the same settings and seed replaced is not marked."""
+    ok = latest.get(failed.key)
     return ok is not None and _mtime(ok) >= _mtime(failed)
+
+
+def compared_settings(run_dir: Path, summary: RunSummary) -> dict[str, Any] | None:
+    """The run's settings that can set it apart from another run (its `config.yaml`, without
+    `NOT_COMPARED`), plus the digest of the data it read (`data`) unless the data is generated from the
+    settings; None without a readable config.yaml."""
+    try:
+        loaded = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(loaded, dict):
+        return None
+    flat = {k: v for k, v in flat_settings(loaded).items() if not matches(k, NOT_COMPARED)}
+    data = (summary.identity or {}).get("data")
+    if data is not None and not any(k.startswith("category.generate.") for k in flat):
+        flat["data"] = data
+    return flat
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
+def label_variants(runs: Iterable[Run]) -> list[Run]:
+    """Each run with its variant: its values of the settings that vary between the runs of its model and
+    mask within any one category (so categories' own settings, like their image size, set nothing apart)."""
+    runs = list(runs)
+    groups: dict[tuple[str, str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.category, run.model, run.mask), []).append(run)
+    varying: dict[tuple[str, str], set[str]] = {}
+    for (_, model, mask), group in groups.items():
+        known = [r.settings for r in group if r.settings is not None]
+        keys = set().union(*known) if known else set()
+        found = {k for k in keys if len({_text(s.get(k, "(unset)")) for s in known}) > 1}
+        varying.setdefault((model, mask), set()).update(found)
+    out = []
+    for run in runs:
+        keys = sorted(varying[(run.model, run.mask)])
+        if run.settings is None:
+            variant: Variant = (("config.yaml", "missing"),) if keys else ()
+        else:
+            variant = tuple((k, _text(run.settings.get(k, "(unset)"))) for k in keys)
+        out.append(replace(run, variant=variant))
+    return out
+
+
+def _run(data: dict, run_dir: Path) -> Run:
+    summary = RunSummary.from_dict(data)
+    return Run(summary, run_dir, compared_settings(run_dir, summary))
 
 
 def collect_runs(folder: Path | str) -> Collected:
@@ -101,20 +176,19 @@ def collect_runs(folder: Path | str) -> Collected:
             if status != "ok":
                 out.skipped_status[status] = out.skipped_status.get(status, 0) + 1
                 if status in FAILED_STATUSES:
-                    out.failed.append(Run(RunSummary.from_dict(data), path.parent))
+                    out.failed.append(_run(data, path.parent))
                 continue
-            out.runs.append(Run(RunSummary.from_dict(data), path.parent))
+            out.runs.append(_run(data, path.parent))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             log.warning("skipping unreadable %s: %s", path, err)
             out.unreadable.append(f"{path} ({type(err).__name__}: {err})")
-    # a re-run of the same (category, model, mask, seed) replaces the earlier one instead of counting twice
+    # a rerun of the same settings and seed replaces the earlier one instead of counting twice
     latest: dict[tuple, Run] = {}
-    for run in sorted(out.runs, key=lambda r: (r.run_dir / SUMMARY_FILE).stat().st_mtime_ns):
-        key = (run.category, run.model, run.mask, run.seed)
-        if key in latest:
+    for run in sorted(out.runs, key=_mtime):
+        if run.key in latest:
             out.skipped_status["superseded"] = out.skipped_status.get("superseded", 0) + 1
-        latest[key] = run
-    out.runs = sorted(latest.values(), key=lambda r: str(r.run_dir))
+        latest[run.key] = run
+    out.runs = label_variants(sorted(latest.values(), key=lambda r: str(r.run_dir)))
     out.failed = [f for f in out.failed if not _redone(f, latest)]
     if out.n_files == 0:
         raise UserError(

@@ -1,7 +1,9 @@
 """The report's text: `report.csv` (one wide table, full precision) and `report.md` (readable tables).
 
 CSV columns (``.mean``, ``.std``, ``.n``; empty = missing, ``n = 0`` = run present, metric undefined):
-``<model>/<mask>/<metric>.*`` for the five test metrics, ``gap/<model>/<metric>`` (pseudo minus gt),
+``<model>/<mask>/<metric>.*`` for the five test metrics (``<model>/<mask>[<setting>=<value>, ...]/...``
+for a cell set apart by settings that vary between the runs), ``gap/<model>/<metric>`` (pseudo minus gt;
+``gap/<model>[<settings>]/<metric>`` likewise),
 ``pseudo/strategy``, ``pseudo/threshold.*``, ``pseudo/train_<IoU|precision|recall|normal_nonempty>.*``
 (``normal_nonempty``: fraction of normal train images with a non-empty mask) and
 ``<model>/<mask>/<train_images_per_s|test_images_per_s|train_s>.*``.
@@ -30,8 +32,14 @@ GAP = "–"  # markdown for a missing value
 UNDEFINED = "†"  # markdown mark: the run exists but the metric was undefined (NaN / null)
 
 
+def variant_label(cell: Cell) -> str:
+    """'model.params.optimizer.lr=0.001, seed...' for a cell set apart by settings; '' otherwise."""
+    return ", ".join(f"{k}={v}" for k, v in cell[2])
+
+
 def _cell_name(cell: Cell) -> str:
-    return f"{cell[0]}/{cell[1]}"
+    label = variant_label(cell)
+    return f"{cell[0]}/{cell[1]}" + (f"[{label}]" if label else "")
 
 
 def _stat_columns(prefix: str) -> list[str]:
@@ -143,8 +151,10 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], n_text: int 
 
 
 def cell_label(cell: Cell) -> str:
-    model, mask = cell
-    return f"{model} (reference)" if mask == "none" else f"{model} / {mask}"
+    model, mask = cell[:2]
+    text = f"{model} (reference)" if mask == "none" else f"{model} / {mask}"
+    label = variant_label(cell)
+    return f"{text} [{label}]" if label else text
 
 
 def _metric_table(t: Table, m: str) -> list[str]:
@@ -254,6 +264,14 @@ def markdown(
         + "."
     )
     lines.append(f"Categories: {len(t.categories)}. Cells: {', '.join(cell_label(c) for c in t.cells)}.")
+    varying = sorted({k for c in t.cells for k, _ in c[2]})
+    if varying:
+        lines.append(
+            "Cells are kept apart by every setting that differs between their runs ("
+            + ", ".join(f"`{k}`" for k in varying)
+            + "; `data`: the digest of the files read); only runs that differ in nothing but the seed are "
+            "averaged."
+        )
     lines += [
         "",
         "Values: mean ± sample std (n = runs, e.g. seeds) when a cell has several runs; "

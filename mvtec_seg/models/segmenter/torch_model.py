@@ -8,6 +8,13 @@ from torch import Tensor, nn
 
 ARCHITECTURES = {"unet": "Unet", "deeplab": "DeepLabV3Plus", "deeplabv3plus": "DeepLabV3Plus", "fpn": "FPN"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
+def encoders() -> tuple[str, ...]:
+    """The encoder names `model.params.net.encoder_name` may take (segmentation_models_pytorch's)."""
+    return tuple(smp.encoders.get_encoder_names())
+
+
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
