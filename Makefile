@@ -1,4 +1,5 @@
-# make demo: set up .venv (if missing) and run the default job on the built-in synthetic category.
+# make demo: set up .venv (if missing) and run the whole comparison (teacher, pseudo masks, U-Net on GT and on
+#   PSEUDO, TransFusion, report) on the built-in synthetic category; prints the headline table.
 # make test: same set-up, then the test suite.
 # make bench [SUITE=quality|speed|metrics]: run the benchmark suites (or one), then benchmarks/RESULTS.md.
 # make wheels: .whl/ with the pure-Python dependencies, for installing on a machine without an index.
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python -m mvtec_seg
+	$(BIN)/python -m mvtec_seg.compare experiment=demo
 
 test: install
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q

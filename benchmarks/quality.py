@@ -80,10 +80,16 @@ def case_overrides(cfg: DictConfig, category: str, row: str, seed: int) -> list[
     spec = cfg.rows[row]
     mask = spec.get("mask", "none")
     tiny = list(cfg.get("tiny_overrides") or []) if cfg.get("tiny") else []
+    epochs = (cfg.get("student_epochs") or {}).get(category)
+    if spec.model == "transfusion":  # its epochs are the teacher's, whatever an experiment sets for students
+        student = ["model.max_epochs=${teacher.trainer.max_epochs}"]
+    else:
+        student = [f"model.max_epochs={epochs}"] if epochs is not None else []
     return [
         *cfg.base,
         *cfg.categories[category],
         f"model={spec.model}",
+        *student,
         "mask=gt" if mask in ("gt", "none") else "mask=pseudo",
         *(spec.get("overrides") or []),
         f"seed={seed}",

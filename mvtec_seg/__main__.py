@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import errno
 import logging
 import os
-import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
-from omegaconf.errors import OmegaConfBaseException
 
+from mvtec_seg import cli
 from mvtec_seg.errors import UserError
 from mvtec_seg.interrupt import Interrupted, install_handlers
-from mvtec_seg.io_utils import WRITE_ERRNOS, write_error
 
 log = logging.getLogger("mvtec_seg")
-FOLDER_ERRNOS: frozenset[int] = frozenset({errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP})
-"""A folder that cannot be made where it was asked for (below a file, under a system folder)."""
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -54,61 +45,15 @@ def _main(cfg: DictConfig) -> float | None:
     return float(value) if value is not None else None
 
 
-def _config_error(err: HydraException) -> str:
-    """A Hydra composition error (typo, unknown option) as one line with the likely fix."""
-    text = " ".join(
-        line.strip() for line in str(err).split("Config search path")[0].splitlines() if line.strip()
-    )
-    typo = re.match(r"Could not override '([^']+)'", text)
-    if typo:
-        from mvtec_seg.config import setting_names
+def _setting_names() -> list[str]:
+    from mvtec_seg.config import setting_names
 
-        close = difflib.get_close_matches(typo.group(1), setting_names(), n=1)
-        value = re.search(r"use \+[^=\s]+=(\S+)", text)
-        hint = (
-            f"did you mean {close[0]}={value.group(1) if value else '...'}?"
-            if close
-            else "check its spelling"
-        )
-        return f"unknown setting '{typo.group(1)}' — {hint} (`python -m mvtec_seg --help` lists the settings)"
-    if "Could not find" in text:
-        return f"{text} — pick one of those options"
-    return f"{text} — fix that override (`python -m mvtec_seg --help` lists the groups and settings)"
+    return setting_names()
 
 
-@contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
-    """Say a user's mistake in one `error:` line and exit 2: bad input (`UserError`), a config typo or unknown
-    option (Hydra), a folder that cannot be written (full disk, read-only). Anything else is a bug: traceback."""
-    try:
-        yield
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except HydraException as err:  # config typos and unknown options, before any job starts
-        print(f"error: {_config_error(err)}", file=sys.stderr)
-        sys.exit(2)
-    except OmegaConfBaseException as err:  # an interpolation that cannot be resolved, a value left unset
-        key = getattr(err, "full_key", None) or "a setting"
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        print(
-            f"error: {key}: {first} — fix that setting (or the environment variable it reads)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-    except OSError as err:  # e.g. Hydra writing .hydra/ into a read-only or full output folder
-        if err.errno in FOLDER_ERRNOS:
-            print(
-                f"error: cannot make the folder {err.filename or ''}: {err.strerror} — point hydra.run.dir / "
-                f"hydra.sweep.dir (paths.output_dir, MVTEC_SEG_OUTPUTS) at a folder you can write",
-                file=sys.stderr,
-            )
-            sys.exit(2)
-        if err.errno not in WRITE_ERRNOS:
-            raise
-        verb = "access" if err.errno in (errno.EACCES, errno.EPERM) else "write"  # may have been a read
-        print(f"error: {write_error(err.filename or '', err, verb)}", file=sys.stderr)
-        sys.exit(2)
+def one_line_errors():
+    """The shared one-line error wrapper, with the run config's settings for typo hints."""
+    return cli.one_line_errors(_setting_names, "`python -m mvtec_seg --help` lists the groups and settings")
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """One command-line style for every command: Hydra `key=value` overrides, `--help`, one `error:` line.
 
-`python -m mvtec_seg` is a Hydra application (sweeps, launchers, run folders). The other commands (`predict`,
-`export`, `report`, `compare`) compose their own config (`mvtec_seg/conf/<name>.yaml`) with the same override
-grammar through Hydra's Compose API, so they write no run folder of their own; `--help` prints the command's
-purpose and its settings with their defaults. Every command says a user's mistake in one `error:` line and
+`python -m mvtec_seg` is a Hydra application (sweeps, launchers, run folders); `compare` composes the same run
+config. The other commands (`predict`, `export`, `report`) compose their own config
+(`mvtec_seg/conf/commands/<name>.yaml`) with the same override grammar through Hydra's Compose API, so they
+write no run folder of their own; `--help` prints the command's purpose and its settings with their
+defaults. Every command says a user's mistake in one `error:` line and
 exits 2 (`one_line_errors`), and ends at once on SIGTERM/SIGINT with 128 + the signal.
 """
 
@@ -17,18 +18,22 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mvtec_seg.errors import UserError
 from mvtec_seg.interrupt import Interrupted, install_handlers, stage
 from mvtec_seg.io_utils import WRITE_ERRNOS, write_error
 
 
-def config_error(err: Exception, names: Sequence[str] = ()) -> str:
+def config_error(
+    err: Exception, names: Sequence[str] = (), help_hint: str = "--help lists the settings"
+) -> str:
     """A Hydra or OmegaConf composition error (typo, unknown option, bad value) as one line with the fix;
-    `names` are the settings a typo is matched against."""
+    `names` are the settings a typo is matched against, `help_hint` where the user finds them."""
     text = " ".join(
         line.strip() for line in str(err).split("Config search path")[0].splitlines() if line.strip()
     )
@@ -43,28 +48,56 @@ def config_error(err: Exception, names: Sequence[str] = ()) -> str:
             if close
             else "check its spelling"
         )
-        return f"unknown setting '{typo.group(1)}' — {hint} (--help lists the settings)"
+        return f"unknown setting '{typo.group(1)}' — {hint} ({help_hint})"
+    parse = re.match(r"Error parsing override '([^']*)'", text)
+    if parse and "=" not in parse.group(1):
+        return f"{parse.group(1)!r} is not key=value — pass settings as key=value ({help_hint})"
+    if parse:
+        return f"cannot read the override {parse.group(1)!r} — quote a value with brackets, commas or spaces"
     if "Could not find" in text:
         return f"{text} — pick one of those options"
-    return f"{text} — fix that override (--help lists the settings)"
+    return f"{text} — fix that override ({help_hint})"
+
+
+FOLDER_ERRNOS: frozenset[int] = frozenset({errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP})
+"""A folder that cannot be made where it was asked for (below a file, under a system folder)."""
 
 
 @contextlib.contextmanager
-def one_line_errors(names: Callable[[], Sequence[str]] | None = None) -> Iterator[None]:
+def one_line_errors(
+    names: Callable[[], Sequence[str]] | None = None, help_hint: str = "--help lists the settings"
+) -> Iterator[None]:
     """Say a user's mistake in one `error:` line and exit 2: bad input (`UserError`), a config typo or unknown
-    option (Hydra), a folder that cannot be written (full disk, read-only). Anything else is a bug: traceback."""
+    option (Hydra), an interpolation that cannot be resolved, a folder that cannot be made or written (full
+    disk, read-only). Anything else is a bug: traceback. Every command of the package runs inside it."""
     try:
         yield
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except HydraException as err:
-        print(f"error: {config_error(err, names() if names else ())}", file=sys.stderr)
+    except HydraException as err:  # config typos and unknown options, before any job starts
+        print(f"error: {config_error(err, names() if names else (), help_hint)}", file=sys.stderr)
+        sys.exit(2)
+    except OmegaConfBaseException as err:  # an interpolation that cannot be resolved, a value left unset
+        key = getattr(err, "full_key", None) or "a setting"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(
+            f"error: {key}: {first} — fix that setting (or the environment variable it reads)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except OSError as err:  # e.g. writing into a read-only or full output folder
+        if err.errno in FOLDER_ERRNOS:
+            print(
+                f"error: cannot make the folder {err.filename or ''}: {err.strerror} — point the output "
+                f"(hydra.run.dir / hydra.sweep.dir, paths.output_dir, MVTEC_SEG_OUTPUTS, or output=) at a "
+                f"folder you can write",
+                file=sys.stderr,
+            )
+            sys.exit(2)
         if err.errno not in WRITE_ERRNOS:
             raise
-        verb = "access" if err.errno in (errno.EACCES, errno.EPERM) else "write"
+        verb = "access" if err.errno in (errno.EACCES, errno.EPERM) else "write"  # may have been a read
         print(f"error: {write_error(err.filename or '', err, verb)}", file=sys.stderr)
         sys.exit(2)
 
@@ -78,19 +111,42 @@ def settings_help(cfg: DictConfig) -> str:
             if isinstance(value, dict) and value:
                 walk(value, f"{prefix}{key}.")
             else:
-                lines.append(f"  {prefix}{key}={'null' if value is None else value}")
+                shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+                lines.append(f"  {prefix}{key}={shown}")
 
     walk(OmegaConf.to_container(cfg, resolve=False), "")
     return "\n".join(lines)
 
 
+def command_args(cfg: DictConfig, schema: dict[str, type], required: Sequence[str] = ()) -> dict[str, Any]:
+    """A composed command config as keyword arguments, each checked against its type in `schema`: Hydra's
+    grammar reads `run=123` as a number and `format=null` as None; a path stays a string, a whole number
+    is a valid float, and anything else out of type is one line naming the setting."""
+    what = {str: "a text", int: "a whole number", float: "a number", bool: "true or false"}
+    out: dict[str, Any] = {}
+    for key, kind in schema.items():
+        value = cfg.get(key)
+        if value is None:
+            if key in required:
+                raise UserError(f"{key}= is required (--help lists the settings)")
+        elif kind is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = str(value)
+        elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            value = float(value)
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UserError(f"{key}={value!r} is not {what.get(kind, kind.__name__)}")
+        out[key] = value
+    return out
+
+
 def compose_command(config_name: str, overrides: Sequence[str]) -> DictConfig:
-    """The command's config (`mvtec_seg/conf/<config_name>.yaml`) with `overrides` (Hydra's grammar)."""
+    """The command's config (`mvtec_seg/conf/commands/<config_name>.yaml`) with `overrides` (Hydra's grammar).
+    A folder of its own: beside the run config's groups, `trainer=cpu` would select the group `trainer`."""
     from hydra import compose, initialize_config_dir
 
     from mvtec_seg.config import CONF_DIR
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR / "commands"), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))
 
 

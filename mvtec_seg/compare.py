@@ -19,9 +19,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mvtec_seg.cli import run_command
 from mvtec_seg.config import compose_config
 from mvtec_seg.errors import UserError
 from mvtec_seg.metrics import METRIC_NAMES
+from mvtec_seg.report.build import build_report
+from mvtec_seg.train import check_config, train
 
 log = logging.getLogger(__name__)
 LABELS = {"image_AUROC": "image AUROC", "pixel_AUROC": "pixel AUROC", "pixel_AP": "pixel AP",
@@ -63,9 +66,6 @@ def headline(summaries: dict[str, dict]) -> str:
 
 def compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run every job of `compare.jobs` with `overrides`, then the report; returns the summaries and paths."""
-    from mvtec_seg.report.build import build_report
-    from mvtec_seg.train import train
-
     base = compose_config(list(overrides), run_dir="unused")  # a typo stops here, before any work
     jobs = OmegaConf.to_container(base.compare.jobs, resolve=True)
     if not jobs:
@@ -73,18 +73,19 @@ def compare(overrides: Sequence[str] = ()) -> dict[str, Any]:
             "compare.jobs is empty — name at least one job, e.g. compare.jobs={unet_gt: [model=unet]}"
         )
     folder = comparison_dir(base)
+    # every job composed (and its settings checked) first: a typo in the last job stops before any training
+    configs = {name: compose_config([*overrides, *job], run_dir=folder / name) for name, job in jobs.items()}
+    for cfg in configs.values():
+        check_config(cfg)
     summaries: dict[str, dict] = {}
-    for name, job in jobs.items():
-        log.warning("compare: job %s (%s)", name, " ".join(job))
-        cfg = compose_config([*overrides, *job], run_dir=folder / name)
+    for name, cfg in configs.items():
+        log.warning("compare: job %s (%s)", name, " ".join(jobs[name]))
         summaries[name] = train(cfg)
     report = build_report(folder)
     return {"summaries": summaries, "folder": folder, "report": report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mvtec_seg.cli import run_command
-
     return run_command("mvtec_seg.compare", __doc__, list(sys.argv[1:] if argv is None else argv), _run)
 
 

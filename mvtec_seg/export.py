@@ -22,13 +22,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from mvtec_seg.cli import command_args, run_command
 from mvtec_seg.errors import UserError
-from mvtec_seg.inference import Trained, load_trained, parse_key_values
+from mvtec_seg.inference import Trained, load_trained
 from mvtec_seg.io_utils import atomic_write_json
 from mvtec_seg.models.segmenter import Segmenter
 from mvtec_seg.models.transfusion.lightning_model import TransFusion
@@ -38,12 +39,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx",)
 OPSET = 18
-ARGS: dict[str, tuple[type, Any]] = {
-    "run": (str, None),
-    "format": (str, "onnx"),
-    "output": (str, None),
-    "image_size": (int, None),
-}
+ARGS: dict[str, type] = {"run": str, "format": str, "output": str, "image_size": int}  # conf/export.yaml
 
 
 class SegmenterGraph(nn.Module):
@@ -183,20 +179,19 @@ def export_onnx(run: str | Path, output: str | Path | None = None, image_size: i
     return out
 
 
+def _main(cfg: DictConfig) -> int:
+    args = command_args(cfg, ARGS, required=("run",))
+    if args["format"] not in FORMATS:
+        raise UserError(f"format={args['format']!r} is not supported — use one of {FORMATS}")
+    path = export_onnx(args["run"], args["output"], args["image_size"])
+    print(f"exported: {path} and {path.with_suffix('.json')}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: returns 0, or 2 with a one-line message on bad input (no traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args = parse_key_values(argv, ARGS, required=("run",), usage=__doc__)
-        if args["format"] not in FORMATS:
-            raise UserError(f"format={args['format']!r} is not supported — use one of {FORMATS}")
-        path = export_onnx(args["run"], args["output"], args["image_size"])
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported: {path} and {path.with_suffix('.json')}")
-    return 0
+    return run_command("mvtec_seg.export", __doc__, argv, _main, config_name="export")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,45 +104,6 @@ def choose_threshold(
         "targets": targets,
         "n_images": int(sum(len(m) for m in maps)),
     }
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-def boolean(text: str) -> bool:
-    """`true`/`false` (also yes/no, 1/0) as the CLIs' key=value form writes them."""
-    value = text.strip().lower()
-    if value in ("true", "yes", "1"):
-        return True
-    if value in ("false", "no", "0"):
-        return False
-    raise ValueError(text)
-
-
-def parse_key_values(
-    argv: Sequence[str], spec: dict[str, tuple[type, Any]], required: Sequence[str] = (), usage: str = ""
-) -> dict[str, Any]:
-    """`key=value` arguments (the CLI's form) typed by `spec` (key -> (type, default)); `null` is None.
-
-    Values stay raw strings before typing (a glob like `[ab]*.png` is a path, not a list). Unknown keys,
-    bad values and missing required keys are a UserError.
-    """
-    usage_line = f" — usage: {usage.strip().splitlines()[0].strip('`:')}" if usage else ""
-    out = {k: default for k, (_, default) in spec.items()}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or not key:
-            raise UserError(f"argument {arg!r} is not key=value{usage_line}")
-        if key not in spec:
-            raise UserError(f"unknown argument {key!r} — known: {', '.join(spec)}")
-        kind = spec[key][0]
-        try:
-            out[key] = None if value in ("null", "None", "") else kind(value)
-        except ValueError:
-            what = "true or false" if kind is boolean else f"a valid {kind.__name__}"
-            raise UserError(f"{key}={value!r} is not {what}") from None
-    missing = [k for k in required if out.get(k) is None]
-    if missing:
-        raise UserError(f"{missing[0]}= is required{usage_line}")
-    return out
 
 
 # --------------------------------------------------------------------------------------------- loading

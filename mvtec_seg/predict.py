@@ -50,16 +50,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
+from mvtec_seg.cli import command_args, run_command
 from mvtec_seg.data.mvtec import IMAGE_SUFFIXES, image_hw, load_rgb, pixel_limit, resize_rgb
 from mvtec_seg.data.mvtec_ad2 import private_test_images, write_submission_files
 from mvtec_seg.errors import UserError
 from mvtec_seg.inference import (
     Trained,
     anomaly_maps,
-    boolean,
     load_trained,
-    parse_key_values,
     pick_device,
     resize_map,
 )
@@ -73,17 +73,17 @@ PREDICTIONS_CSV = "predictions.csv"
 CSV_COLUMNS: tuple[str, ...] = ("path", "name", "image_score", "decision", "defect_area_px")
 OVERLAY_RANGE: tuple[float, float] = (0.0, 1.0)  # segmenter probabilities; TransFusion's map is in [0,1] too
 FORMATS: tuple[str, ...] = ("default", "mvtec_ad2")
-ARGS: dict[str, tuple[type, Any]] = {  # key -> (type, default)
-    "run": (str, None),
-    "input": (str, None),
-    "output": (str, None),
-    "threshold": (float, None),
-    "trainer": (str, "auto"),
-    "batch_size": (int, None),
-    "image_size": (int, None),
-    "format": (str, "default"),
-    "overwrite": (boolean, False),
-    "max_image_pixels": (int, None),
+ARGS: dict[str, type] = {  # the settings of conf/predict.yaml and their types
+    "run": str,
+    "input": str,
+    "output": str,
+    "threshold": float,
+    "trainer": str,
+    "batch_size": int,
+    "image_size": int,
+    "format": str,
+    "overwrite": bool,
+    "max_image_pixels": int,
 }
 
 
@@ -340,22 +340,20 @@ def _write_csv(path: Path, rows: list[Prediction]) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: returns 0, or 2 with a one-line message on bad input (no traceback)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args = parse_key_values(argv, ARGS, required=("run", "input"), usage=__doc__)
-        result = predict(**args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _main(cfg: DictConfig) -> int:
+    result = predict(**command_args(cfg, ARGS, required=("run", "input")))
     n_anom = sum(r.decision == "anomalous" for r in result["rows"])
     print(
         f"predictions: {len(result['rows'])} images, {n_anom} anomalous at threshold "
         f"{result['threshold']:.6g} -> {result['csv'] or result['output']}"
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: returns 0, or 2 with a one-line message on bad input (no traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_command("mvtec_seg.predict", __doc__, argv, _main, config_name="predict")
 
 
 if __name__ == "__main__":

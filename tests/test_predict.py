@@ -19,7 +19,8 @@ from trained_runs import TINY_TRANSFUSION, save_checkpoint, tiny_module, unet_ru
 
 from mvtec_seg.data.mvtec import load_rgb, resize_rgb
 from mvtec_seg.errors import UserError
-from mvtec_seg.inference import anomaly_maps, load_trained, parse_key_values, resize_map
+from mvtec_seg.cli import command_args, compose_command
+from mvtec_seg.inference import anomaly_maps, load_trained, resize_map
 from mvtec_seg.metrics import f1_optimal_threshold
 from mvtec_seg.predict import ARGS, CSV_COLUMNS, PREDICTIONS_CSV, input_files, main, predict
 
@@ -185,10 +186,10 @@ def _bad_inputs(setup: dict, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "garbage checkpoint": ([f"run={garbage}", f"input={img}"], "cannot read checkpoint"),
         "plain state dict": ([f"run={plain}", f"input={img}"], "is not a mvtec_seg checkpoint"),
         "bare segmenter": ([f"run={seg}", f"input={img}"], "pass image_size="),
-        "unknown key": ([f"run={run}", f"input={img}", "colour=red"], "unknown argument 'colour'"),
+        "unknown key": ([f"run={run}", f"input={img}", "colour=red"], "unknown setting 'colour'"),
         "not key=value": ([run], "is not key=value"),
         "missing input": ([f"run={run}"], "input= is required"),
-        "bad number": ([f"run={run}", f"input={img}", "threshold=high"], "is not a valid float"),
+        "bad number": ([f"run={run}", f"input={img}", "threshold=high"], "is not a number"),
     }
 
 
@@ -237,9 +238,11 @@ def test_output_must_be_new_or_empty_unless_overwrite(setup: dict, tmp_path: Pat
         (["threshold=nan"], "must be a finite number"),
         (["batch_size=0"], "batch_size=0 must be at least 1"),
         (["overwrite=maybe"], "overwrite='maybe' is not true or false"),
+        (["batch_size=two"], "batch_size='two' is not a whole number"),
     ):
+        cfg = compose_command("predict", [f"run={setup['run']}", f"input={image}", *argv])
         with pytest.raises(UserError, match=message):
-            predict(**parse_key_values([f"run={setup['run']}", f"input={image}", *argv], ARGS))
+            predict(**command_args(cfg, ARGS, required=("run", "input")))
 
 
 def test_names_stay_unique(tmp_path: Path) -> None:

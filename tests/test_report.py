@@ -312,7 +312,7 @@ def test_grid_images_are_shared_and_anomalous_first() -> None:
 @pytest.mark.slow
 def test_cli_writes_to_out_and_rejects_bad_folders(sweep: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "elsewhere"
-    assert report.main([str(sweep["root"] / "runs"), "--out", str(out)]) == 0
+    assert report.main([str(sweep["root"] / "runs"), f"out={out}"]) == 0
     assert (out / "report.md").is_file() and (out / "report_plots" / "bars_pixel_AP.png").is_file()
     # mean row in a second run is identical: the report is deterministic
     assert (out / "report.csv").read_text() == sweep["result"]["report_csv"].read_text()

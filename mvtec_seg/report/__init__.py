@@ -1,6 +1,6 @@
 """Gather the ``summary.json`` of every finished run below a folder into one comparison report.
 
-``python -m mvtec_seg.report <folder> [--out DIR]`` writes ``report.md`` (readable tables and embedded
+``python -m mvtec_seg.report folder=<runs> [out=<folder>]`` writes ``report.md`` (readable tables and embedded
 plots), ``report.html`` (the same on one self-contained page, images embedded), ``report.csv`` (one wide
 table, full precision) and ``report_plots/*.png``.
 

@@ -1,4 +1,4 @@
-"""`python -m mvtec_seg.report <folder> [--out DIR]`."""
+"""`python -m mvtec_seg.report folder=<runs> [out=<folder>]`."""
 
 import sys
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
+from mvtec_seg.cli import command_args, run_command
 from mvtec_seg.errors import UserError
-from mvtec_seg.interrupt import Interrupted, install_handlers, stage
 from mvtec_seg.io_utils import atomic_write_text
 from mvtec_seg.report.aggregate import aggregate
 from mvtec_seg.report.collect import collect_runs
@@ -35,7 +36,7 @@ def build_report(folder: Path | str, out: Path | str | None = None) -> dict[str,
     out_dir = Path(out) if out is not None else folder
     problem = folder_problem(out_dir)
     if problem:
-        raise UserError(f"report output {out_dir} cannot be a folder: {problem} — pass --out <a folder>")
+        raise UserError(f"report output {out_dir} cannot be a folder: {problem} — pass out=<a folder>")
     out_dir.mkdir(parents=True, exist_ok=True)
     out_dir = out_dir.resolve()
     t = aggregate(coll.runs)
@@ -77,27 +78,13 @@ def build_report(folder: Path | str, out: Path | str | None = None) -> dict[str,
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: returns 0, or 2 with a one-line message on bad input (no traceback), or 128 + the signal on
-    SIGTERM/SIGINT."""
-    parser = argparse.ArgumentParser(
-        prog="python -m mvtec_seg.report",
-        description="Gather the summary.json of every finished run below FOLDER into report.md/html/csv and plots.",
-    )
-    parser.add_argument("folder", type=Path, help="output or sweep folder holding run folders")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: FOLDER)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    install_handlers()
-    try:
-        with stage("report"):
-            result = build_report(args.folder, args.out)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Interrupted as err:  # every report file is written atomically: nothing half-written stays
-        print(f"error: {err.message()}", file=sys.stderr)
-        return err.exit_code
+ARGS: dict[str, type] = {"folder": str, "out": str}  # conf/report.yaml
+
+
+def _main(cfg: DictConfig) -> int:
+    args = command_args(cfg, ARGS, required=("folder",))
+    out = Path(args["out"]).expanduser() if args["out"] else None
+    result = build_report(Path(args["folder"]).expanduser(), out)
     for failed in result["failed"]:
         print(f"failed run: {failed['run_dir']}: {failed['error'] or failed['status']}", file=sys.stderr)
     print(
@@ -105,3 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({result['n_runs']} runs, {len(result['categories'])} categories, {len(result['plots'])} plots)"
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI `python -m mvtec_seg.report folder=<runs> [out=<folder>]`: returns 0, or 2 with a one-line message
+    on bad input (no traceback), or 128 + the signal on SIGTERM/SIGINT."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and "=" not in argv[0] and not argv[0].startswith("-"):  # `report <folder>` reads as folder=
+        argv[0] = f"folder={argv[0]}"
+    return run_command("mvtec_seg.report", __doc__, argv, _main, config_name="report")
