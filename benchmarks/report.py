@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks import metrics, quality, speed
+from benchmarks import demo, metrics, quality, speed
 from benchmarks.runner import RESULTS_DIR, load_suite, read_csv
 from mvtec_seg.io_utils import atomic_write_text
 
-SECTIONS = {"quality": quality.section, "speed": speed.section, "metrics": metrics.section}
+SECTIONS = {
+    "quality": quality.section,
+    "demo": demo.section,
+    "speed": speed.section,
+    "metrics": metrics.section,
+}
 
 INTRO = """# Benchmark results
 

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import file_digest
 from mvtec_seg.metrics import f1_optimal_threshold
-from mvtec_seg.models.base import AnomalyModule
+from mvtec_seg.models.base import AnomalyModule, read_checkpoint
 from mvtec_seg.summary import SUMMARY_FILE, RunSummary
 
 log = logging.getLogger(__name__)
@@ -108,13 +108,7 @@ def choose_threshold(
 
 # --------------------------------------------------------------------------------------------- loading
 def _read_checkpoint(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise UserError(
-            f"cannot read checkpoint {path}: {first} — pass a .ckpt written by mvtec_seg"
-        ) from None
+    state = read_checkpoint(path, "pass a .ckpt written by mvtec_seg")
     if not isinstance(state, dict) or not isinstance(state.get("hyper_parameters"), dict):
         raise UserError(
             f"{path} is not a mvtec_seg checkpoint (no hyper_parameters) — pass a run folder or the "

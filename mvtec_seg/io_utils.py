@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -219,3 +220,8 @@ def build_once(target: Path | str, build: Callable[[Path], None]) -> Path:
             raise
         _fsync_dir(target.parent)
     return target
+
+
+def flat_name(text: str, fallback: str = "file") -> str:
+    """'test/crack/000' -> 'test_crack_000': a name for one flat folder (letters, digits, `._-` only)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or fallback

@@ -39,7 +39,6 @@ import io
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -63,7 +62,7 @@ from mvtec_seg.inference import (
     pick_device,
     resize_map,
 )
-from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes, atomic_write_text
+from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes, atomic_write_text, flat_name
 from mvtec_seg.layout_metrics import MVTEC_AD2_RECORD, recorded_threshold
 from mvtec_seg.settings import folder_problem
 
@@ -94,7 +93,7 @@ def _is_image(path: Path) -> bool:
 
 def _flat_name(rel: Path) -> str:
     """'test/crack/000.png' -> 'test_crack_000': one flat output folder."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", rel.with_suffix("").as_posix()).strip("_.") or "image"
+    return flat_name(rel.with_suffix("").as_posix(), "image")
 
 
 def input_files(spec: str) -> list[tuple[Path, str]]:

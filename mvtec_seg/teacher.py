@@ -35,7 +35,7 @@ from mvtec_seg.data.files import announce_rebuild, files_key, write_record
 from mvtec_seg.errors import UserError
 from mvtec_seg.interrupt import stage
 from mvtec_seg.io_utils import atomic_write_json, build_once, content_key, file_lock
-from mvtec_seg.models.base import AnomalyModule, parameter_count
+from mvtec_seg.models.base import AnomalyModule, parameter_count, read_checkpoint
 from mvtec_seg.models.transfusion.official import (
     infer_official_net,
     is_official_state_dict,
@@ -159,16 +159,11 @@ def _train_teacher(cfg: DictConfig, final: Path) -> None:
     os.replace(work, final)
 
 
-def _read_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
-
-
 def is_official_checkpoint(path: Path) -> bool:
     """True when ``path`` is an authors' ``{category}_model.pkl`` (read memory-mapped: cheap)."""
-    return is_official_state_dict(_read_checkpoint(path))
+    return is_official_state_dict(
+        read_checkpoint(path, "pass a TransFusion .ckpt or an authors' <category>_model.pkl")
+    )
 
 
 def _load_official(cfg: DictConfig, path: Path, state: dict) -> AnomalyModule:
@@ -196,7 +191,7 @@ def _load_official(cfg: DictConfig, path: Path, state: dict) -> AnomalyModule:
 def load_teacher_checkpoint(cfg: DictConfig, path: Path) -> AnomalyModule:
     """A user's TransFusion checkpoint loaded into the configured architecture (strictly): one of ours
     (Lightning ``.ckpt``) or an authors' ``{category}_model.pkl`` (plain official state_dict)."""
-    state = _read_checkpoint(path)
+    state = read_checkpoint(path, "pass a TransFusion .ckpt or an authors' <category>_model.pkl")
     if is_official_state_dict(state):
         return _load_official(cfg, path, state)
     module = build_teacher(cfg)

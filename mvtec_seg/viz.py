@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes
+from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes, flat_name
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -102,7 +102,7 @@ def _as_2d(x: Any, what: str) -> np.ndarray:
 def _safe_name(name: str) -> str:
     """'test/crack/000.png' -> 'test_crack_000' (one flat folder, no surprises in file names)."""
     stem = re.sub(r"\.(png|jpe?g|bmp|tiff?)$", "", str(name), flags=re.IGNORECASE)
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_.") or "image"
+    return flat_name(stem, "image")
 
 
 def _thin(*curves: np.ndarray, n: int = _MAX_PLOT_POINTS) -> list[np.ndarray]:

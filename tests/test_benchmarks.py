@@ -120,3 +120,24 @@ def test_bad_benchmark_arguments_are_one_line(capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: unknown benchmark suite 'nope'")
     assert err[1].startswith("error: select.rows: unknown ['no_such_row']")
+
+
+def test_demo_section_reads_its_rows() -> None:
+    """The demo suite's table: one line per (seed, job), tiny rows left out, the whole demo's time shown."""
+    from benchmarks import demo
+
+    base = {"machine": "m", "device": "cpu", "commit": "c", "date": "d", "demo_wall_s": "258.4"}
+    metrics = {m: "0.5" for m in ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")}
+    rows = [
+        {**base, **metrics, "seed": "1", "job": "unet_gt", "tiny": "False"},
+        {**base, **metrics, "seed": "0", "job": "transfusion", "tiny": "False"},
+        {**base, **metrics, "seed": "0", "job": "unet_gt", "tiny": "True"},
+    ]
+    lines = [
+        line for line in demo.section(rows).splitlines() if line.startswith("| 0") or line.startswith("| 1")
+    ]
+    assert lines == [
+        "| 0 | transfusion | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 258 |",
+        "| 1 | unet_gt | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 258 |",
+    ]
+    assert demo.section([{**rows[2]}]).startswith("No demo results yet")

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from trained_runs import TINY_TRANSFUSION, save_checkpoint, tiny_module, unet_run
 
+from mvtec_seg.cli import command_args, compose_command
 from mvtec_seg.data.mvtec import load_rgb, resize_rgb
 from mvtec_seg.errors import UserError
-from mvtec_seg.cli import command_args, compose_command
 from mvtec_seg.inference import anomaly_maps, load_trained, resize_map
 from mvtec_seg.metrics import f1_optimal_threshold
 from mvtec_seg.predict import ARGS, CSV_COLUMNS, PREDICTIONS_CSV, input_files, main, predict

@@ -150,3 +150,13 @@ class AnomalyModule(pl.LightningModule):
         self.log_dict(out, prog_bar=stage == "val" and not prefix, sync_dist=True)
         self.computed_metrics[f"{stage}_{prefix.rstrip('_')}" if prefix else stage] = out
         return out
+
+
+def read_checkpoint(path: Path, fix: str) -> dict:
+    """A checkpoint file's contents on the CPU (tensors only, memory-mapped: cheap to inspect); an unreadable
+    file is one line naming it and `fix`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot read checkpoint {path}: {first} — {fix}") from None

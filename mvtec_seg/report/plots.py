@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from mvtec_seg.errors import UserError
+from mvtec_seg.io_utils import flat_name
 from mvtec_seg.metrics import METRIC_LABELS
 from mvtec_seg.report.aggregate import Table
 from mvtec_seg.report.collect import Run
@@ -72,7 +72,7 @@ def bar_plot(t: Table, m: str, path: Path) -> Path:
 
 
 def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "category"
+    return flat_name(name, "category")
 
 
 def _resize(arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,6 +34,8 @@ from mvtec_seg.settings.rules import (
     shown,
     teacher_used,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["check_keys", "check_paths", "check_settings", "folder_problem", "resolved_settings"]
 
@@ -149,9 +152,12 @@ def _check_relations(s: Flat) -> None:
             )
     teacher_epochs = s.get("teacher.trainer.max_epochs")
     if s.get("model.source") == "teacher" and s.get("model.max_epochs") != teacher_epochs:
-        raise UserError(
-            f"model.max_epochs={s.get('model.max_epochs')} has no effect with model=transfusion — its epochs "
-            f"are teacher.trainer.max_epochs (now {teacher_epochs}): set that"
+        # a warning, not an error: one experiment file may set the students' epochs for every job of a comparison
+        log.warning(
+            "model.max_epochs=%s is not used with model=transfusion: its epochs are teacher.trainer.max_epochs "
+            "(now %s)",
+            s.get("model.max_epochs"),
+            teacher_epochs,
         )
     untrained = not _trains(s, "teacher.trainer.max_epochs", "teacher.trainer.limit_train_batches")
     if teacher_used(s) and s.get("teacher.checkpoint") is None and untrained:
