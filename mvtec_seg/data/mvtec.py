@@ -72,6 +72,41 @@ def _images_in(folder: Path) -> list[Path]:
     return [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
 
 
+def defect_samples(root: Path, defect_dir: Path, mask_dir: Path, source: str) -> list[Sample]:
+    """The images of one defect folder, each with exactly one `<mask_dir>/<stem>_mask.png` (MVTec AD's rule,
+    MVTec AD 2's too): a missing or an extra mask is one line naming it."""
+    images = _images_in(defect_dir)
+    _dead_link(mask_dir)
+    if images and not mask_dir.is_dir():
+        raise UserError(
+            f"{defect_dir} has no ground-truth folder {mask_dir} — add {mask_dir}/<image name>_mask.png "
+            f"for each of its {len(images)} images, or remove {defect_dir}"
+        )
+    masks = {p.name for p in _images_in(mask_dir)} if mask_dir.is_dir() else set()
+    expected = {f"{p.stem}_mask.png" for p in images}
+    missing = sorted(expected - masks)
+    if missing:
+        raise UserError(
+            f"missing mask {mask_dir / missing[0]} for test image {defect_dir / (missing[0][:-9])}.* "
+            f"({len(missing)} missing in {mask_dir}) — add the masks or remove those test images"
+        )
+    extra = sorted(masks - expected)
+    if extra:
+        raise UserError(
+            f"mask {mask_dir / extra[0]} has no test image in {defect_dir} ({len(extra)} such) — "
+            f"remove it or add the image"
+        )
+    return [
+        Sample(
+            p.relative_to(root).as_posix(),
+            (mask_dir / f"{p.stem}_mask.png").relative_to(root).as_posix(),
+            defect_dir.name,
+            source,
+        )
+        for p in images
+    ]
+
+
 def scan_category(category_dir: Path | str) -> list[Sample]:
     """List every image of a category in MVTec layout, checking that each defect image has exactly one mask."""
     root = Path(category_dir)
@@ -101,35 +136,7 @@ def scan_category(category_dir: Path | str) -> list[Sample]:
         if defect == "good":
             samples += [Sample(p.relative_to(root).as_posix(), None, "good", "test") for p in images]
             continue
-        mask_dir = gt_root / defect
-        if images and not mask_dir.is_dir():
-            raise UserError(
-                f"{defect_dir} has no ground-truth folder {mask_dir} — add {mask_dir}/<image name>_mask.png "
-                f"for each of its {len(images)} images, or remove {defect_dir}"
-            )
-        masks = {p.name for p in _images_in(mask_dir)} if mask_dir.is_dir() else set()
-        expected = {f"{p.stem}_mask.png" for p in images}
-        missing = sorted(expected - masks)
-        if missing:
-            raise UserError(
-                f"missing mask {mask_dir / missing[0]} for test image {defect_dir / (missing[0][:-9])}.* "
-                f"({len(missing)} missing in {mask_dir}) — add the masks or remove those test images"
-            )
-        extra = sorted(masks - expected)
-        if extra:
-            raise UserError(
-                f"mask {mask_dir / extra[0]} has no test image in {defect_dir} ({len(extra)} such) — "
-                f"remove it or add the image"
-            )
-        samples += [
-            Sample(
-                p.relative_to(root).as_posix(),
-                (mask_dir / f"{p.stem}_mask.png").relative_to(root).as_posix(),
-                defect,
-                "test",
-            )
-            for p in images
-        ]
+        samples += defect_samples(root, defect_dir, gt_root / defect, "test")
     if not any(s.source == "test" for s in samples):
         raise UserError(f"{test_dir} has no images — add test/<defect_type>/ folders with images")
     return samples

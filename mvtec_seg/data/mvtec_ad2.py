@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mvtec_seg.data.mvtec import Sample, _dead_link, _images_in
+from mvtec_seg.data.mvtec import Sample, _dead_link, _images_in, defect_samples
 from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes
 
@@ -41,7 +41,7 @@ SUBMISSION_MASKS = "anomaly_images_thresholded"
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def _defect_samples(root: Path, test_dir: Path, source: str) -> list[Sample]:
+def _part_samples(root: Path, test_dir: Path, source: str) -> list[Sample]:
     """The images of `test_dir/<defect>/` with exactly one `ground_truth/<defect>/<stem>_mask.png` each
     (`good`: normal, no mask)."""
     gt_root = test_dir / "ground_truth"
@@ -54,36 +54,7 @@ def _defect_samples(root: Path, test_dir: Path, source: str) -> list[Sample]:
         if defect_dir.name == "good":
             samples += [Sample(p.relative_to(root).as_posix(), None, "good", source) for p in images]
             continue
-        mask_dir = gt_root / defect_dir.name
-        _dead_link(mask_dir)
-        if images and not mask_dir.is_dir():
-            raise UserError(
-                f"{defect_dir} has no ground-truth folder {mask_dir} — add {mask_dir}/<image name>_mask.png "
-                f"for each of its {len(images)} images, or remove {defect_dir}"
-            )
-        masks = {p.name for p in _images_in(mask_dir)} if mask_dir.is_dir() else set()
-        expected = {f"{p.stem}_mask.png" for p in images}
-        missing = sorted(expected - masks)
-        if missing:
-            raise UserError(
-                f"missing mask {mask_dir / missing[0]} for test image {defect_dir / missing[0][:-9]}.* "
-                f"({len(missing)} missing in {mask_dir}) — add the masks or remove those test images"
-            )
-        extra = sorted(masks - expected)
-        if extra:
-            raise UserError(
-                f"mask {mask_dir / extra[0]} has no test image in {defect_dir} ({len(extra)} such) — remove it "
-                f"or add the image"
-            )
-        samples += [
-            Sample(
-                p.relative_to(root).as_posix(),
-                (mask_dir / f"{p.stem}_mask.png").relative_to(root).as_posix(),
-                defect_dir.name,
-                source,
-            )
-            for p in images
-        ]
+        samples += defect_samples(root, defect_dir, gt_root / defect_dir.name, source)
     return samples
 
 
@@ -114,7 +85,7 @@ def scan_mvtec_ad2(category_dir: Path | str) -> list[Sample]:
             f"{test_dir} is missing — an MVTec AD 2 category needs test_public/good, test_public/bad and its "
             f"masks in test_public/ground_truth/bad (the scored test set)"
         )
-    public = _defect_samples(root, test_dir, TEST_PUBLIC)
+    public = _part_samples(root, test_dir, TEST_PUBLIC)
     if not public:
         raise UserError(f"{test_dir} has no images — add test_public/good and test_public/bad with images")
     return samples + public
