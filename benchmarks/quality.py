@@ -80,11 +80,8 @@ def case_overrides(cfg: DictConfig, category: str, row: str, seed: int) -> list[
     spec = cfg.rows[row]
     mask = spec.get("mask", "none")
     tiny = list(cfg.get("tiny_overrides") or []) if cfg.get("tiny") else []
-    epochs = (cfg.get("student_epochs") or {}).get(category)
-    if spec.model == "transfusion":  # its epochs are the teacher's, whatever an experiment sets for students
-        student = ["model.max_epochs=${teacher.trainer.max_epochs}"]
-    else:
-        student = [f"model.max_epochs={epochs}"] if epochs is not None else []
+    # TransFusion's epochs are the teacher's, whatever the base sets for the students
+    student = ["model.max_epochs=${teacher.trainer.max_epochs}"] if spec.model == "transfusion" else []
     return [
         *cfg.base,
         *cfg.categories[category],
