@@ -223,7 +223,9 @@ def data_present(cfg: DictConfig, category: str) -> bool:
 
 def run(cfg: DictConfig, runs: Path, cache: Path, emit: Callable[[dict], None]) -> None:
     """Every selected case, in the order category, seed, row (a category's teacher is trained once)."""
-    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # what was measured, not where it was written: out=, runs= and cache= are left out
+    kept = [a for a in sys.argv[1:] if a.split("=", 1)[0] not in ("out", "runs", "cache")]
+    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in kept)
     available = list(cfg.tiny_categories) if cfg.get("tiny") else list(cfg.categories)
     for category in selected(cfg, "categories", available):
         if not data_present(cfg, category):
