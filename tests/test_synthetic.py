@@ -133,7 +133,9 @@ def test_not_trivial(default_categories: dict[str, Path], kind: str) -> None:
     # Normal images vary: every pair differs clearly (pose, colour, lighting, noise).
     diffs = np.abs(train[:, None] - train[None]).mean(axis=(2, 3, 4))
     assert diffs[~np.eye(len(train), dtype=bool)].min() > 8.0  # sensor noise alone gives ~4
-    # No single global threshold on grey level or on any colour channel segments the defects.
+    # No single global threshold on grey level or on any colour channel segments the defects: the best one
+    # stays under 0.3 IoU (the object's defects are clear enough for the demo's teacher to learn in minutes;
+    # a U-Net trained on GT reaches about twice that).
     paths = sorted((cat / "test").rglob("*.png"))
     images = np.stack([_load(p).astype(np.float32) for p in paths]).reshape(-1, 3)
     masks = np.stack(
@@ -145,7 +147,7 @@ def test_not_trivial(default_categories: dict[str, Path], kind: str) -> None:
         ]
     ).ravel()
     for channel in (images.mean(axis=1), images[:, 0], images[:, 1], images[:, 2]):
-        assert _best_threshold_iou(channel, masks) < 0.25
+        assert _best_threshold_iou(channel, masks) < 0.3
     # Defect sizes span small to medium.
     areas = [
         int((_load(p) > 0).sum())
