@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from benchmarks.runner import context, number, selected
+from benchmarks.runner import context, measured_on, measured_rows, number, selected
 from mvtec_seg.metrics import METRIC_NAMES
 
 KEY = ("seed", "job", "tiny", "device")
@@ -64,7 +64,7 @@ def run(cfg: DictConfig, runs: Path, cache: Path, emit: Callable[[dict], None]) 
 
 def section(rows: list[dict[str, str]]) -> str:
     """RESULTS.md's section for the demo: per seed, the time of the whole comparison and every job's metrics."""
-    rows = [r for r in rows if r.get("tiny") != "True"]
+    rows = measured_rows(rows)
     if not rows:
         return "No demo results yet: `python -m benchmarks demo`."
     lines = [
@@ -74,5 +74,4 @@ def section(rows: list[dict[str, str]]) -> str:
     for r in sorted(rows, key=lambda r: (int(r["seed"]), r["job"])):
         cells = " | ".join(f"{number(r[m]):.3f}" for m in METRIC_NAMES)
         lines.append(f"| {r['seed']} | {r['job']} | {cells} | {number(r['demo_wall_s']):.0f} |")
-    machines = sorted({f"{r['machine']}, {r['device']} (commit {r['commit']}, {r['date']})" for r in rows})
-    return "\n".join([*lines, "", "Measured on: " + "; ".join(machines)])
+    return "\n".join([*lines, "", measured_on(rows)])

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.ndimage
 from omegaconf import DictConfig
 
-from benchmarks.runner import context, number
+from benchmarks.runner import context, measured_on, measured_rows, number
 
 KEY = ("maps", "size", "method", "device")
 
@@ -135,7 +135,7 @@ def run(cfg: DictConfig, runs: Path, cache: Path, emit: Callable[[dict], None]) 
 
 def section(rows: list[dict[str, str]]) -> str:
     """RESULTS.md's section for the metrics suite: time, memory and agreement with the reference."""
-    rows = [r for r in rows if r.get("tiny") != "True"]
+    rows = measured_rows(rows)
     if not rows:
         return "No metrics results yet: `python -m benchmarks metrics`."
     seconds = {(r["maps"], r["method"]): number(r["seconds"]) for r in rows}
@@ -153,5 +153,4 @@ def section(rows: list[dict[str, str]]) -> str:
             f"{number(r['seconds']):.2f} | {'–' if ratio != ratio else f'{ratio:.2f}x'} | "
             f"{number(r['peak_mb']):,.0f} | {number(r['value']):.12f} | {'–' if diff != diff else f'{diff:.1e}'} |"
         )
-    machines = sorted({f"{r['machine']}, {r['device']} (commit {r['commit']}, {r['date']})" for r in rows})
-    return "\n".join([*lines, "", "Measured on: " + "; ".join(machines)])
+    return "\n".join([*lines, "", measured_on(rows)])

@@ -116,6 +116,22 @@ def context() -> dict[str, str]:
     }
 
 
+def measured_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows of real measurements: smoke runs (`tiny=true`) are left out of RESULTS.md."""
+    return [r for r in rows if r.get("tiny") != "True"]
+
+
+def measured_on(rows: list[dict[str, str]], device: bool = True) -> str:
+    """The line under a section's table: every (machine[, device], commit, date) its rows were measured on."""
+    where = sorted(
+        {
+            f"{r['machine']}{', ' + r['device'] if device else ''} (commit {r['commit']}, {r['date']})"
+            for r in rows
+        }
+    )
+    return "Measured on: " + "; ".join(where)
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []

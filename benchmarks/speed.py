@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from benchmarks.runner import context, number, selected
+from benchmarks.runner import context, measured_on, measured_rows, number, selected
 from mvtec_seg.config import compose_config
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,25 @@ def _cfg(cfg: DictConfig, case: DictConfig, tmp: Path, gpu: bool):
     )
 
 
+def _timed_trainer(node, throughput, steps: int, epochs: int):
+    """A trainer that only trains and times `steps` batches for `epochs` epochs (no validation, no checkpoints)."""
+    from mvtec_seg.builders import build_trainer
+
+    return build_trainer(
+        node,
+        [throughput],
+        max_epochs=epochs,
+        limit_train_batches=steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+
+
 def teacher_case(run_cfg, steps: int, epochs: int) -> dict[str, Any]:
     """Teacher training images/s in the Lightning loop, then maps images/s over every image."""
-    from mvtec_seg.builders import build_datamodule, build_trainer
+    from mvtec_seg.builders import build_datamodule
     from mvtec_seg.callbacks import Throughput
     from mvtec_seg.models.base import parameter_count
     from mvtec_seg.teacher import build_teacher, predict_maps
@@ -46,16 +62,7 @@ def teacher_case(run_cfg, steps: int, epochs: int) -> dict[str, Any]:
     dm.prepare()
     module = build_teacher(run_cfg)
     throughput = Throughput()
-    trainer = build_trainer(
-        tc.trainer,
-        [throughput],
-        max_epochs=epochs,
-        limit_train_batches=steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = _timed_trainer(tc.trainer, throughput, steps, epochs)
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
     n = len(dm.manifest["samples"])
     t0 = time.perf_counter()
@@ -72,7 +79,7 @@ def teacher_case(run_cfg, steps: int, epochs: int) -> dict[str, Any]:
 
 def segmenter_case(run_cfg, steps: int, epochs: int) -> dict[str, Any]:
     """A segmenter's training images/s (`Throughput`) and its test loop's images/s."""
-    from mvtec_seg.builders import build_datamodule, build_model, build_trainer
+    from mvtec_seg.builders import build_datamodule, build_model
     from mvtec_seg.callbacks import Throughput
     from mvtec_seg.models.base import parameter_count
 
@@ -80,16 +87,7 @@ def segmenter_case(run_cfg, steps: int, epochs: int) -> dict[str, Any]:
     dm.prepare()
     module = build_model(run_cfg)
     throughput = Throughput()
-    trainer = build_trainer(
-        run_cfg.trainer,
-        [throughput],
-        max_epochs=epochs,
-        limit_train_batches=steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = _timed_trainer(run_cfg.trainer, throughput, steps, epochs)
     trainer.fit(module, datamodule=dm)
     trainer.test(module, datamodule=dm, verbose=False)
     return {
@@ -132,7 +130,7 @@ def run(cfg: DictConfig, runs: Path, cache: Path, emit: Callable[[dict], None]) 
 
 def section(rows: list[dict[str, str]]) -> str:
     """RESULTS.md's section for the speed suite."""
-    rows = [r for r in rows if r.get("tiny") != "True"]
+    rows = measured_rows(rows)
     if not rows:
         return "No speed results yet: `python -m benchmarks speed`."
     lines = [
@@ -145,5 +143,4 @@ def section(rows: list[dict[str, str]]) -> str:
             f"{r['batch_size']} | {int(number(r['params'])):,} | {number(r['train_images_per_s']):.2f} | "
             f"{number(r['infer_images_per_s']):.2f} |"
         )
-    machines = sorted({f"{r['machine']} (commit {r['commit']}, {r['date']})" for r in rows})
-    return "\n".join([*lines, "", "Measured on: " + "; ".join(machines)])
+    return "\n".join([*lines, "", measured_on(rows, device=False)])

@@ -72,6 +72,25 @@ def _images_in(folder: Path) -> list[Path]:
     return [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
 
 
+def check_one_mask_each(image_dir: Path, images: list[Path], mask_dir: Path, suffix: str, what: str) -> None:
+    """Exactly one `<mask_dir>/<stem><suffix>` per image of `image_dir` (`what` names the images in the
+    message): the first missing or extra mask is one line naming it, with the count of such."""
+    masks = {p.name for p in _images_in(mask_dir)} if mask_dir.is_dir() else set()
+    expected = {f"{p.stem}{suffix}" for p in images}
+    missing = sorted(expected - masks)
+    if missing:
+        raise UserError(
+            f"missing mask {mask_dir / missing[0]} for {what} {image_dir / missing[0][: -len(suffix)]}.* "
+            f"({len(missing)} missing in {mask_dir}) — add the masks or remove those {what}s"
+        )
+    extra = sorted(masks - expected)
+    if extra:
+        raise UserError(
+            f"mask {mask_dir / extra[0]} has no {what} in {image_dir} ({len(extra)} such) — "
+            f"remove it or add the image"
+        )
+
+
 def defect_samples(root: Path, defect_dir: Path, mask_dir: Path, source: str) -> list[Sample]:
     """The images of one defect folder, each with exactly one `<mask_dir>/<stem>_mask.png` (MVTec AD's rule,
     MVTec AD 2's too): a missing or an extra mask is one line naming it."""
@@ -82,20 +101,7 @@ def defect_samples(root: Path, defect_dir: Path, mask_dir: Path, source: str) ->
             f"{defect_dir} has no ground-truth folder {mask_dir} — add {mask_dir}/<image name>_mask.png "
             f"for each of its {len(images)} images, or remove {defect_dir}"
         )
-    masks = {p.name for p in _images_in(mask_dir)} if mask_dir.is_dir() else set()
-    expected = {f"{p.stem}_mask.png" for p in images}
-    missing = sorted(expected - masks)
-    if missing:
-        raise UserError(
-            f"missing mask {mask_dir / missing[0]} for test image {defect_dir / (missing[0][:-9])}.* "
-            f"({len(missing)} missing in {mask_dir}) — add the masks or remove those test images"
-        )
-    extra = sorted(masks - expected)
-    if extra:
-        raise UserError(
-            f"mask {mask_dir / extra[0]} has no test image in {defect_dir} ({len(extra)} such) — "
-            f"remove it or add the image"
-        )
+    check_one_mask_each(defect_dir, images, mask_dir, "_mask.png", "test image")
     return [
         Sample(
             p.relative_to(root).as_posix(),

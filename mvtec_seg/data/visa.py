@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from mvtec_seg.data.mvtec import Sample, _dead_link, _images_in
+from mvtec_seg.data.mvtec import Sample, _dead_link, _images_in, check_one_mask_each
 from mvtec_seg.errors import UserError
 
 VISA_CATEGORIES: tuple[str, ...] = (
@@ -101,20 +101,7 @@ def _check_masks(anomaly_dir: Path, mask_dir: Path, images: list[Path]) -> None:
             f"{anomaly_dir} has no mask folder {mask_dir} — add {mask_dir}/<image name>.png for each of its "
             f"{len(images)} images"
         )
-    masks = {p.name for p in _images_in(mask_dir)}
-    expected = {f"{p.stem}.png" for p in images}
-    missing = sorted(expected - masks)
-    if missing:
-        raise UserError(
-            f"missing mask {mask_dir / missing[0]} for anomaly image {anomaly_dir / Path(missing[0]).stem}.* "
-            f"({len(missing)} missing in {mask_dir}) — add the masks or remove those images"
-        )
-    extra = sorted(masks - expected)
-    if extra:
-        raise UserError(
-            f"mask {mask_dir / extra[0]} has no anomaly image in {anomaly_dir} ({len(extra)} such) — remove it "
-            f"or add the image"
-        )
+    check_one_mask_each(anomaly_dir, images, mask_dir, ".png", "anomaly image")
 
 
 def scan_visa(category_dir: Path | str) -> list[Sample]:
