@@ -24,7 +24,7 @@ demo: install
 test: install
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
 
-test-fast: install   # the suite without the tests that start the CLI or several processes
+test-fast: install   # the suite without the tests marked slow (over 3 s each on 2 CPU cores)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow"
 
 lint: install

@@ -7,20 +7,24 @@ thing everywhere: there is one Trainer factory and one model factory.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import get_class
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from mvtec_seg.callbacks import EpochProgress, ResumeCheckpoint, RngState
+from mvtec_seg.callbacks import EpochProgress, ResumeCheckpoint, RngState, Throughput
 from mvtec_seg.data.datamodule import MVTecDataModule
 from mvtec_seg.data.layouts import CATEGORIES, DATASET_NAMES, DEFAULT_LAYOUT, check_layout
 from mvtec_seg.errors import UserError
+from mvtec_seg.interrupt import stage
 from mvtec_seg.models.base import AnomalyModule
 
 
@@ -112,13 +116,15 @@ def evaluation_settings(cfg: DictConfig) -> dict[str, float]:
 def build_module(target: str, params: DictConfig, cfg: DictConfig, **extra: Any) -> AnomalyModule:
     """An `AnomalyModule` from a class path and plain-dict parameters, scored under `cfg.evaluation`.
 
-    Parameters stay plain dicts (optimizer and scheduler included, as Hydra `_target_` dicts instantiated
-    in `configure_optimizers`) so checkpoints load with `weights_only=True`.
+    Hydra's `instantiate`, not recursive: parameters stay plain dicts (optimizer and scheduler included, as
+    `_target_` dicts instantiated in `configure_optimizers`) so checkpoints load with `weights_only=True`.
     """
     kwargs = OmegaConf.to_container(params, resolve=True) | extra
+    node = {"_target_": target, **kwargs, "evaluation": evaluation_settings(cfg)}
     try:
-        return get_class(target)(**kwargs, evaluation=evaluation_settings(cfg))
-    except (ImportError, TypeError, ValueError, KeyError, AttributeError) as err:  # a setting, not a bug
+        return instantiate(node, _recursive_=False, _convert_="all")
+    except (InstantiationException, ImportError, TypeError, ValueError, KeyError, AttributeError) as err:
+        err = err.__cause__ or err  # instantiate wraps the class's own error: name that one
         detail = " ".join(str(err).split())[:300]
         raise UserError(
             f"cannot build {target.rsplit('.', 1)[-1]} from its settings ({type(err).__name__}: {detail}) — "
@@ -181,6 +187,14 @@ def one_device(node: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in DISTRIBUTED_KEYS} | {"devices": 1}
 
 
+def trainer_device(settings: DictConfig | dict[str, Any]) -> torch.device:
+    """The one device a trainer node's `accelerator` names: a GPU for `gpu`/`cuda` (and `auto` when one is
+    visible), else the CPU; what a stage that runs without a Trainer (the maps) computes on."""
+    accelerator = str(settings.get("accelerator") or "auto")
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if gpu else "cpu")
+
+
 def build_trainer(
     settings: DictConfig | dict[str, Any],
     callbacks: Sequence[pl.Callback] = (),
@@ -205,3 +219,32 @@ def build_trainer(
             f"Lightning refuses the trainer settings ({type(err).__name__}: {detail}) — fix the trainer.* "
             f"(or teacher.trainer.*) override"
         ) from None
+
+
+@dataclass
+class Fitted:
+    """What a fit measured: its wall time and the `Throughput` callback's figures (when the trainer has one)."""
+
+    train_s: float
+    images_per_s: float | None
+    images_seen: int
+
+
+def fit(
+    trainer: pl.Trainer, module: AnomalyModule, data: Any, label: str, resume: str | None = None
+) -> Fitted:
+    """The one training call of every stage (a run's segmenter, a selection candidate, a self-training
+    round, the teacher): `trainer.fit` inside the interruptible stage `label`, timed.
+
+    `data` is a LightningDataModule (train and val) or a train DataLoader (no validation)."""
+    kind = "datamodule" if isinstance(data, pl.LightningDataModule) else "train_dataloaders"
+    t0 = time.perf_counter()
+    with stage(label):
+        trainer.fit(module, **{kind: data}, ckpt_path=resume)
+    train_s = time.perf_counter() - t0
+    throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
+    return Fitted(
+        train_s=train_s,
+        images_per_s=throughput.images_per_s if throughput else None,
+        images_seen=throughput.images_seen if throughput else 0,
+    )

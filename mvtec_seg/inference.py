@@ -25,13 +25,13 @@ import torch
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 from PIL import Image
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mvtec_seg.builders import trainer_device
 from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import file_digest
 from mvtec_seg.metrics import f1_optimal_threshold
-from mvtec_seg.models.base import AnomalyModule, read_checkpoint
+from mvtec_seg.models.base import AnomalyModule, loader_maps, read_checkpoint
 from mvtec_seg.summary import SUMMARY_FILE, RunSummary
 
 log = logging.getLogger(__name__)
@@ -62,17 +62,7 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"trainer={name!r} is not one of {DEVICES}")
     if name in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer={name} but no CUDA GPU is visible — use trainer=cpu or trainer=auto")
-    use_gpu = name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if use_gpu else "cpu")
-
-
-@torch.no_grad()
-def anomaly_maps(module: AnomalyModule, images: Tensor) -> Tensor:
-    """[B,3,S,S] in [0,1] -> float32 [B,S,S]: computed in fp32 and eval mode on the module's device, returned
-    on the CPU (the one inference path of predict and the threshold choice)."""
-    module.eval()
-    device = next(module.parameters()).device
-    return module.anomaly_map(images.to(device)).float().cpu()
+    return trainer_device({"accelerator": name})
 
 
 def resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -90,19 +80,18 @@ def choose_threshold(
     targets); `value` is None when undefined (no anomalous val pixel)."""
     if device is not None:
         module.to(device)
-    maps, masks = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        maps.append(anomaly_maps(module, batch["image"]))
-        masks.append(batch["target_mask"][:, 0] > 0.5)
-    if not maps:
+    if len(dataset) == 0:
         return {"value": None, "rule": THRESHOLD_RULE, "f1": None, "targets": targets, "n_images": 0}
-    value, f1 = f1_optimal_threshold(torch.cat(maps), torch.cat(masks))
+    maps, kept = loader_maps(
+        module, DataLoader(dataset, batch_size=batch_size, shuffle=False), ("target_mask",)
+    )
+    value, f1 = f1_optimal_threshold(maps, kept["target_mask"][:, 0] > 0.5)
     return {
         "value": value if math.isfinite(value) else None,
         "rule": THRESHOLD_RULE,
         "f1": f1 if math.isfinite(f1) else None,
         "targets": targets,
-        "n_images": int(sum(len(m) for m in maps)),
+        "n_images": len(maps),
     }
 
 

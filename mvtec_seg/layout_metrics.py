@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from mvtec_seg.io_utils import atomic_write_json
 from mvtec_seg.metrics import mvtec_ad2_metrics
 from mvtec_seg.metrics.mvtec_ad2 import AUPRO_FPR_LIMIT, NORMAL_THRESHOLD_SIGMAS
-from mvtec_seg.models.base import AnomalyModule
+from mvtec_seg.models.base import AnomalyModule, loader_maps
 from mvtec_seg.summary import PREDICTIONS_FILE
 
 MVTEC_AD2_RECORD = "mvtec_ad2.json"
@@ -33,20 +33,12 @@ NORMAL_THRESHOLD_RULE = (
 )
 
 
-@torch.no_grad()
 def _maps(module: AnomalyModule, dataset, batch_size: int, device: torch.device | None) -> np.ndarray:
-    """float32 [N,H,W] maps in eval mode (as `inference.anomaly_maps` computes them, one layer down)."""
+    """float32 [N,H,W] maps of `dataset` in order (`models.base.loader_maps`)."""
     if device is not None:
         module.to(device)
-    module.eval()
-    where = next(module.parameters()).device
-    out = [
-        module.anomaly_map(batch["image"].to(where)).float().cpu().numpy()
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    ]
-    if not out:
-        return np.zeros((0, 1, 1), dtype=np.float32)
-    return np.concatenate(out)
+    maps, _ = loader_maps(module, DataLoader(dataset, batch_size=batch_size, shuffle=False))
+    return maps.numpy()
 
 
 def layout_test_metrics(

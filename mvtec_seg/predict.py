@@ -55,15 +55,10 @@ from mvtec_seg.cli import command_args, run_command
 from mvtec_seg.data.mvtec import IMAGE_SUFFIXES, image_hw, load_rgb, pixel_limit, resize_rgb
 from mvtec_seg.data.mvtec_ad2 import private_test_images, write_submission_files
 from mvtec_seg.errors import UserError
-from mvtec_seg.inference import (
-    Trained,
-    anomaly_maps,
-    load_trained,
-    pick_device,
-    resize_map,
-)
+from mvtec_seg.inference import Trained, load_trained, pick_device, resize_map
 from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes, atomic_write_text, flat_name
 from mvtec_seg.layout_metrics import MVTEC_AD2_RECORD, recorded_threshold
+from mvtec_seg.models.base import anomaly_maps
 from mvtec_seg.settings import folder_problem
 
 log = logging.getLogger(__name__)

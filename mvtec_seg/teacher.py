@@ -12,13 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,14 +26,16 @@ from mvtec_seg.builders import (
     build_module,
     build_trainer,
     evaluation_settings,
+    fit,
     resume_callbacks,
+    trainer_device,
 )
 from mvtec_seg.callbacks import Throughput
 from mvtec_seg.data.files import announce_rebuild, files_key, write_record
 from mvtec_seg.errors import UserError
 from mvtec_seg.interrupt import stage
 from mvtec_seg.io_utils import atomic_write_json, build_once, content_key, file_lock
-from mvtec_seg.models.base import AnomalyModule, parameter_count, read_checkpoint
+from mvtec_seg.models.base import AnomalyModule, loader_maps, parameter_count, read_checkpoint
 from mvtec_seg.models.transfusion.official import (
     infer_official_net,
     is_official_state_dict,
@@ -129,10 +129,9 @@ def _train_teacher(cfg: DictConfig, final: Path) -> None:
     # TransFusion makes its own augmentations (rotation) with its anomalies: no flips
     dm = build_datamodule(cfg, train_subset="normal", batch_size=int(tc.batch_size), augment=False)
     module = build_teacher(cfg)
-    throughput = Throughput()
     trainer = build_trainer(
         tc.trainer,
-        [throughput, *resume_callbacks(work, cfg.checkpoint.last_every_s)],
+        [Throughput(), *resume_callbacks(work, cfg.checkpoint.last_every_s)],
         pl.loggers.CSVLogger(str(work), name="", version=""),
         limit_val_batches=0,
         num_sanity_val_steps=0,
@@ -140,9 +139,8 @@ def _train_teacher(cfg: DictConfig, final: Path) -> None:
     resume = work / LAST_CHECKPOINT
     if resume.exists():
         log.info("resuming TransFusion training from %s", resume)
-    t0 = time.perf_counter()
-    trainer.fit(
-        module, train_dataloaders=dm.train_dataloader(), ckpt_path=str(resume) if resume.exists() else None
+    fitted = fit(
+        trainer, module, dm.train_dataloader(), "teacher training", str(resume) if resume.exists() else None
     )
     trainer.save_checkpoint(work / "model.ckpt", weights_only=False)
     atomic_write_json(
@@ -150,10 +148,10 @@ def _train_teacher(cfg: DictConfig, final: Path) -> None:
         {
             "params": parameter_count(module),
             "epochs": int(trainer.current_epoch),
-            "train_s": time.perf_counter() - t0,
-            "train_images_per_s": throughput.images_per_s,
+            "train_s": fitted.train_s,
+            "train_images_per_s": fitted.images_per_s,
             "n_train_images": len(dm.indices("train", normal_only=True)),
-            "images_seen": throughput.images_seen,  # this run's (a resumed one: since the resume)
+            "images_seen": fitted.images_seen,  # this run's (a resumed one: since the resume)
         },
     )
     os.replace(work, final)
@@ -276,14 +274,13 @@ def maps_dir(dm, teacher: Teacher) -> Path:
 
 
 def predict_maps(settings: DictConfig | dict, module: AnomalyModule, dm) -> np.ndarray:
-    """A model's anomaly maps of every manifest image ([N,H,W] float16, manifest order), on the device of
-    the trainer node `settings`."""
-    trainer = build_trainer(settings)
-    outputs = trainer.predict(module, dataloaders=dm.predict_dataloader())
-    index = torch.cat([o["index"] for o in outputs]).numpy()
-    maps = torch.cat([o["anomaly_map"] for o in outputs]).numpy()
-    ordered = np.empty_like(maps, dtype=np.float16)
-    ordered[index] = maps.astype(np.float16)
+    """A model's anomaly maps of every manifest image ([N,H,W] float16, manifest order), on the device and
+    at the precision of the trainer node `settings` (`models.base.loader_maps`)."""
+    module.to(trainer_device(settings))
+    maps, kept = loader_maps(module, dm.predict_dataloader(), ("index",), settings.get("precision"))
+    ordered = np.empty(maps.shape, dtype=np.float16)
+    ordered[kept["index"].numpy()] = maps.numpy().astype(np.float16)
+    module.cpu()  # as a Trainer leaves it: the device memory free for the next stage
     return ordered
 
 

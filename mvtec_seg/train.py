@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from mvtec_seg.builders import (
     build_model,
     build_trainer,
     category_dir,
+    fit,
     max_epochs,
     resume_callbacks,
 )
@@ -54,7 +54,7 @@ from mvtec_seg.outputs import RunOutputs
 from mvtec_seg.plan import announce
 from mvtec_seg.pseudo.masks import ensure_pseudo_masks, load_targets
 from mvtec_seg.pseudo.rules import TARGETS
-from mvtec_seg.pseudo.select import select
+from mvtec_seg.pseudo.select import candidate_configs, select
 from mvtec_seg.pseudo.self_training import self_train
 from mvtec_seg.pseudo.synthetic_val import ensure_synthetic_val, synthetic_scores
 from mvtec_seg.pseudo.thresholds import STRATEGIES
@@ -76,8 +76,9 @@ class RunParts:
 
 
 def run_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RunParts]:
-    """The run's Trainer: checkpoints (best by `checkpoint.monitor`; `last.ckpt` every epoch, with the RNG
-    states, for `resume=true`), loggers, throughput, test artefacts."""
+    """The run's Trainer: checkpoints (best by `checkpoint.monitor`; `last.ckpt` with the RNG states for
+    `resume=true`, at most every `checkpoint.last_every_s` and after the last epoch), loggers, throughput,
+    test artefacts."""
     ev = cfg.evaluation
     monitor = cfg.checkpoint.monitor
     parts = RunParts(
@@ -140,11 +141,9 @@ def _fit(
         log.warning(
             "resume=true: the run in %s wrote no %s yet: training from the start", out.run_dir, last.name
         )
-    t0 = time.perf_counter()
-    with stage("segmenter training"):
-        trainer.fit(model, datamodule=dm, ckpt_path=resume)
-    out.summary.time["train_s"] = time.perf_counter() - t0
-    out.summary.throughput["train_images_per_s"] = parts.throughput.images_per_s
+    fitted = fit(trainer, model, dm, "segmenter training", resume)
+    out.summary.time["train_s"] = fitted.train_s
+    out.summary.throughput["train_images_per_s"] = fitted.images_per_s
     out.summary.checkpoint = _here(parts.checkpoint.best_model_path, out.run_dir)
     return out.summary.checkpoint
 
@@ -161,19 +160,15 @@ def _fit_candidate(cfg: DictConfig, index: int, dm: MVTecDataModule, run_dir: Pa
         monitor=cfg.checkpoint.monitor,
         mode=cfg.checkpoint.mode,
     )
-    throughput = Throughput()
     trainer = build_trainer(
         cfg.trainer,
-        [throughput, checkpoint],
+        [checkpoint],
         pl.loggers.CSVLogger(str(folder), name="csv", version=""),
         max_epochs=max_epochs(cfg),
         enable_checkpointing=True,
         default_root_dir=str(folder),
     )
-    t0 = time.perf_counter()
-    with stage(f"candidate {index} training"):
-        trainer.fit(model, datamodule=dm)
-    train_s = time.perf_counter() - t0
+    train_s = fit(trainer, model, dm, f"candidate {index} training").train_s
     best = checkpoint.best_model_path or None
     trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False)  # loads the best weights into `model`
     ev = cfg.evaluation
@@ -191,8 +186,6 @@ def _select_pseudo(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> tup
     """`mask.select=auto`: train every candidate, keep the best by the synthetic validation set; the chosen
     targets are set on `dm`. Returns its pseudo record (with `selection`) and checkpoint."""
     chosen, records = select(cfg, lambda c, i: _fit_candidate(c, i, dm, out.run_dir))
-    from mvtec_seg.pseudo.select import candidate_configs
-
     info = _set_pseudo_targets(candidate_configs(cfg)[chosen], dm)  # cached: sets the chosen targets
     info["selection"] = {
         "criterion": "synthetic-val pixel_AUPRO, then pixel_AP",
@@ -242,8 +235,6 @@ def _prepare_model(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> Ano
     student_cfg = cfg
     if cfg.mask.name == "pseudo":
         if cfg.mask.get("select", "fixed") == "auto":
-            from mvtec_seg.pseudo.select import candidate_configs
-
             out.summary.pseudo, out.summary.checkpoint = _select_pseudo(cfg, dm, out)
             student_cfg = candidate_configs(cfg)[out.summary.pseudo["selection"]["chosen"]]
         else:

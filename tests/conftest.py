@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,19 @@ CONF_DIR = str(_CONF_DIR)
 REAL_BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec" / "bottle"
 
 
+TINY_TEACHER = [
+    "teacher.trainer.max_epochs=1",
+    "teacher.trainer.limit_train_batches=2",
+    "teacher.params.net.base_channels=8",
+    "teacher.params.net.channel_mult=[1,2]",
+    "teacher.params.net.attention_levels=[]",
+    "teacher.params.net.num_steps=4",
+    "teacher.params.net.norm_groups=4",
+]
+"""A teacher of a few thousand parameters and 4 steps, trained for two batches: for the tests of what is built
+on its maps (pseudo masks, selection, sweeps, comparisons), where its quality does not matter."""
+
+
 def compose_cfg(tmp_path: Path, overrides: list[str] | None = None):
     """Compose the real config with outputs and caches redirected into tmp_path."""
     base = [
@@ -30,6 +44,57 @@ def compose_cfg(tmp_path: Path, overrides: list[str] | None = None):
         "trainer.enable_progress_bar=false",
     ]
     return compose_config(base + list(overrides or []))
+
+
+PSEUDO_FAST = ["mask=pseudo", "debug=fast", *TINY_TEACHER, "data.image_size=32"]
+"""A pseudo-mask run on the synthetic category with the tiny teacher: the teacher `teacher_cache` holds."""
+
+
+@pytest.fixture(scope="session")
+def teacher_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache holding the synthetic category, its split, and the tiny teacher of `PSEUDO_FAST` with its maps,
+    built once a session. `with_teacher` copies it into a test's own cache: the test starts where the teacher
+    is done and writes nothing another test reads."""
+    from mvtec_seg.builders import build_datamodule
+    from mvtec_seg.teacher import ensure_teacher, teacher_maps
+
+    tmp = tmp_path_factory.mktemp("teacher")
+    cfg = compose_cfg(tmp, PSEUDO_FAST)
+    dm = build_datamodule(cfg)
+    dm.prepare()
+    teacher_maps(cfg, dm, ensure_teacher(cfg, dm))
+    return tmp / "cache"
+
+
+def with_teacher(teacher_cache: Path, tmp_path: Path) -> Path:
+    """`tmp_path` with a copy of the session's teacher cache as its `cache` (compose_cfg's cache folder)."""
+    shutil.copytree(teacher_cache, tmp_path / "cache")
+    return tmp_path
+
+
+SEGMENTER_RUN = [
+    "category=custom",
+    "category.name=widget",
+    "debug=fast",
+    "data.image_size=32",
+    "trainer.limit_test_batches=null",
+    "checkpoint.last_every_s=0",
+]
+"""The settings of `segmenter_run` (with `data.root` and `paths.run_dir`)."""
+
+
+@pytest.fixture(scope="session")
+def segmenter_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One finished tiny U-Net run on GT masks (a fake `widget` category), trained once a session; tests read
+    it, or copy its folder before they change anything."""
+    from mvtec_seg.train import train
+
+    tmp = tmp_path_factory.mktemp("segmenter")
+    data = tmp / "data"
+    make_fake_mvtec(data, name="widget")
+    run_dir = tmp / "run"
+    cfg = compose_cfg(tmp, [f"data.root={data}", *SEGMENTER_RUN, f"paths.run_dir={run_dir}"])
+    return {"tmp": tmp, "data": data, "run": run_dir, "cfg": cfg, "summary": train(cfg)}
 
 
 @pytest.fixture

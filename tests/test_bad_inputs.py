@@ -1,8 +1,9 @@
 """The bad-input battery: each broken dataset or setting stops with one `error:` line that names the path
 or setting and the fix, a non-zero exit and no traceback.
 
-Most cases run in-process (`train(cfg)` raising `UserError`, or the CLI's `main()` with `sys.argv` set) to keep
-the module fast; `test_cli_exit_code_and_no_traceback` proves the same through a real process.
+Every case runs in-process (`train(cfg)` raising `UserError`, or the CLI wrapper around it); one real process
+per class of error proves the same at the command line: `test_cli_exit_code_and_no_traceback` (a Hydra error,
+a folder Hydra cannot write) and `test_run_identity.py` (a `UserError` before Hydra writes anything).
 """
 
 from __future__ import annotations
@@ -258,10 +259,9 @@ def test_out_of_range_settings(tmp_path, widget, override, expected):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case, override, expected",
-    [  # a Hydra error, a write Hydra makes, and a UserError from train (the data cases: test_e2e.py)
+    [  # a Hydra error and a write Hydra makes; a UserError before Hydra writes: test_run_identity.py
         ("typo", "modle=unet", "unknown setting 'modle'"),
         ("read_only_output", "hydra.run.dir={ro}/run", "cannot access {ro}"),
-        ("image_size", "data.image_size=-1", "data.image_size=-1"),
     ],
 )
 def test_cli_exit_code_and_no_traceback(tmp_path, widget, case, override, expected):
@@ -319,6 +319,10 @@ SETTING_CASES: dict[str, tuple[list[str], list[str]]] = {  # overrides -> what t
     "encoder": (["model.params.net.encoder_name=resnet17"], ["encoder_name='resnet17'", "resnet18"]),
     "optimizer": (["model.params.optimizer._target_=torch.optim.Adamm"], ["cannot be imported"]),
     "smoothing": (["mask=pseudo", "teacher.params.net.smoothing_kernel=4"], ["smoothing_kernel=4", "odd"]),
+    "select_auto_without_candidates": (
+        ["mask=pseudo", "mask.select=auto"],
+        ["mask.candidates=[] must be a non-empty list of mask settings"],
+    ),
     "run_dir_below_a_file": (["paths.run_dir={file}/run"], ["paths.run_dir=", "{file} is a file"]),
     "cache_is_a_file": (["paths.cache_dir={file}"], ["paths.cache_dir=", "is a file, not a folder"]),
     "root_is_a_file": (["data.root={file}"], ["data.root=", "is a file"]),

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import TINY_TEACHER, with_teacher
 
 from mvtec_seg.compare import compare, headline, main
 from mvtec_seg.metrics import METRIC_NAMES
@@ -18,6 +19,7 @@ def _overrides(tmp: Path) -> list[str]:
         "category=synthetic",
         "debug=fast",
         "data.image_size=32",
+        *TINY_TEACHER,
         f"paths.output_dir={tmp / 'out'}",
         f"paths.cache_dir={tmp / 'cache'}",
         f"compare.output={tmp / 'cmp'}",
@@ -25,7 +27,8 @@ def _overrides(tmp: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_compare_runs_every_job_into_one_folder_and_reports(tmp_path: Path, capsys) -> None:
+def test_compare_runs_every_job_into_one_folder_and_reports(tmp_path: Path, teacher_cache: Path) -> None:
+    with_teacher(teacher_cache, tmp_path)
     result = compare(_overrides(tmp_path))
     folder = tmp_path / "cmp"
     assert result["folder"] == folder and set(result["summaries"]) == {

@@ -38,6 +38,7 @@ def _real_images(tmp: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
 
 
+@pytest.mark.slow
 def test_segmenter_onnx_matches_pytorch(tmp_path: Path) -> None:
     run_dir, module = unet_run(tmp_path, threshold=0.37)
     path = export_onnx(run_dir)
@@ -56,6 +57,7 @@ def test_segmenter_onnx_matches_pytorch(tmp_path: Path) -> None:
         np.testing.assert_allclose(score, ref.flatten(1).amax(1).numpy(), atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_transfusion_one_step_onnx_matches_pytorch(tmp_path: Path) -> None:
     module = tiny_module(tmp_path, TINY_TRANSFUSION)
     ckpt = save_checkpoint(module, tmp_path / "teacher" / "model.ckpt")

@@ -43,7 +43,6 @@ print(len(list(target.iterdir())))
 """
 
 
-@pytest.mark.slow
 def test_build_once_across_processes_never_shows_a_partial_folder(tmp_path: Path) -> None:
     target, log = tmp_path / "artefact", tmp_path / "log.txt"
     procs = [

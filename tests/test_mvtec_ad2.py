@@ -21,9 +21,10 @@ from mvtec_seg.builders import build_datamodule
 from mvtec_seg.data.mvtec import load_rgb
 from mvtec_seg.data.mvtec_ad2 import SUBMISSION_MAPS, SUBMISSION_MASKS, tiff_bytes
 from mvtec_seg.errors import UserError
-from mvtec_seg.inference import anomaly_maps, load_trained, resize_map
+from mvtec_seg.inference import load_trained, resize_map
 from mvtec_seg.layout_metrics import MVTEC_AD2_RECORD
 from mvtec_seg.metrics import UndefinedMetricWarning, aupro, mvtec_ad2_metrics, normal_threshold, seg_f1
+from mvtec_seg.models.base import anomaly_maps
 from mvtec_seg.predict import main, predict
 from mvtec_seg.train import train
 
@@ -178,6 +179,7 @@ def _run(tmp: Path, layout: str, root: Path, *extra: str):
     return cfg, train(cfg)
 
 
+@pytest.mark.slow
 def test_visa_end_to_end(tmp_path):
     make_fake_visa(tmp_path / "visa")
     cfg, summary = _run(tmp_path, "visa", tmp_path / "visa")

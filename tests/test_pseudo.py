@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import PSEUDO_FAST, TINY_TEACHER, compose_cfg, with_teacher
 
 from mvtec_seg.builders import build_datamodule
 from mvtec_seg.errors import UserError
@@ -23,17 +23,12 @@ from mvtec_seg.pseudo.thresholds import mask_threshold
 from mvtec_seg.teacher import teacher_dir
 from mvtec_seg.train import train
 
-FAST_TEACHER = [
-    "debug=fast",
-    "teacher.trainer.max_epochs=2",
-    "teacher.trainer.limit_train_batches=2",
-    "data.image_size=32",
-]
+FAST_TEACHER = PSEUDO_FAST[1:]  # the session teacher (conftest.teacher_cache)
 
 
 @pytest.fixture(scope="module")
-def pseudo_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pseudo")
+def pseudo_run(tmp_path_factory, teacher_cache):
+    tmp = with_teacher(teacher_cache, tmp_path_factory.mktemp("pseudo"))
     # the plain quantile rule (the default adds hysteresis, gate, area and a round; see test_pseudo_rules.py)
     plain = [
         "mask.threshold.strategy=quantile",
@@ -128,7 +123,7 @@ def test_user_checkpoint_must_match_architecture(pseudo_run):
             "model=transfusion",
             *FAST_TEACHER,
             f"teacher.checkpoint={ckpt}",
-            "teacher.params.net.base_channels=8",
+            "teacher.params.net.base_channels=16",
             f"paths.run_dir={tmp / 'bad_ckpt'}",
         ],
     )
@@ -205,6 +200,7 @@ def test_non_finite_loss_stops_keeps_checkpoint_and_resumes(tmp_path, monkeypatc
     overrides = [
         "model=transfusion",
         "debug=fast",
+        *TINY_TEACHER,
         "teacher.trainer.max_epochs=3",
         "teacher.trainer.limit_train_batches=2",
         "data.image_size=32",

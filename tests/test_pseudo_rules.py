@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import PSEUDO_FAST, compose_cfg, with_teacher
 from segmentation_models_pytorch.losses import DiceLoss
 
 from mvtec_seg.builders import build_datamodule
@@ -143,16 +143,12 @@ def test_weighted_loss_matches_smp_without_weights_and_ignores_weight_zero():
     assert torch.isfinite(loss(logits, soft, ones)["loss"])
 
 
-FAST = [
-    "debug=fast",
-    "teacher.trainer.max_epochs=1",
-    "teacher.trainer.limit_train_batches=2",
-    "data.image_size=32",
-]
+FAST = PSEUDO_FAST[1:]  # the session teacher (conftest.teacher_cache)
 
 
 @pytest.mark.slow
-def test_new_options_end_to_end_with_a_self_training_round(tmp_path):
+def test_new_options_end_to_end_with_a_self_training_round(tmp_path, teacher_cache):
+    with_teacher(teacher_cache, tmp_path)
     over = [
         "mask=pseudo",
         *FAST,

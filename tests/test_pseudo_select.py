@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import PSEUDO_FAST, compose_cfg, with_teacher
 from scipy import ndimage
 
 from mvtec_seg.builders import build_datamodule, build_model
@@ -146,7 +146,7 @@ def test_choose_takes_the_best_synthetic_score_and_the_first_on_a_tie() -> None:
     assert choose(records) == 1
 
 
-FAST = ["debug=fast", "data.image_size=32", "teacher.trainer.max_epochs=1", "mask=pseudo", "mask.rounds=0"]
+FAST = [*PSEUDO_FAST, "mask.rounds=0"]  # the session teacher (conftest.teacher_cache)
 
 
 def test_synthetic_val_set_is_cached_and_keyed_by_its_settings(tmp_path: Path) -> None:
@@ -167,7 +167,11 @@ def test_synthetic_val_set_is_cached_and_keyed_by_its_settings(tmp_path: Path) -
     assert len(list((tmp_path / "cache" / "synthetic_val").rglob("images.npy"))) == 2
 
 
-def test_select_auto_trains_each_candidate_and_tests_the_chosen_one(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_select_auto_trains_each_candidate_and_tests_the_chosen_one(
+    tmp_path: Path, teacher_cache: Path
+) -> None:
+    with_teacher(teacher_cache, tmp_path)
     candidates = (
         "mask.candidates=[{synthetic_fraction: 0.5}, {threshold: {strategy: mebin}, normal_empty: true}]"
     )
@@ -186,7 +190,10 @@ def test_select_auto_trains_each_candidate_and_tests_the_chosen_one(tmp_path: Pa
     assert saved["pseudo"]["selection"]["label"] == chosen["label"]
 
 
-def test_students_get_synthetic_defects_and_distillation_from_the_mask_settings(tmp_path: Path) -> None:
+def test_students_get_synthetic_defects_and_distillation_from_the_mask_settings(
+    tmp_path: Path, teacher_cache: Path
+) -> None:
+    with_teacher(teacher_cache, tmp_path)
     cfg = compose_cfg(tmp_path, [*FAST, "mask.synthetic_fraction=0.25", "mask.distill.weight=0.5"])
     module = build_model(cfg)
     assert module.hparams.synthetic == {"fraction": 0.25, "kind": "object", "seed": 0}

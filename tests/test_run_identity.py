@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import _save, compose_cfg, make_fake_mvtec, run_cli
+from conftest import SEGMENTER_RUN, _save, compose_cfg, run_cli
 
 import mvtec_seg.train
 from mvtec_seg import sweep
@@ -21,17 +21,9 @@ from mvtec_seg.errors import UserError
 from mvtec_seg.identity import RESUME_MUTABLE
 from mvtec_seg.inference import load_trained
 from mvtec_seg.io_utils import file_digest
-from mvtec_seg.train import train
+from mvtec_seg.train import preflight, train
 
-TINY = [
-    "category=custom",
-    "category.name=widget",
-    "debug=fast",
-    "data.image_size=32",
-    "evaluation.max_overlays=0",
-    "trainer.limit_val_batches=1",
-    "checkpoint.last_every_s=0",
-]
+TINY = SEGMENTER_RUN  # the session's run (conftest.segmenter_run) is one of these runs
 
 
 def _overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -48,14 +40,10 @@ def _state(folder: Path) -> dict[str, tuple[int, bytes]]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One finished U-Net run (1 epoch) on a fake category; the cache is shared by the copies."""
-    tmp = tmp_path_factory.mktemp("identity")
-    data = tmp / "data"
-    make_fake_mvtec(data, name="widget")
-    run_dir = tmp / "run"
-    summary = train(compose_cfg(tmp, _overrides(data, run_dir)))
-    return {"tmp": tmp, "data": data, "run": run_dir, "summary": summary}
+def trained(segmenter_run: dict) -> dict:
+    """The session's finished U-Net run (1 epoch) on the fake `widget` category; the cache is shared by the
+    copies."""
+    return segmenter_run
 
 
 @pytest.fixture
@@ -250,15 +238,16 @@ def test_cli_refuses_a_finished_folder_before_hydra_writes(trained: dict, run: P
     before = _state(run)
     base = [a for a in _overrides(trained["data"], run) if not a.startswith(("paths.run_dir", "data.root"))]
     base += [f"hydra.run.dir={run}", f"paths.cache_dir={trained['tmp'] / 'cache'}"]
-    for extra, expected in (
-        ([f"data.root={trained['data']}", "seed=1"], "already holds a run"),
-        ([f"data.root={tmp_path / 'typo'}", "resume=true"], "category folder not found"),
-    ):
-        proc = run_cli([*base, *extra], run.parent)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-        assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
-        assert _state(run) == before
+    proc = run_cli([*base, f"data.root={trained['data']}", "seed=1"], run.parent)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "already holds a run" in lines[0], proc.stderr[-2000:]
+    assert _state(run) == before
+    # a resume with a typo in data.root: the same check before Hydra writes (`preflight`), in-process
+    typo = _cfg(trained, run, "resume=true", data=tmp_path / "typo")
+    with pytest.raises(UserError, match="category folder not found"):
+        preflight(typo)
+    assert _state(run) == before
 
 
 # --- a sweep counts only what it wrote -------------------------------------------------------------------------

@@ -44,6 +44,7 @@ def test_ddp_two_cpu_processes_one_folder_exact_metrics(tmp_path):
         assert value == pytest.approx(summary["metrics"][f"test/{name}"], abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_run_files(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -175,7 +175,6 @@ generate_category(Path(sys.argv[1]), kind="object", seed=0, image_size=64, n_tra
 """
 
 
-@pytest.mark.slow
 def test_parallel_generation_builds_one_complete_tree(tmp_path: Path) -> None:
     start = time.time() + 1.5  # both processes start generating at the same moment
     procs = [

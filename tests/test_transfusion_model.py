@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_cfg
+from omegaconf import OmegaConf
 from PIL import Image
 from references import transfusion_one_by_one
 
 from mvtec_seg.models.base import parameter_count
 from mvtec_seg.models.transfusion import (
-    PAPER_CONFIG,
     AnomalyGenerator,
     TransFusionLoss,
     TransFusionModel,
@@ -95,9 +96,11 @@ def test_first_step_sees_an_empty_previous_mask():
     torch.testing.assert_close(a["mask_logits"], b["mask_logits"])
 
 
-def test_paper_configuration_parameter_count():
+def test_paper_configuration_parameter_count(tmp_path):
+    """`experiment=transfusion_paper` builds the published network: 54.56 M parameters."""
+    cfg = compose_cfg(tmp_path, ["experiment=transfusion_paper"])
     with torch.device("meta"):
-        model = TransFusionModel(**PAPER_CONFIG)
+        model = TransFusionModel(**OmegaConf.to_container(cfg.teacher.params.net, resolve=True))
     n = parameter_count(model)
     assert abs(n / 54.56e6 - 1) < 0.005, n
 

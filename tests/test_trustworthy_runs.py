@@ -75,7 +75,7 @@ def _close(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-def test_segmenter_resume_after_sigkill_equals_uninterrupted(tmp_path):
+def test_segmenter_resume_after_sigkill_equals_uninterrupted(tmp_path, caplog):
     overrides = [*TINY, "trainer.max_epochs=4", EVERY_EPOCH]
     straight = train(compose_cfg(tmp_path / "straight", overrides))
     _killed_run(tmp_path / "killed", overrides, kill_at=2)
@@ -83,8 +83,9 @@ def test_segmenter_resume_after_sigkill_equals_uninterrupted(tmp_path):
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and "optimizer_states" in ckpt  # two epochs done, then killed
     assert any("RngState" in key for key in ckpt["callbacks"])
-    resumed = train(compose_cfg(tmp_path / "killed", [*overrides, "resume=true"]))
-    assert resumed["status"] == "ok"
+    with caplog.at_level("WARNING", logger="mvtec_seg.train"):
+        resumed = train(compose_cfg(tmp_path / "killed", [*overrides, "resume=true"]))
+    assert resumed["status"] == "ok" and f"resuming training from {last}" in caplog.text
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 3
     _close(resumed["metrics"], straight["metrics"])
 
@@ -113,6 +114,7 @@ def test_teacher_resume_after_sigkill_equals_uninterrupted(tmp_path):
     _close(resumed["metrics"], straight["metrics"])
 
 
+@pytest.mark.slow
 def test_non_finite_segmenter_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     original = SegmentationLoss.forward
     calls = {"n": 0}
@@ -139,8 +141,9 @@ def test_non_finite_segmenter_loss_stops_and_keeps_last_good_checkpoint(tmp_path
     assert again["status"] == "ok" and again["error"] is None
 
 
+@pytest.mark.slow
 def test_same_seed_same_manifest_and_metrics(tmp_path):
-    runs = [train(compose_cfg(tmp_path / name, [*TINY, "trainer.max_epochs=2"])) for name in "ab"]
+    runs = [train(compose_cfg(tmp_path / name, TINY)) for name in "ab"]
     manifests = [Path(r["split"]["manifest"]) for r in runs]
     assert manifests[0] != manifests[1]  # separate caches: each run made its own
     samples = [json.loads(m.read_text())["samples"] for m in manifests]
@@ -303,6 +306,7 @@ def test_resume_checkpoint_waits_for_its_interval_and_always_writes_the_last_epo
         ResumeCheckpoint(tmp_path, -1)
 
 
+@pytest.mark.slow
 def test_runs_write_last_checkpoint_by_the_configured_interval(tmp_path):
     """The default config's interval reaches the segmenter's and the teacher's resume checkpoints."""
     cfg = compose_cfg(tmp_path, [*TINY, "trainer.max_epochs=3", "checkpoint.last_every_s=3600"])

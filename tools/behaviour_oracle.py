@@ -8,7 +8,7 @@ run writes except timings and absolute paths, so two code versions can be compar
 
 Recorded per job: every `summary.json` field (timings, folders and the checkpoint path left out), the
 files of the run folder, SHA-256 of each array in `test_predictions.npz` and of the pseudo masks. About
-4 minutes on 2 CPU cores for the ten jobs below.
+5 minutes on 2 CPU cores for the eleven jobs below.
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ JOBS: dict[str, list[str]] = {
     "deeplab_gt": ["model=deeplab", "debug=fast", "data.image_size=32"],
     "unet_fast_cpu": ["experiment=unet_fast_cpu", "debug=fast", "data.train_crop=32", "trainer.max_epochs=2"],
     "unet_pseudo": ["mask=pseudo", *FAST_TEACHER],
+    "unet_pseudo_auto": [
+        "mask=pseudo",
+        "mask.select=auto",
+        "mask.candidates=[{rounds: 0},{rounds: 0, threshold: {strategy: otsu}}]",
+        "mask.synthetic_fraction=0.5",
+        *FAST_TEACHER,
+    ],
     "deeplab_pseudo_otsu": ["mask=pseudo", "model=deeplab", "mask.threshold.strategy=otsu", *FAST_TEACHER],
     "transfusion": ["model=transfusion", *FAST_TEACHER],
     "transfusion_paper_small": ["experiment=transfusion_paper", *FAST_TEACHER, *SMALL_PAPER],
@@ -46,7 +53,8 @@ JOBS: dict[str, list[str]] = {
     "dry_pseudo": ["dry_run=true", "mask=pseudo", "model=deeplab"],
     "dry_transfusion": ["dry_run=true", "model=transfusion"],
 }
-UNCOMPARED = {"time", "throughput", "run_dir", "checkpoint"}  # wall times and absolute paths
+UNCOMPARED = {"time", "throughput", "run_dir", "checkpoint", "checkpoint_digest"}
+"""Wall times and absolute paths (a Lightning checkpoint holds its callbacks' folders: its digest too)."""
 
 
 def _digest(array) -> str:
@@ -55,9 +63,16 @@ def _digest(array) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
-def _scrub(value):
+def _scrub(value, tmp: str):
+    """`value` without folders and with the job's temporary root as `<tmp>` (every run writes elsewhere)."""
     if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items() if k not in ("dir", "teacher", "manifest")}
+        return {
+            k: _scrub(v, tmp) for k, v in value.items() if k not in ("dir", "teacher", "manifest", "train_s")
+        }
+    if isinstance(value, list):
+        return [_scrub(v, tmp) for v in value]
+    if isinstance(value, str):
+        return value.replace(tmp, "<tmp>")
     return value
 
 
@@ -83,7 +98,7 @@ def run(repo: Path, out_json: Path, jobs: list[str]) -> None:
             train(cfg)
             summary = json.loads((run_dir / "summary.json").read_text())
             record = {
-                "summary": _scrub({k: v for k, v in summary.items() if k not in UNCOMPARED}),
+                "summary": _scrub({k: v for k, v in summary.items() if k not in UNCOMPARED}, str(tmp)),
                 "summary_keys": list(summary),
                 "has": {k: summary[k] is not None for k in ("checkpoint",)}
                 | {k: v is not None for k, v in summary["throughput"].items()},

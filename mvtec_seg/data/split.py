@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mvtec_seg.data.files import describe_changes
 from mvtec_seg.data.layouts import DEFAULT_LAYOUT, check_layout, official_part, scan
 from mvtec_seg.data.mvtec import Sample
 from mvtec_seg.errors import UserError
@@ -86,15 +87,14 @@ def _files_of(rows) -> set[str]:
     return {get(r, "image") for r in rows} | {get(r, "gt_mask") for r in rows if get(r, "gt_mask")}
 
 
-def describe_file_changes(manifest: dict, samples: list[Sample], limit: int = 3) -> str:
-    """'added: a, b (+3 more); removed: c' between a manifest's files and a fresh scan."""
-    before, after = _files_of(manifest["samples"]), _files_of(samples)
-    parts = []
-    for label, names in (("added", sorted(after - before)), ("removed", sorted(before - after))):
-        if names:
-            more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-            parts.append(f"{label}: {', '.join(names[:limit])}{more}")
-    return "; ".join(parts) or "the same files under other defect types or official parts"
+def describe_file_changes(manifest: dict, samples: list[Sample]) -> str:
+    """'added: a, b (+3 more); removed: c' between a manifest's files and a fresh scan (`describe_changes`
+    on the names alone)."""
+    before, after = (
+        {"root": None, "files": dict.fromkeys(sorted(_files_of(r)), "")}
+        for r in (manifest["samples"], samples)
+    )
+    return describe_changes(before, after) or "the same files under other defect types or official parts"
 
 
 def manifest_path(

@@ -160,3 +160,38 @@ def read_checkpoint(path: Path, fix: str) -> dict:
     except Exception as err:
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise UserError(f"cannot read checkpoint {path}: {first} — {fix}") from None
+
+
+AUTOCAST: dict[str, torch.dtype] = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+"""Trainer precisions that compute under autocast; every other one (`32-true`, null) in float32."""
+
+
+@torch.no_grad()
+def _device_maps(module: AnomalyModule, images: Tensor, precision: str | None) -> Tensor:
+    device = next(module.parameters()).device
+    dtype = AUTOCAST.get(str(precision))
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        return module.anomaly_map(images.to(device, non_blocking=True)).float()
+
+
+def anomaly_maps(module: AnomalyModule, images: Tensor, precision: str | None = None) -> Tensor:
+    """[B,C,S,S] in [0,1] -> float32 [B,S,S] on the CPU, in eval mode on the module's device (autocast for a
+    mixed `precision`): the one inference path, which `loader_maps` batches."""
+    module.eval()
+    return _device_maps(module, images, precision).cpu()
+
+
+def loader_maps(
+    module: AnomalyModule, loader: Any, keep: tuple[str, ...] = (), precision: str | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Maps of every batch of `loader` (float32 [N,H,W] on the CPU, loader order) and the batch fields named
+    in `keep`, concatenated. Maps stay on the device until the end: one copy to the host, not one a batch."""
+    module.eval()
+    maps, kept = [], {k: [] for k in keep}
+    for batch in loader:
+        maps.append(_device_maps(module, batch["image"], precision))
+        for k in keep:
+            kept[k].append(batch[k])
+    if not maps:
+        return torch.zeros(0, 1, 1), {k: torch.zeros(0) for k in keep}
+    return torch.cat(maps).cpu(), {k: torch.cat(v) for k, v in kept.items()}

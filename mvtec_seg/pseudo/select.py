@@ -25,7 +25,8 @@ CRITERION = ("pixel_AUPRO", "pixel_AP")
 
 def candidate_configs(cfg: DictConfig) -> list[DictConfig]:
     """The run config of every candidate: `cfg.mask` with the candidate's settings merged in, fixed."""
-    candidates = OmegaConf.to_container(cfg.mask.get("candidates") or [], resolve=True)
+    listed = cfg.mask.get("candidates")
+    candidates = OmegaConf.to_container(listed, resolve=True) if listed else []
     if not candidates:
         raise UserError("mask.select=auto needs mask.candidates (a list of mask settings to choose from)")
     out = []

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mvtec_seg.builders import build_model, build_trainer, max_epochs, one_device, student_settings
+from mvtec_seg.builders import build_model, build_trainer, fit, max_epochs, one_device, student_settings
 from mvtec_seg.io_utils import build_once
 from mvtec_seg.pseudo.masks import ensure_masks_from, load_targets, round_dir
 from mvtec_seg.pseudo.rules import strategy_label
@@ -47,7 +47,7 @@ def _round_maps(cfg: DictConfig, dm, info: dict) -> np.ndarray:
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    trainer.fit(model, train_dataloaders=dm.train_dataloader())
+    fit(trainer, model, dm.train_dataloader(), "self-training round")
     return predict_maps(settings, model, dm)
 
 

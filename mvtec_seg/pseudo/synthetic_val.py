@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from mvtec_seg.data.files import files_key, write_record
 from mvtec_seg.interrupt import stage
 from mvtec_seg.io_utils import build_once, content_key
+from mvtec_seg.models.base import loader_maps
 from mvtec_seg.models.segmenter.synthetic import SyntheticDefects
 
 log = logging.getLogger(__name__)
@@ -101,13 +102,12 @@ def synthetic_scores(
 
     if dm.synthetic_val is None:
         return None
-    module.eval()
-    device = next(module.parameters()).device
-    maps, masks, labels = [], [], []
-    for batch in DataLoader(dm.synthetic_val, batch_size=dm.eval_batch_size, shuffle=False):
-        maps.append(module.anomaly_map(batch["image"].to(device)).float().cpu())
-        masks.append(batch["target_mask"][:, 0] > 0.5)
-        labels.append(batch["gt_label"])
+    loader = DataLoader(dm.synthetic_val, batch_size=dm.eval_batch_size, shuffle=False)
+    maps, kept = loader_maps(module, loader, ("target_mask", "gt_label"))
     return compute_all(
-        torch.cat(maps), torch.cat(masks), torch.cat(labels), iou_threshold=iou_threshold, fpr_limit=fpr_limit
+        maps,
+        kept["target_mask"][:, 0] > 0.5,
+        kept["gt_label"],
+        iou_threshold=iou_threshold,
+        fpr_limit=fpr_limit,
     )

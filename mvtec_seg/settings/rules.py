@@ -238,6 +238,17 @@ RULES: tuple[Rule, ...] = (
         ("mask.threshold.mebin.erode", COUNT, "6"),
     ),
     *rules(
+        lambda s: pseudo(s) and s.get("mask.select") == "auto",
+        (
+            "mask.candidates",
+            (
+                lambda v: isinstance(v, list | tuple) and len(v) > 0 and all(isinstance(c, dict) for c in v),
+                "a non-empty list of mask settings to choose from (with mask.select=auto)",
+            ),
+            "'[{rounds: 0},{threshold: {strategy: otsu}}]'",
+        ),
+    ),
+    *rules(
         lambda s: fit(s) and s.get("synthetic_val.enabled") is not False,
         ("synthetic_val.enabled", (one_of("auto", True, False), "auto, true or false"), "auto"),
         ("synthetic_val.per_image", POSITIVE, "2"),

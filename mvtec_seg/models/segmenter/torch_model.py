@@ -35,7 +35,7 @@ class SegmentationNet(nn.Module):
     ) -> None:
         super().__init__()
         if arch.lower() not in ARCHITECTURES:
-            raise ValueError(f"model.net.arch={arch!r} is not one of {sorted(ARCHITECTURES)}")
+            raise ValueError(f"model.params.net.arch={arch!r} is not one of {sorted(ARCHITECTURES)}")
         self.model = getattr(smp, ARCHITECTURES[arch.lower()])(
             encoder_name=encoder_name,
             encoder_weights=encoder_weights,

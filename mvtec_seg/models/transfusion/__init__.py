@@ -8,10 +8,9 @@ pure parts never need Lightning).
 from mvtec_seg.models.transfusion.anomalies import AnomalyGenerator, estimate_foreground
 from mvtec_seg.models.transfusion.image_ops import perlin_noise
 from mvtec_seg.models.transfusion.loss import TransFusionLoss
-from mvtec_seg.models.transfusion.torch_model import PAPER_CONFIG, TransFusionModel, TransFusionUNet
+from mvtec_seg.models.transfusion.torch_model import TransFusionModel, TransFusionUNet
 
 __all__ = [
-    "PAPER_CONFIG",
     "AnomalyGenerator",
     "TransFusionLoss",
     "TransFusionModel",

@@ -20,28 +20,12 @@ takes images in ``[0, 1]`` (the project's convention) and converts internally.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from mvtec_seg.models.transfusion.official import infer_official_net, rename_official_keys
-
-log = logging.getLogger(__name__)
-
-PAPER_CONFIG: dict = {
-    "base_channels": 64,
-    "channel_mult": (1, 2, 2, 2),
-    "num_res_blocks": 2,
-    "attention_levels": (2, 3),
-    "dropout": 0.0,
-    "num_steps": 20,
-    "image_size": 256,
-}
-"""The published MVTec AD (RGB) configuration: 54.56 M parameters."""
 
 REVERSE_MODES: dict[str, str] = {
     "official": "t = T-2 .. 1 (T-2 network calls), sum of the masks / (T-1): the official evaluation "
@@ -316,28 +300,6 @@ class TransFusionModel(nn.Module):
         self.smoothing_kernel = int(smoothing_kernel)
         self.reverse = reverse
         self.register_buffer("betas", torch.linspace(0.0, 1.0, self.num_steps), persistent=False)
-
-    @classmethod
-    def from_official(cls, path, image_size: int = 256, **settings) -> TransFusionModel:
-        """The network of an official checkpoint (``{category}_model.pkl``), architecture read off its shapes.
-
-        ``settings`` are the other constructor arguments (``num_steps``, ``map_weight``, ...: the official
-        defaults are ours). `from_official_state` does the work for an already loaded dict.
-        """
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return cls.from_official_state(state, image_size=image_size, **settings)
-
-    @classmethod
-    def from_official_state(cls, state, image_size: int = 256, **settings) -> TransFusionModel:
-        """`from_official` for a loaded official ``state_dict``; loads strictly, in the checkpoint's dtype."""
-        inferred = infer_official_net(state)
-        log.info(
-            "official TransFusion checkpoint: inferred %s",
-            ", ".join(f"{k}={v}" for k, v in inferred.items()),
-        )
-        model = cls(**{**inferred, **settings, "image_size": image_size})
-        model.net.load_state_dict(rename_official_keys(state), strict=True)
-        return model
 
     # -- helpers ----------------------------------------------------------------------------------------
     @staticmethod
