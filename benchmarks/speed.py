@@ -3,8 +3,8 @@ the code a run uses (`build_datamodule`, `build_teacher`/`build_model`, `build_t
 the device present (a GPU when there is one: `trainer=gpu`, bf16; else the CPU, float32).
 
 Training images/s come from `callbacks.Throughput` (each epoch timed from the end of its first batch, so the
-warm-up is excluded); maps images/s is the wall time of `teacher.predict_maps` over the category, Lightning's
-predict loop included; a segmenter's test images/s is the test loop's wall time. The data is the generated
+warm-up is excluded); maps images/s is the wall time of `teacher.predict_maps` over the category, data loading
+included; a segmenter's test images/s is the test loop's wall time. The data is the generated
 synthetic category at the case's size, so the suite runs anywhere.
 """
 
