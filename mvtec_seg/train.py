@@ -54,7 +54,7 @@ from mvtec_seg.outputs import RunOutputs
 from mvtec_seg.plan import announce
 from mvtec_seg.pseudo.masks import ensure_pseudo_masks, load_targets
 from mvtec_seg.pseudo.rules import TARGETS
-from mvtec_seg.pseudo.select import candidate_configs, select
+from mvtec_seg.pseudo.select import select
 from mvtec_seg.pseudo.self_training import self_train
 from mvtec_seg.pseudo.synthetic_val import ensure_synthetic_val, synthetic_scores
 from mvtec_seg.pseudo.thresholds import STRATEGIES
@@ -182,11 +182,13 @@ def _fit_candidate(cfg: DictConfig, index: int, dm: MVTecDataModule, run_dir: Pa
     }
 
 
-def _select_pseudo(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> tuple[dict, str | None]:
+def _select_pseudo(
+    cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs
+) -> tuple[dict, str | None, DictConfig]:
     """`mask.select=auto`: train every candidate, keep the best by the synthetic validation set; the chosen
-    targets are set on `dm`. Returns its pseudo record (with `selection`) and checkpoint."""
-    chosen, records = select(cfg, lambda c, i: _fit_candidate(c, i, dm, out.run_dir))
-    info = _set_pseudo_targets(candidate_configs(cfg)[chosen], dm)  # cached: sets the chosen targets
+    targets are set on `dm`. Returns its pseudo record (with `selection`), checkpoint and run config."""
+    chosen, records, configs = select(cfg, lambda c, i: _fit_candidate(c, i, dm, out.run_dir))
+    info = _set_pseudo_targets(configs[chosen], dm)  # cached: sets the chosen targets
     info["selection"] = {
         "criterion": "synthetic-val pixel_AUPRO, then pixel_AP",
         "chosen": chosen,
@@ -195,7 +197,7 @@ def _select_pseudo(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> tup
     }
     info["synthetic_val"] = records[chosen]["synthetic_val"]
     out.summary.time["train_s"] = sum(r["train_s"] for r in records)
-    return info, records[chosen]["checkpoint"]
+    return info, records[chosen]["checkpoint"], configs[chosen]
 
 
 def _here(best: str | None, run_dir: Path) -> str | None:
@@ -235,8 +237,7 @@ def _prepare_model(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> Ano
     student_cfg = cfg
     if cfg.mask.name == "pseudo":
         if cfg.mask.get("select", "fixed") == "auto":
-            out.summary.pseudo, out.summary.checkpoint = _select_pseudo(cfg, dm, out)
-            student_cfg = candidate_configs(cfg)[out.summary.pseudo["selection"]["chosen"]]
+            out.summary.pseudo, out.summary.checkpoint, student_cfg = _select_pseudo(cfg, dm, out)
         else:
             out.summary.pseudo = _set_pseudo_targets(cfg, dm)
         with torch.device("meta"):  # counted, not used: no memory, no random draws

@@ -46,8 +46,9 @@ def compose_cfg(tmp_path: Path, overrides: list[str] | None = None):
     return compose_config(base + list(overrides or []))
 
 
-PSEUDO_FAST = ["mask=pseudo", "debug=fast", *TINY_TEACHER, "data.image_size=32"]
-"""A pseudo-mask run on the synthetic category with the tiny teacher: the teacher `teacher_cache` holds."""
+TEACHER_FAST = ["debug=fast", *TINY_TEACHER, "data.image_size=32"]
+"""A `debug=fast` run on the synthetic category with the tiny teacher: the teacher `teacher_cache` holds."""
+PSEUDO_FAST = ["mask=pseudo", *TEACHER_FAST]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PSEUDO_FAST, TINY_TEACHER, compose_cfg, with_teacher
+from conftest import TEACHER_FAST, TINY_TEACHER, compose_cfg, with_teacher
 
 from mvtec_seg.builders import build_datamodule
 from mvtec_seg.errors import UserError
@@ -23,7 +23,7 @@ from mvtec_seg.pseudo.thresholds import mask_threshold
 from mvtec_seg.teacher import teacher_dir
 from mvtec_seg.train import train
 
-FAST_TEACHER = PSEUDO_FAST[1:]  # the session teacher (conftest.teacher_cache)
+FAST_TEACHER = TEACHER_FAST  # the session teacher (conftest.teacher_cache)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PSEUDO_FAST, compose_cfg, with_teacher
+from conftest import TEACHER_FAST, compose_cfg, with_teacher
 from segmentation_models_pytorch.losses import DiceLoss
 
 from mvtec_seg.builders import build_datamodule
@@ -143,7 +143,7 @@ def test_weighted_loss_matches_smp_without_weights_and_ignores_weight_zero():
     assert torch.isfinite(loss(logits, soft, ones)["loss"])
 
 
-FAST = PSEUDO_FAST[1:]  # the session teacher (conftest.teacher_cache)
+FAST = TEACHER_FAST  # the session teacher (conftest.teacher_cache)
 
 
 @pytest.mark.slow

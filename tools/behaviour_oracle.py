@@ -8,7 +8,7 @@ run writes except timings and absolute paths, so two code versions can be compar
 
 Recorded per job: every `summary.json` field (timings, folders and the checkpoint path left out), the
 files of the run folder, SHA-256 of each array in `test_predictions.npz` and of the pseudo masks. About
-5 minutes on 2 CPU cores for the eleven jobs below.
+a minute on 2 CPU cores for the eleven jobs below.
 """
 
 from __future__ import annotations

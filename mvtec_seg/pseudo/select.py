@@ -17,22 +17,16 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mvtec_seg.errors import UserError
 from mvtec_seg.pseudo.rules import strategy_label
 
 CRITERION = ("pixel_AUPRO", "pixel_AP")
 
 
 def candidate_configs(cfg: DictConfig) -> list[DictConfig]:
-    """The run config of every candidate: `cfg.mask` with the candidate's settings merged in, fixed."""
-    listed = cfg.mask.get("candidates")
-    candidates = OmegaConf.to_container(listed, resolve=True) if listed else []
-    if not candidates:
-        raise UserError("mask.select=auto needs mask.candidates (a list of mask settings to choose from)")
+    """The run config of every candidate: `cfg.mask` with the candidate's settings merged in, fixed.
+    `mask.candidates` is a non-empty list of dicts (checked with every setting, `settings.rules`)."""
     out = []
-    for i, cand in enumerate(candidates):
-        if not isinstance(cand, dict):
-            raise UserError(f"mask.candidates[{i}]={cand!r} must be a dict of mask settings")
+    for cand in OmegaConf.to_container(cfg.mask.candidates, resolve=True):
         c = copy.deepcopy(cfg)
         with open_dict(c):
             c.mask = OmegaConf.merge(c.mask, cand, {"select": "fixed", "candidates": []})
@@ -54,13 +48,17 @@ def choose(records: list[dict]) -> int:
     return best
 
 
-def select(cfg: DictConfig, fit: Callable[[DictConfig, int], dict]) -> tuple[int, list[dict]]:
+def select(
+    cfg: DictConfig, fit: Callable[[DictConfig, int], dict]
+) -> tuple[int, list[dict], list[DictConfig]]:
     """Fit every candidate (`fit(candidate_cfg, index)` returns its record: `synthetic_val`, `checkpoint`,
-    `pseudo`, `test_metrics`, ...) and return the chosen index and the records, labelled."""
+    `pseudo`, `test_metrics`, ...) and return the chosen index, the records, labelled, and the candidates'
+    run configs."""
     records = []
-    for i, c in enumerate(candidate_configs(cfg)):
+    configs = candidate_configs(cfg)
+    for i, c in enumerate(configs):
         record = fit(c, i)
         settings = OmegaConf.to_container(c.mask, resolve=True)
         label = strategy_label(settings, int(settings.get("rounds") or 0))
         records.append({"index": i, "label": label, "settings": settings, **record})
-    return choose(records), records
+    return choose(records), records, configs
