@@ -303,6 +303,7 @@ def section(rows: list[dict[str, str]]) -> str:
     deciding_cats = [c for c in cats if any(r["deciding"] == "True" for r in ok if r["category"] == c)]
     if deciding_cats:
         lines += _deciding_mean(deciding_cats, names, label, by)
+        lines += _against_teacher_and_gt(ok, deciding_cats, names, label, by)
     lines += _rank_correlation(ok)
     lines += ["#### Resolved mask settings of each row", ""]
     for name in names:
@@ -324,6 +325,42 @@ def _deciding_mean(cats: list[str], names: list[str], label: dict, by: dict) -> 
         if not all((c, name) in by for c in cats):
             continue
         cells = [_f(_mean([_mean([number(r[m]) for r in by[(c, name)]]) for c in cats])) for m in COLUMNS]
+        lines.append(f"| {label[name]} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _against_teacher_and_gt(
+    ok: list[dict], cats: list[str], names: list[str], label: dict, by: dict
+) -> list[str]:
+    """Each PSEUDO row against its teacher (AUPRO and pixel AP, PSEUDO - TransFusion) and against U-Net GT
+    (AUPRO as a fraction of GT's) per deciding category: the question the suite answers, row by row."""
+    kind = {r["row"]: ("teacher" if r["model"] == "transfusion" else r["mask"]) for r in ok}
+    teacher = next((n for n in names if kind[n] == "teacher"), None)
+    gt = next((n for n in names if kind[n] == "gt"), None)
+    if teacher is None or gt is None:
+        return []
+
+    def m(cat: str, name: str, metric: str) -> float:
+        return _mean([number(r[metric]) for r in by.get((cat, name), [])])
+
+    head = " | ".join(f"{c}: AUPRO - TF | {c}: AP - TF | {c}: AUPRO / GT" for c in cats)
+    lines = [
+        "### PSEUDO against its teacher and against GT (deciding categories, mean over seeds)",
+        "",
+        f"| row | {head} |",
+        "|" + "---|" * (3 * len(cats) + 1),
+    ]
+    for name in names:
+        if kind[name] in ("teacher", "gt") or not all((c, name) in by for c in cats):
+            continue
+        cells = []
+        for c in cats:
+            aupro, gt_aupro = m(c, name, "pixel_AUPRO"), m(c, gt, "pixel_AUPRO")
+            cells += [
+                f"{aupro - m(c, teacher, 'pixel_AUPRO'):+.3f}",
+                f"{m(c, name, 'pixel_AP') - m(c, teacher, 'pixel_AP'):+.3f}",
+                _f(aupro / gt_aupro if gt_aupro > 0 else math.nan, 2),
+            ]
         lines.append(f"| {label[name]} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 

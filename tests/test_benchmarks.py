@@ -42,7 +42,8 @@ def test_quality_tiny_grid_writes_rows_and_reuses_them_by_resolved_config(tmp_pa
         assert 0.0 <= float(r["pixel_AUPRO"]) <= 1.0
         assert Path(r["run_dir"]).name == r["config_digest"]
     pseudo = rows[1]
-    assert OmegaConf.create(pseudo["mask_settings"]).rounds == 0  # the entry's value, not the default's
+    # the entry's value, not the default's
+    assert OmegaConf.create(pseudo["mask_settings"]).synthetic_fraction == 0.0
     assert math.isfinite(float(pseudo["mask_precision"])) or pseudo["mask_precision"] == ""
     results = (tmp_path / "RESULTS.md").read_text()
     assert "U-Net PSEUDO hysteresis + gate + area" in results and "Resolved mask settings" in results
@@ -141,3 +142,31 @@ def test_demo_section_reads_its_rows() -> None:
         "| 1 | unet_gt | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 258 |",
     ]
     assert demo.section([{**rows[2]}]).startswith("No demo results yet")
+
+
+def test_quality_section_puts_each_pseudo_row_against_teacher_and_gt() -> None:
+    base = {"status": "ok", "deciding": "True", "seed": "0", "synthetic_val_AUPRO": "", "mask_IoU": ""}
+    base |= {"mask_precision": "", "mask_settings": "", "command": "c", "image_AUROC": "0.5", "IoU": "0"}
+    base |= {"pixel_AUROC": "0.5"}
+
+    def row(cat: str, name: str, model: str, mask: str, aupro: float, ap: float) -> dict:
+        return (
+            base
+            | {"category": cat, "row": name, "label": name, "model": model, "mask": mask}
+            | {
+                "pixel_AUPRO": str(aupro),
+                "pixel_AP": str(ap),
+            }
+        )
+
+    rows = [
+        row("a", "tf", "transfusion", "none", 0.5, 0.10),
+        row("a", "gt", "unet", "gt", 0.8, 0.40),
+        row("a", "ps", "unet", "m", 0.6, 0.05),
+        row("b", "tf", "transfusion", "none", 0.3, 0.02),
+        row("b", "gt", "unet", "gt", 0.5, 0.20),
+        row("b", "ps", "unet", "m", 0.45, 0.03),
+    ]
+    text = quality.section(rows)
+    assert "| ps | +0.100 | -0.050 | 0.75 | +0.150 | +0.010 | 0.90 |" in text.splitlines()
+    assert "| tf | +" not in text and "| gt | +" not in text  # the references are not compared to themselves
