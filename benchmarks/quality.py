@@ -314,6 +314,11 @@ def section(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _seed_mean(by: dict, cat: str, name: str, metric: str) -> float:
+    """One row's metric in one category, the mean over its seeds."""
+    return _mean([number(r[metric]) for r in by.get((cat, name), [])])
+
+
 def _deciding_mean(cats: list[str], names: list[str], label: dict, by: dict) -> list[str]:
     lines = [
         f"### Mean over {', '.join(cats)} (the categories that decide defaults)",
@@ -324,7 +329,7 @@ def _deciding_mean(cats: list[str], names: list[str], label: dict, by: dict) -> 
     for name in names:
         if not all((c, name) in by for c in cats):
             continue
-        cells = [_f(_mean([_mean([number(r[m]) for r in by[(c, name)]]) for c in cats])) for m in COLUMNS]
+        cells = [_f(_mean([_seed_mean(by, c, name, m) for c in cats])) for m in COLUMNS]
         lines.append(f"| {label[name]} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -340,9 +345,6 @@ def _against_teacher_and_gt(
     if teacher is None or gt is None:
         return []
 
-    def m(cat: str, name: str, metric: str) -> float:
-        return _mean([number(r[metric]) for r in by.get((cat, name), [])])
-
     head = " | ".join(f"{c}: AUPRO - TF | {c}: AP - TF | {c}: AUPRO / GT" for c in cats)
     lines = [
         "### PSEUDO against its teacher and against GT (deciding categories, mean over seeds)",
@@ -355,10 +357,10 @@ def _against_teacher_and_gt(
             continue
         cells = []
         for c in cats:
-            aupro, gt_aupro = m(c, name, "pixel_AUPRO"), m(c, gt, "pixel_AUPRO")
+            aupro, gt_aupro = _seed_mean(by, c, name, "pixel_AUPRO"), _seed_mean(by, c, gt, "pixel_AUPRO")
             cells += [
-                f"{aupro - m(c, teacher, 'pixel_AUPRO'):+.3f}",
-                f"{m(c, name, 'pixel_AP') - m(c, teacher, 'pixel_AP'):+.3f}",
+                f"{aupro - _seed_mean(by, c, teacher, 'pixel_AUPRO'):+.3f}",
+                f"{_seed_mean(by, c, name, 'pixel_AP') - _seed_mean(by, c, teacher, 'pixel_AP'):+.3f}",
                 _f(aupro / gt_aupro if gt_aupro > 0 else math.nan, 2),
             ]
         lines.append(f"| {label[name]} | " + " | ".join(cells) + " |")
