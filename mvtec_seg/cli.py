@@ -118,13 +118,13 @@ def settings_help(cfg: DictConfig) -> str:
     return "\n".join(lines)
 
 
-def command_args(cfg: DictConfig, schema: dict[str, type], required: Sequence[str] = ()) -> dict[str, Any]:
-    """A composed command config as keyword arguments, each checked against its type in `schema`: Hydra's
+def command_args(cfg: DictConfig, fn: Callable[..., Any], required: Sequence[str] = ()) -> dict[str, Any]:
+    """A composed command config as keyword arguments, each checked against its type (`arg_types`): Hydra's
     grammar reads `run=123` as a number and `format=null` as None; a path stays a string, a whole number
     is a valid float, and anything else out of type is one line naming the setting."""
     what = {str: "a text", int: "a whole number", float: "a number", bool: "true or false"}
     out: dict[str, Any] = {}
-    for key, kind in schema.items():
+    for key, kind in arg_types(cfg, fn).items():
         value = cfg.get(key)
         if value is None:
             if key in required:
@@ -137,6 +137,28 @@ def command_args(cfg: DictConfig, schema: dict[str, type], required: Sequence[st
             raise UserError(f"{key}={value!r} is not {what.get(kind, kind.__name__)}")
         out[key] = value
     return out
+
+
+def arg_types(cfg: DictConfig, fn: Callable[..., Any]) -> dict[str, type]:
+    """The type of each setting of a command's config, declared once: the annotation of the parameter of
+    `fn` it is passed to (`threshold: float | None` -> float; a path is text), else its YAML default's type."""
+    import typing
+
+    hints = typing.get_type_hints(fn)
+    types: dict[str, type] = {}
+    for key in cfg:
+        hint = hints.get(str(key))
+        options = typing.get_args(hint) or (hint,)
+        kind = next((k for k in (bool, int, float, str) if k in options), None)
+        if hint is not None and kind is None:
+            kind = str  # a path
+        if kind is None:
+            default = cfg.get(key)
+            if default is None:
+                raise TypeError(f"{key} is no parameter of {fn.__name__} and has no default to type it by")
+            kind = type(default)
+        types[str(key)] = kind
+    return types
 
 
 def compose_command(config_name: str, overrides: Sequence[str]) -> DictConfig:

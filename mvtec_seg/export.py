@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx",)
 OPSET = 18
-ARGS: dict[str, type] = {"run": str, "format": str, "output": str, "image_size": int}  # conf/export.yaml
 
 
 class SegmenterGraph(nn.Module):
@@ -180,7 +179,7 @@ def export_onnx(run: str | Path, output: str | Path | None = None, image_size: i
 
 
 def _main(cfg: DictConfig) -> int:
-    args = command_args(cfg, ARGS, required=("run",))
+    args = command_args(cfg, export_onnx, required=("run",))
     if args["format"] not in FORMATS:
         raise UserError(f"format={args['format']!r} is not supported — use one of {FORMATS}")
     path = export_onnx(args["run"], args["output"], args["image_size"])

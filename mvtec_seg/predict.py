@@ -67,18 +67,6 @@ PREDICTIONS_CSV = "predictions.csv"
 CSV_COLUMNS: tuple[str, ...] = ("path", "name", "image_score", "decision", "defect_area_px")
 OVERLAY_RANGE: tuple[float, float] = (0.0, 1.0)  # segmenter probabilities; TransFusion's map is in [0,1] too
 FORMATS: tuple[str, ...] = ("default", "mvtec_ad2")
-ARGS: dict[str, type] = {  # the settings of conf/predict.yaml and their types
-    "run": str,
-    "input": str,
-    "output": str,
-    "threshold": float,
-    "trainer": str,
-    "batch_size": int,
-    "image_size": int,
-    "format": str,
-    "overwrite": bool,
-    "max_image_pixels": int,
-}
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -335,7 +323,7 @@ def _write_csv(path: Path, rows: list[Prediction]) -> Path:
 
 
 def _main(cfg: DictConfig) -> int:
-    result = predict(**command_args(cfg, ARGS, required=("run", "input")))
+    result = predict(**command_args(cfg, predict, required=("run", "input")))
     n_anom = sum(r.decision == "anomalous" for r in result["rows"])
     print(
         f"predictions: {len(result['rows'])} images, {n_anom} anomalous at threshold "

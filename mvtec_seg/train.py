@@ -49,12 +49,12 @@ from mvtec_seg.models.base import AnomalyModule, parameter_count
 from mvtec_seg.models.segmenter.loss import SegmentationLoss
 from mvtec_seg.models.segmenter.torch_model import ARCHITECTURES, SegmentationNet, encoders
 from mvtec_seg.models.transfusion.loss import TransFusionLoss
-from mvtec_seg.models.transfusion.torch_model import TransFusionModel
+from mvtec_seg.models.transfusion.torch_model import REVERSE_MODES, TransFusionModel
 from mvtec_seg.outputs import RunOutputs
 from mvtec_seg.plan import announce
 from mvtec_seg.pseudo.masks import ensure_pseudo_masks, load_targets
-from mvtec_seg.pseudo.rules import TARGETS
-from mvtec_seg.pseudo.select import select
+from mvtec_seg.pseudo.rules import GATED, GATES, TARGETS
+from mvtec_seg.pseudo.select import MODES, select
 from mvtec_seg.pseudo.self_training import self_train
 from mvtec_seg.pseudo.synthetic_val import ensure_synthetic_val, synthetic_scores
 from mvtec_seg.pseudo.thresholds import STRATEGIES
@@ -266,7 +266,15 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
             "model.params.net.encoder_name": encoders(),
         }
     if settings.get("mask.name") == "pseudo":
-        choices |= {"mask.threshold.strategy": STRATEGIES, "mask.target": TARGETS}
+        choices |= {
+            "mask.threshold.strategy": STRATEGIES,
+            "mask.target": TARGETS,
+            "mask.gate.strategy": GATES,
+            "mask.gated": GATED,
+            "mask.select": MODES,
+        }
+    if settings.get("model.source") == "teacher" or settings.get("mask.name") == "pseudo":
+        choices |= {"teacher.params.net.reverse": tuple(REVERSE_MODES)}
     check_settings(settings, choices)
     check_keys(settings, _takers(settings))
     return settings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,14 +10,19 @@ import torch
 from conftest import CONF_DIR, compose_cfg
 from omegaconf import OmegaConf, open_dict
 
-from mvtec_seg.data.mvtec import MVTEC_CATEGORIES, TEXTURE_CATEGORIES
+from mvtec_seg.data.layouts import CATEGORIES as DATASET_CATEGORIES
 
 CATEGORIES = sorted(p.stem for p in (Path(CONF_DIR) / "category").glob("*.yaml"))
+MVTEC_CATEGORIES = DATASET_CATEGORIES["mvtec"]
+# MVTec AD's texture categories (anomalies anywhere, no foreground), as the official TransFusion code lists them
+MVTEC_TEXTURES = {"carpet", "grid", "leather", "tile", "wood", "zipper"}
 
 
 def test_every_mvtec_category_has_a_config():
-    assert set(MVTEC_CATEGORIES) <= set(CATEGORIES)
-    assert {"synthetic", "synthetic_texture", "custom"} <= set(CATEGORIES)
+    """The category files are the one list of names: MVTec AD's 15, and the built-in ones beside them."""
+    assert len(MVTEC_CATEGORIES) == 15 and set(MVTEC_CATEGORIES) >= MVTEC_TEXTURES
+    assert set(MVTEC_CATEGORIES) | {"synthetic", "synthetic_texture", "custom"} == set(CATEGORIES)
+    assert (len(DATASET_CATEGORIES["visa"]), len(DATASET_CATEGORIES["mvtec_ad2"])) == (12, 8)
 
 
 @pytest.mark.parametrize("model", ["unet", "deeplab", "transfusion"])
@@ -40,7 +46,7 @@ def test_category_configs(tmp_path, category):
     cfg = compose_cfg(tmp_path, [f"category={category}"])
     assert cfg.category.name == category
     if category in MVTEC_CATEGORIES:
-        assert cfg.category.kind == ("texture" if category in TEXTURE_CATEGORIES else "object")
+        assert cfg.category.kind == ("texture" if category in MVTEC_TEXTURES else "object")
         assert cfg.category.generate is None
     else:
         assert cfg.category.generate.kind == cfg.category.kind
@@ -160,3 +166,72 @@ def test_adam_and_adamw_are_fused_unless_the_config_chooses(cfg_fast):
     assert not module.configure_optimizers().defaults["fused"]
     module._trainer = SimpleNamespace(gradient_clip_val=1.0, precision="bf16-mixed")
     assert module.configure_optimizers().defaults["fused"]
+
+
+# --- each setting declared once ----------------------------------------------------------------------------
+
+
+def test_every_rule_shows_a_default_or_example_that_passes_its_own_check():
+    """A refusal's example is the composed default (or the rule's own form where the default is not one):
+    it exists and is accepted, so the table cannot drift from the YAML."""
+    from mvtec_seg.settings.rules import RULES, defaults, example
+
+    flat = defaults()
+    for rule in RULES:
+        check, _ = rule.spec
+        if rule.example is None:
+            assert rule.key in flat, f"{rule.key} is in no composed default config"
+            assert check(flat[rule.key]), f"{rule.key}: the default {flat[rule.key]!r} fails its own rule"
+            assert example(rule).startswith(f"{rule.key}=")
+    by_key = {r.key: r for r in RULES}
+    assert (
+        example(by_key["mask.gate.quantile"])
+        == f"mask.gate.quantile={flat['mask.gate.quantile']} (the default)"
+    )
+
+
+def test_a_refusal_names_the_default(tmp_path):
+    from mvtec_seg.errors import UserError
+    from mvtec_seg.train import check_config
+
+    with pytest.raises(
+        UserError, match=r"mask.gate.quantile=1.5 must be .* e.g. mask.gate.quantile=0.99 \(the default\)"
+    ):
+        check_config(compose_cfg(tmp_path, ["mask=pseudo", "mask.gate.quantile=1.5"]))
+
+
+def test_monitors_are_the_metrics_a_run_logs(tmp_path):
+    """`val/synthetic_*` is what a PSEUDO run logs on its synthetic validation set: accepted there, refused
+    where no such set is built (mask=gt, synthetic_val auto), and a name no run logs is refused."""
+    from mvtec_seg.errors import UserError
+    from mvtec_seg.metrics import MONITORS
+    from mvtec_seg.train import check_config
+
+    assert "val/synthetic_pixel_AUPRO" in MONITORS and "val/pixel_AP" in MONITORS
+    settings = check_config(compose_cfg(tmp_path, ["mask=pseudo", "mask.monitor=val/synthetic_pixel_AUPRO"]))
+    assert settings["checkpoint.monitor"] == "val/synthetic_pixel_AUPRO"
+    with pytest.raises(UserError, match="needs the synthetic validation set"):
+        check_config(compose_cfg(tmp_path, ["checkpoint.monitor=val/synthetic_pixel_AUPRO"]))
+    with pytest.raises(UserError, match="mask.monitor='val/pixel_APP' must be one of"):
+        check_config(compose_cfg(tmp_path, ["mask=pseudo", "mask.monitor=val/pixel_APP"]))
+
+
+@pytest.mark.parametrize(
+    ("override", "registry"),
+    [
+        ("mask.gate.strategy=median", "mvtec_seg.pseudo.rules:GATES"),
+        ("mask.gated=drop", "mvtec_seg.pseudo.rules:GATED"),
+        ("mask.select=best", "mvtec_seg.pseudo.select:MODES"),
+        ("teacher.params.net.reverse=half", "mvtec_seg.models.transfusion.torch_model:REVERSE_MODES"),
+    ],
+)
+def test_choices_come_from_the_code_that_implements_them(tmp_path, override, registry):
+    import importlib
+
+    from mvtec_seg.errors import UserError
+    from mvtec_seg.train import check_config
+
+    module, name = registry.split(":")
+    choices = list(getattr(importlib.import_module(module), name))
+    with pytest.raises(UserError, match=re.escape(f"is not one of {choices}")):
+        check_config(compose_cfg(tmp_path, ["mask=pseudo", override]))

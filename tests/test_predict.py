@@ -23,7 +23,7 @@ from mvtec_seg.errors import UserError
 from mvtec_seg.inference import load_trained, resize_map
 from mvtec_seg.metrics import f1_optimal_threshold
 from mvtec_seg.models.base import anomaly_maps
-from mvtec_seg.predict import ARGS, CSV_COLUMNS, PREDICTIONS_CSV, input_files, main, predict
+from mvtec_seg.predict import CSV_COLUMNS, PREDICTIONS_CSV, input_files, main, predict
 
 SIZES = {
     "sub/a.png": (40, 40),
@@ -243,7 +243,7 @@ def test_output_must_be_new_or_empty_unless_overwrite(setup: dict, tmp_path: Pat
     ):
         cfg = compose_command("predict", [f"run={setup['run']}", f"input={image}", *argv])
         with pytest.raises(UserError, match=message):
-            predict(**command_args(cfg, ARGS, required=("run", "input")))
+            predict(**command_args(cfg, predict, required=("run", "input")))
 
 
 def test_names_stay_unique(tmp_path: Path) -> None:

@@ -92,7 +92,9 @@ def test_glob_sweep_over_all_15_categories_lists_the_failed_job_and_exits_nonzer
     (overrides, one-line reason, log path) and exits 1; the failed job's summary says why."""
     from conftest import make_fake_mvtec
 
-    from mvtec_seg.data.mvtec import MVTEC_CATEGORIES
+    from mvtec_seg.data.layouts import CATEGORIES as DATASET_CATEGORIES
+
+    MVTEC_CATEGORIES = DATASET_CATEGORIES["mvtec"]
 
     missing = "zipper"
     for name in MVTEC_CATEGORIES:

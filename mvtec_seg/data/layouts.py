@@ -19,19 +19,29 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mvtec_seg.data.mvtec import MVTEC_CATEGORIES, MaskNotes, Sample, load_mask, open_image, scan_category
-from mvtec_seg.data.mvtec_ad2 import MVTEC_AD2_CATEGORIES, scan_mvtec_ad2
-from mvtec_seg.data.visa import VISA_CATEGORIES, scan_visa
+from mvtec_seg.config import category_options
+from mvtec_seg.data.mvtec import MaskNotes, Sample, load_mask, open_image, scan_category
+from mvtec_seg.data.mvtec_ad2 import scan_mvtec_ad2
+from mvtec_seg.data.visa import scan_visa
 from mvtec_seg.errors import UserError
 
 LAYOUTS: tuple[str, ...] = ("mvtec", "visa", "mvtec_ad2")
 DEFAULT_LAYOUT = "mvtec"
 DATASET_NAMES: dict[str, str] = {"mvtec": "MVTec AD", "visa": "VisA", "mvtec_ad2": "MVTec AD 2"}
-CATEGORIES: dict[str, tuple[str, ...]] = {
-    "mvtec": MVTEC_CATEGORIES,
-    "visa": VISA_CATEGORIES,
-    "mvtec_ad2": MVTEC_AD2_CATEGORIES,
-}
+
+
+def _dataset_categories() -> dict[str, tuple[str, ...]]:
+    """Each layout's category names, from the `category` group's files (`visa/pcb1.yaml` -> `pcb1` of
+    `visa`); the built-in generated categories and `custom` are no dataset's."""
+    out: dict[str, list[str]] = {layout: [] for layout in LAYOUTS}
+    for option, node in category_options().items():
+        category = node.get("category") or {}
+        if category.get("generate") is None and option != "custom":
+            out[(node.get("data") or {}).get("layout", DEFAULT_LAYOUT)].append(category["name"])
+    return {layout: tuple(names) for layout, names in out.items()}
+
+
+CATEGORIES: dict[str, tuple[str, ...]] = _dataset_categories()
 MASK_RULES: dict[str, str] = {"mvtec": "half_range", "visa": "nonzero", "mvtec_ad2": "half_range"}
 DEFAULT_MASK_RULE = "half_range"
 _READERS: dict[str, Callable[[Path | str], list[Sample]]] = {

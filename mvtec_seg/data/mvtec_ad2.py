@@ -23,16 +23,6 @@ from mvtec_seg.data.mvtec import Sample, _dead_link, _images_in, defect_samples
 from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes
 
-MVTEC_AD2_CATEGORIES: tuple[str, ...] = (
-    "can",
-    "fabric",
-    "fruit_jelly",
-    "rice",
-    "sheet_metal",
-    "vial",
-    "wallplugs",
-    "walnuts",
-)
 NORMAL_PARTS: tuple[str, ...] = ("train", "validation")
 TEST_PUBLIC = "test_public"
 PRIVATE_SPLITS: tuple[str, ...] = ("test_private", "test_private_mixed")

@@ -16,20 +16,6 @@ from pathlib import Path
 from mvtec_seg.data.mvtec import Sample, _dead_link, _images_in, check_one_mask_each
 from mvtec_seg.errors import UserError
 
-VISA_CATEGORIES: tuple[str, ...] = (
-    "candle",
-    "capsules",
-    "cashew",
-    "chewinggum",
-    "fryum",
-    "macaroni1",
-    "macaroni2",
-    "pcb1",
-    "pcb2",
-    "pcb3",
-    "pcb4",
-    "pipe_fryum",
-)
 SPLIT_CSV = Path("split_csv") / "1cls.csv"
 """The official one-class split, relative to the folder that holds the categories."""
 CSV_COLUMNS: tuple[str, ...] = ("object", "split", "label", "image", "mask")

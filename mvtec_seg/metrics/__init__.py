@@ -4,6 +4,8 @@ from mvtec_seg.metrics.classes import AnomalyMetrics
 from mvtec_seg.metrics.functional import (
     METRIC_LABELS,
     METRIC_NAMES,
+    MONITORS,
+    SYNTHETIC_PREFIX,
     UndefinedMetricWarning,
     aupro,
     auroc,
@@ -23,6 +25,8 @@ from mvtec_seg.metrics.mvtec_ad2 import mvtec_ad2_metrics, normal_threshold, seg
 __all__ = [
     "METRIC_LABELS",
     "METRIC_NAMES",
+    "MONITORS",
+    "SYNTHETIC_PREFIX",
     "AnomalyMetrics",
     "UndefinedMetricWarning",
     "aupro",

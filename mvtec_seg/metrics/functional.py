@@ -49,7 +49,9 @@ from mvtec_seg.metrics.split import (
 __all__ = [
     "METRIC_LABELS",
     "METRIC_NAMES",
+    "MONITORS",
     "PixelSplit",
+    "SYNTHETIC_PREFIX",
     "UndefinedMetricWarning",
     "aupro",
     "auroc",
@@ -69,6 +71,14 @@ __all__ = [
 ]
 
 METRIC_NAMES: tuple[str, ...] = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")
+SYNTHETIC_PREFIX = "synthetic_"
+"""The metrics on the GT-free synthetic validation set are logged as `val/synthetic_<name>`."""
+MONITORS: tuple[str, ...] = (
+    "train/loss",
+    *(f"val/{m}" for m in METRIC_NAMES),
+    *(f"val/{SYNTHETIC_PREFIX}{m}" for m in METRIC_NAMES),
+)
+"""Every value a run logs that a checkpoint can be selected by (`checkpoint.monitor`, `mask.monitor`)."""
 METRIC_LABELS: dict[str, str] = {
     "pixel_AUPRO": "pixel AUPRO",
     "pixel_AP": "pixel AP",

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from mvtec_seg.errors import UserError
-from mvtec_seg.metrics import METRIC_NAMES, AnomalyMetrics
+from mvtec_seg.metrics import METRIC_NAMES, SYNTHETIC_PREFIX, AnomalyMetrics
 
 
 def parameter_count(module: nn.Module) -> int:
@@ -129,7 +129,7 @@ class AnomalyModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
         if self.synthetic_metrics.update_count:
-            self._log_metrics("val", self.synthetic_metrics, prefix="synthetic_")
+            self._log_metrics("val", self.synthetic_metrics, prefix=SYNTHETIC_PREFIX)
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         amap = self.anomaly_map(batch["image"]).float()

@@ -20,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mvtec_seg.pseudo.rules import strategy_label
 
 CRITERION = ("pixel_AUPRO", "pixel_AP")
+MODES: tuple[str, ...] = ("fixed", "auto")
+"""`mask.select`: the mask settings as given, or the best of `mask.candidates`."""
 
 
 def candidate_configs(cfg: DictConfig) -> list[DictConfig]:

@@ -78,11 +78,8 @@ def build_report(folder: Path | str, out: Path | str | None = None) -> dict[str,
     }
 
 
-ARGS: dict[str, type] = {"folder": str, "out": str}  # conf/report.yaml
-
-
 def _main(cfg: DictConfig) -> int:
-    args = command_args(cfg, ARGS, required=("folder",))
+    args = command_args(cfg, build_report, required=("folder",))
     out = Path(args["out"]).expanduser() if args["out"] else None
     result = build_report(Path(args["folder"]).expanduser(), out)
     for failed in result["failed"]:

@@ -22,11 +22,13 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from mvtec_seg.errors import UserError
 from mvtec_seg.identity import flat_settings
+from mvtec_seg.metrics import SYNTHETIC_PREFIX
 from mvtec_seg.settings.paths import check_paths, folder_problem
 from mvtec_seg.settings.rules import (
     RULES,
     TARGETS,
     Flat,
+    example,
     fit,
     is_int,
     is_number,
@@ -88,7 +90,7 @@ def check_settings(settings: Flat, choices: Mapping[str, tuple[Any, ...]] = {}) 
         check, must = rule.spec
         if rule.key in settings and rule.when(settings) and not check(settings[rule.key]):
             raise UserError(
-                f"{shown(rule.key, settings[rule.key])} must be {must} — set it to e.g. {rule.example}"
+                f"{shown(rule.key, settings[rule.key])} must be {must} — set it to e.g. {example(rule)}"
             )
     for key, allowed in choices.items():
         if key in settings and settings[key] is not None and settings[key] not in allowed:
@@ -189,6 +191,7 @@ def _check_relations(s: Flat) -> None:
         why = "the TransFusion teacher needs (2**(len(channel_mult)-1)); it is data.image_size"
         _multiple(s, "teacher.params.net.image_size", 2 ** (len(mult) - 1), why)
     _check_hysteresis(s)
+    _check_synthetic_monitor(s)
     accelerators = {s.get("trainer.accelerator"), s.get("teacher.trainer.accelerator")}
     if accelerators & {"gpu", "cuda"}:
         import torch
@@ -207,4 +210,19 @@ def _check_hysteresis(s: Flat) -> None:
         raise UserError(
             f"mask.threshold.low_quantile={low} is above mask.threshold.quantile={high} — the low threshold "
             "of the hysteresis must not exceed the high one"
+        )
+
+
+def _check_synthetic_monitor(s: Flat) -> None:
+    """`val/synthetic_*` is logged only where the synthetic validation set is built: a fitted model with
+    `synthetic_val.enabled=true`, or `auto` with `mask=pseudo`."""
+    monitor = s.get("checkpoint.monitor")
+    if not (fit(s) and isinstance(monitor, str) and monitor.startswith(f"val/{SYNTHETIC_PREFIX}")):
+        return
+    enabled = s.get("synthetic_val.enabled", "auto")
+    if enabled is False or (enabled == "auto" and not pseudo(s)):
+        raise UserError(
+            f"checkpoint.monitor={monitor} needs the synthetic validation set, which this run does not build "
+            f"(synthetic_val.enabled={enabled!r}, mask={s.get('mask.name')}) — use mask=pseudo, "
+            "synthetic_val.enabled=true, or monitor val/pixel_AP"
         )

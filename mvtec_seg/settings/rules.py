@@ -1,19 +1,26 @@
-"""The table of every user-facing setting: what each must be, an example, and when it applies.
+"""The table of every user-facing setting: what each must be and when it applies.
 
 One row per setting (`RULES`), built from a few named kinds of value (`COUNT`, `FRACTION`, `choice(...)`),
 so a new setting is one line here rather than another `if`. `mvtec_seg.settings.check_settings` applies it.
+Each setting is declared once: its default (the example a refusal shows) is the composed config's
+(`defaults`), and the choices of a named setting come from the code that implements them (the metrics a
+run logs, the data protocols, Lightning's precisions; the pseudo-mask rules and network options are passed
+in by `train.check_config`, which may import them).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from mvtec_seg.data.split import PROTOCOLS
-from mvtec_seg.metrics import METRIC_NAMES
+from mvtec_seg.data.synthetic import KINDS
+from mvtec_seg.metrics import MONITORS
 
 Flat = Mapping[str, Any]
 ENV_OF: dict[str, str] = {
@@ -21,27 +28,23 @@ ENV_OF: dict[str, str] = {
     "paths.output_dir": "MVTEC_SEG_OUTPUTS",
     "paths.cache_dir": "MVTEC_SEG_CACHE",
 }
-KINDS = ("object", "texture")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
-MONITORS = (*(f"val/{m}" for m in METRIC_NAMES), "train/loss")
 TARGETS = (
     "model.params.optimizer._target_",
     "model.params.scheduler._target_",
     "teacher.params.optimizer._target_",
     "teacher.params.scheduler._target_",
 )
-PRECISIONS = (
-    "64-true",
-    "64",
-    "32-true",
-    "32",
-    "16-mixed",
-    "16",
-    "bf16-mixed",
-    "bf16",
-    "16-true",
-    "bf16-true",
-)
+
+
+def _precisions() -> tuple[str, ...]:
+    """Lightning's own list of `precision` values (as text: `32` and `"32"` are the same setting)."""
+    from lightning_fabric.connector import _PRECISION_INPUT
+
+    return tuple(str(v) for part in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(part))
+
+
+PRECISIONS = _precisions()
 
 
 def is_int(v: Any) -> bool:
@@ -97,10 +100,48 @@ def optional(spec: Spec, what: str) -> Spec:
 
 @dataclass(frozen=True)
 class Rule:
+    """A setting, what it must be, when it applies; `example` only where the default cannot show the form."""
+
     key: str
     spec: Spec
-    example: str
     when: Callable[[Flat], bool] = lambda s: True
+    example: str | None = None
+
+
+def as_override(value: Any) -> str:
+    """A value as it is typed on the command line (`true`, `null`, `[0.7,0.1,0.2]`)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(as_override(v) for v in value) + "]"
+    return str(value)
+
+
+@functools.cache
+def defaults() -> dict[str, Any]:
+    """The composed default config, flat, with `mask=pseudo` and `logger=wandb` (which bring every `mask.*`,
+    teacher and W&B setting in): the one source of the defaults a refusal shows. Composed once, when first
+    needed."""
+    from omegaconf import OmegaConf
+
+    from mvtec_seg.config import compose_config
+    from mvtec_seg.identity import flat_settings
+
+    cfg = compose_config(["mask=pseudo", "logger=wandb"], run_dir="unused")
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation of the environment: the unresolved text still shows the form
+        container = OmegaConf.to_container(cfg, resolve=False)
+    return flat_settings(container)
+
+
+def example(rule: Rule) -> str:
+    """`key=value` a user can type: the rule's own example, else the setting's default."""
+    if rule.example is not None:
+        return f"{rule.key}={rule.example}"
+    return f"{rule.key}={as_override(defaults().get(rule.key))} (the default)"
 
 
 def fit(s: Flat) -> bool:
@@ -119,8 +160,8 @@ def generated(s: Flat) -> bool:
     return any(k.startswith("category.generate.") for k in s)
 
 
-def rules(when: Callable[[Flat], bool], *rows: tuple[str, Spec, str]) -> tuple[Rule, ...]:
-    return tuple(Rule(key, spec, example, when) for key, spec, example in rows)
+def rules(when: Callable[[Flat], bool], *rows: tuple[str, Spec] | tuple[str, Spec, str]) -> tuple[Rule, ...]:
+    return tuple(Rule(row[0], row[1], when, *row[2:]) for row in rows)
 
 
 def always(s: Flat) -> bool:
@@ -135,107 +176,95 @@ DEVICES: Spec = (
 RULES: tuple[Rule, ...] = (
     *rules(
         always,
-        ("seed", (whole(0, 2**32 - 1), "a whole number from 0 to 4294967295"), "0"),
-        ("dry_run", BOOL, "false"),
-        ("resume", BOOL, "false"),
-        ("category.name", FOLDER_NAME, "bottle"),
-        ("category.kind", choice(*KINDS), "object"),
-        ("data.image_size", (whole(1), "a positive whole number of pixels"), "256"),
-        ("data.batch_size", POSITIVE, "4"),
-        ("data.eval_batch_size", POSITIVE, "8"),
-        ("data.num_workers", COUNT, "0"),
-        ("data.decode_workers", COUNT, "2"),
-        ("data.pin_memory", (one_of("auto", True, False), "auto, true or false"), "auto"),
-        ("data.protocol", choice(*PROTOCOLS), "split"),
-        ("data.augment", BOOL, "true"),
-        (
-            "data.train_crop",
-            optional(POSITIVE, "whole images; so is a crop of the image size or more"),
-            "128",
-        ),
-        ("data.max_image_pixels", optional(POSITIVE, "Pillow's limit"), "200000000"),
-        ("evaluation.iou_threshold", (number(0.0, 1.0), "a number between 0 and 1"), "0.5"),
-        ("evaluation.fpr_limit", (number(0.0, 1.0, open_lo=True), "a number in (0, 1]"), "0.3"),
-        ("evaluation.max_overlays", COUNT, "32"),
-        ("checkpoint.mode", choice("min", "max"), "max"),
-        ("checkpoint.last_every_s", NON_NEGATIVE, "60"),
-        ("model.max_epochs", COUNT, "30"),
-        ("trainer.max_epochs", optional(COUNT, "model.max_epochs"), "30"),
-        ("trainer.accelerator", choice(*ACCELERATORS), "cpu"),
-        ("trainer.devices", DEVICES, "1"),
-        ("trainer.num_nodes", POSITIVE, "1"),
-        ("trainer.precision", (lambda v: str(v) in PRECISIONS, f"one of {list(PRECISIONS)}"), "32-true"),
-        ("trainer.check_val_every_n_epoch", optional(POSITIVE, "no validation"), "1"),
-        ("trainer.log_every_n_steps", POSITIVE, "10"),
-        (
-            "trainer.deterministic",
-            (lambda v: v is None or boolean(v) or v == "warn", "true, false or warn"),
-            "false",
-        ),
-        ("trainer.num_sanity_val_steps", (whole(-1), "a whole number >= -1"), "0"),
-        ("trainer.enable_progress_bar", BOOL, "true"),
-        *((f"trainer.limit_{part}_batches", BATCHES, "null") for part in ("train", "val", "test")),
-        ("logger.csv", BOOL, "true"),
-        ("logger.wandb.mode", choice("offline", "online", "disabled"), "offline"),
-        ("logger.wandb.log_overlays", COUNT, "16"),
+        ("seed", (whole(0, 2**32 - 1), "a whole number from 0 to 4294967295")),
+        ("dry_run", BOOL),
+        ("resume", BOOL),
+        ("category.name", FOLDER_NAME),
+        ("category.kind", choice(*KINDS)),
+        ("data.image_size", (whole(1), "a positive whole number of pixels")),
+        ("data.batch_size", POSITIVE),
+        ("data.eval_batch_size", POSITIVE),
+        ("data.num_workers", COUNT),
+        ("data.decode_workers", COUNT),
+        ("data.pin_memory", (one_of("auto", True, False), "auto, true or false")),
+        ("data.protocol", choice(*PROTOCOLS)),
+        ("data.augment", BOOL),
+        ("data.train_crop", optional(POSITIVE, "whole images; so is a crop of the image size or more")),
+        ("data.max_image_pixels", optional(POSITIVE, "Pillow's limit")),
+        ("evaluation.iou_threshold", (number(0.0, 1.0), "a number between 0 and 1")),
+        ("evaluation.fpr_limit", (number(0.0, 1.0, open_lo=True), "a number in (0, 1]")),
+        ("evaluation.max_overlays", COUNT),
+        ("checkpoint.mode", choice("min", "max")),
+        ("checkpoint.last_every_s", NON_NEGATIVE),
+        ("model.max_epochs", COUNT),
+        ("trainer.max_epochs", optional(COUNT, "model.max_epochs")),
+        ("trainer.accelerator", choice(*ACCELERATORS)),
+        ("trainer.devices", DEVICES),
+        ("trainer.num_nodes", POSITIVE, "1"),  # Lightning's default: not in the config
+        ("trainer.precision", (lambda v: str(v) in PRECISIONS, f"one of {list(PRECISIONS)}")),
+        ("trainer.check_val_every_n_epoch", optional(POSITIVE, "no validation")),
+        ("trainer.log_every_n_steps", POSITIVE),
+        ("trainer.deterministic", (lambda v: v is None or boolean(v) or v == "warn", "true, false or warn")),
+        ("trainer.num_sanity_val_steps", (whole(-1), "a whole number >= -1")),
+        ("trainer.enable_progress_bar", BOOL),
+        *((f"trainer.limit_{part}_batches", BATCHES) for part in ("train", "val", "test")),
+        ("logger.csv", BOOL),
+        ("logger.wandb.mode", choice("offline", "online", "disabled")),
+        ("logger.wandb.log_overlays", COUNT),
     ),
     *rules(
         generated,
-        ("category.generate.kind", choice(*KINDS), "object"),
-        ("category.generate.image_size", (whole(16), "a whole number >= 16"), "128"),
-        ("category.generate.n_train", POSITIVE, "60"),
-        ("category.generate.n_test_good", COUNT, "12"),
-        ("category.generate.n_test_per_defect", POSITIVE, "10"),
+        ("category.generate.kind", choice(*KINDS)),
+        ("category.generate.image_size", (whole(16), "a whole number >= 16")),
+        ("category.generate.n_train", POSITIVE),
+        ("category.generate.n_test_good", COUNT),
+        ("category.generate.n_test_per_defect", POSITIVE),
     ),
+    *rules(pseudo, ("mask.monitor", choice(*MONITORS))),  # before checkpoint.monitor, which it sets
     *rules(
         fit,
-        ("checkpoint.monitor", choice(None, *MONITORS), "val/pixel_AP"),
-        ("model.params.optimizer.lr", RATE, "1e-4"),
-        ("model.params.loss.bce_weight", NON_NEGATIVE, "1.0"),
-        ("model.params.loss.dice_weight", NON_NEGATIVE, "1.0"),
-        ("model.params.net.encoder_depth", (whole(1, 5), "a whole number from 1 to 5"), "5"),
+        ("checkpoint.monitor", choice(None, *MONITORS)),
+        ("model.params.optimizer.lr", RATE),
+        ("model.params.loss.bce_weight", NON_NEGATIVE),
+        ("model.params.loss.dice_weight", NON_NEGATIVE),
+        ("model.params.net.encoder_depth", (whole(1, 5), "a whole number from 1 to 5"), "5"),  # the encoder's
     ),
     *rules(
         teacher_used,
-        ("teacher.trainer.max_epochs", COUNT, "60"),
-        ("teacher.trainer.limit_train_batches", BATCHES, "null"),
-        ("teacher.batch_size", POSITIVE, "8"),
-        ("teacher.params.net.num_steps", (whole(3), "a whole number >= 3"), "20"),
-        ("teacher.params.net.base_channels", POSITIVE, "16"),
-        ("teacher.params.net.num_res_blocks", POSITIVE, "1"),
-        ("teacher.params.net.norm_groups", POSITIVE, "8"),
+        ("teacher.trainer.max_epochs", COUNT),
+        ("teacher.trainer.limit_train_batches", BATCHES),
+        ("teacher.batch_size", POSITIVE),
+        ("teacher.params.net.num_steps", (whole(3), "a whole number >= 3")),
+        ("teacher.params.net.base_channels", POSITIVE),
+        ("teacher.params.net.num_res_blocks", POSITIVE),
+        ("teacher.params.net.norm_groups", POSITIVE),
         (
             "teacher.params.net.smoothing_kernel",
             (lambda v: whole(1)(v) and v % 2 == 1, "an odd whole number"),
-            "7",
         ),
-        ("teacher.params.net.map_weight", FRACTION, "0.95"),
-        ("teacher.params.net.dropout", (number(0.0, 1.0, open_hi=True), "a number in [0, 1)"), "0.0"),
-        ("teacher.params.net.reverse", choice("official", "all_steps"), "official"),
-        ("teacher.params.anomalies.kind", choice(*KINDS), "object"),
-        ("teacher.params.anomalies.foreground_threshold", FRACTION, "0.1"),
-        ("teacher.params.anomalies.anomaly_fraction", FRACTION, "0.5"),
-        ("teacher.params.anomalies.rotation_probability", FRACTION, "0.3"),
-        ("teacher.params.anomalies.rotation_degrees", NON_NEGATIVE, "20.0"),
-        ("teacher.params.optimizer.lr", RATE, "1e-4"),
-        ("teacher.params.loss.focal_weight", NON_NEGATIVE, "5.0"),
+        ("teacher.params.net.map_weight", FRACTION),
+        ("teacher.params.net.dropout", (number(0.0, 1.0, open_hi=True), "a number in [0, 1)")),
+        ("teacher.params.anomalies.kind", choice(*KINDS)),
+        ("teacher.params.anomalies.foreground_threshold", FRACTION),
+        ("teacher.params.anomalies.anomaly_fraction", FRACTION),
+        ("teacher.params.anomalies.rotation_probability", FRACTION),
+        ("teacher.params.anomalies.rotation_degrees", NON_NEGATIVE),
+        ("teacher.params.optimizer.lr", RATE),
+        ("teacher.params.loss.focal_weight", NON_NEGATIVE),
     ),
     *rules(
         pseudo,
-        ("mask.threshold.quantile", FRACTION, "0.995"),
-        ("mask.threshold.low_quantile", FRACTION, "0.98"),
-        ("mask.threshold.fixed", FRACTION, "0.5"),
-        ("mask.gate.quantile", (nullable(FRACTION[0]), f"{FRACTION[1]} (or null: off)"), "0.95"),
-        *((f"mask.{k}", COUNT, "0") for k in ("regions.min_area", "regions.fill_holes", "rounds")),
-        ("mask.gate.strategy", choice("quantile", "separation"), "quantile"),
-        ("mask.gated", choice("empty", "ignore"), "empty"),
-        ("mask.normal_empty", BOOL, "false"),
-        ("mask.select", choice("fixed", "auto"), "fixed"),
-        ("mask.synthetic_fraction", optional(FRACTION, "off"), "0.5"),
-        ("mask.distill.weight", NON_NEGATIVE, "0.0"),
-        ("mask.threshold.mebin.sample_rate", POSITIVE, "4"),
-        ("mask.threshold.mebin.min_interval", POSITIVE, "4"),
-        ("mask.threshold.mebin.erode", COUNT, "6"),
+        ("mask.threshold.quantile", FRACTION),
+        ("mask.threshold.low_quantile", FRACTION),
+        ("mask.threshold.fixed", FRACTION),
+        ("mask.gate.quantile", optional(FRACTION, "off")),
+        *((f"mask.{k}", COUNT) for k in ("regions.min_area", "regions.fill_holes", "rounds")),
+        ("mask.normal_empty", BOOL),
+        ("mask.synthetic_fraction", optional(FRACTION, "off")),
+        ("mask.distill.weight", NON_NEGATIVE),
+        ("mask.threshold.mebin.sample_rate", POSITIVE),
+        ("mask.threshold.mebin.min_interval", POSITIVE),
+        ("mask.threshold.mebin.erode", COUNT),
     ),
     *rules(
         lambda s: pseudo(s) and s.get("mask.select") == "auto",
@@ -250,9 +279,9 @@ RULES: tuple[Rule, ...] = (
     ),
     *rules(
         lambda s: fit(s) and s.get("synthetic_val.enabled") is not False,
-        ("synthetic_val.enabled", (one_of("auto", True, False), "auto, true or false"), "auto"),
-        ("synthetic_val.per_image", POSITIVE, "2"),
-        ("synthetic_val.texture_probability", FRACTION, "0.0"),
+        ("synthetic_val.enabled", (one_of("auto", True, False), "auto, true or false")),
+        ("synthetic_val.per_image", POSITIVE),
+        ("synthetic_val.texture_probability", FRACTION),
     ),
 )
 
