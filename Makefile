@@ -2,6 +2,8 @@
 #   PSEUDO, TransFusion, report) on the built-in synthetic category; prints the headline table.
 # make test: same set-up, then the test suite.
 # make bench [SUITE=quality|speed|metrics]: run the benchmark suites (or one), then benchmarks/RESULTS.md.
+# make report-screenshots: report.html of fabricated runs rendered by headless Chromium at 1400 and 900 px
+#   into outputs/report_screenshots/ (look at them: every figure whole, long labels wrapped).
 # make wheels: .whl/ with the pure-Python dependencies, for installing on a machine without an index.
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast lint format bench wheels clean
+.PHONY: install demo test test-fast lint format bench report-screenshots wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +37,12 @@ format: install
 
 bench: install   # benchmarks/suites/*.yaml -> benchmarks/results/*.csv -> benchmarks/RESULTS.md
 	WANDB_MODE=disabled $(BIN)/python -m benchmarks $(or $(SUITE),all)
+
+report-screenshots: install   # needs chromium (apt-get install chromium)
+	mkdir -p outputs/report_screenshots
+	REPORT_SCREENSHOTS=$(CURDIR)/outputs/report_screenshots WANDB_MODE=disabled $(BIN)/python -m pytest -q \
+		tests/test_report_render.py -rs
+	ls outputs/report_screenshots
 
 # torch, Lightning, torchmetrics and scikit-image come as platform wheels; these four are pure Python.
 WHEELS := hydra-core|omegaconf|segmentation.models.pytorch|antlr4-python3-runtime

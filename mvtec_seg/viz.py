@@ -466,7 +466,9 @@ def image_grid(
     n_cols = max((len(r) for r in rows), default=0)
     if n_rows == 0 or n_cols == 0:
         raise ValueError("image_grid needs at least one row with one panel")
-    title_h = 0.3 if col_titles else 0.0
+    title_lines = max((str(c).count("\n") + 1 for c in col_titles or []), default=0)
+    # two lines fit in 0.3 in; each further line of a wrapped column title gets its room
+    title_h = 0.3 + 0.15 * max(title_lines - 2, 0) if col_titles else 0.0
     title_w = 0.35 if row_titles else 0.0
     fig = figure((n_cols * panel_inches + title_w, n_rows * panel_inches + title_h), dpi)
     axes = np.array(fig.subplots(n_rows, n_cols, squeeze=False))

@@ -22,7 +22,7 @@ h2 { margin-top: 2.2rem; border-bottom: 1px solid #e4e4e4; padding-bottom: .2rem
 h3 { margin-top: 1.6rem; }
 table { border-collapse: collapse; margin: .6rem 0 1rem; font-size: .9rem; }
 th, td { border: 1px solid #d0d0d0; padding: .25rem .6rem; }
-th { background: #f2f2f2; }
+th { background: #f2f2f2; max-width: 24rem; overflow-wrap: anywhere; }  /* long cell labels wrap */
 tr:nth-child(even) td { background: #fafafa; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; height: auto; display: block; margin: .5rem 0 1rem; border: 1px solid #eee; }

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,21 +21,55 @@ from mvtec_seg.report.tables import cell_label
 from mvtec_seg.summary import PREDICTIONS_FILE
 from mvtec_seg.viz import figure, heat_overlay, image_grid, save_figure
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 log = logging.getLogger(__name__)
 
 BAR_METRICS: tuple[str, ...] = ("pixel_AUPRO", "pixel_AP")
 MAX_GRID_IMAGES = 6
 PLACEHOLDER_GREY = 128
+GRID_INCHES = 1.8
+GRID_LABEL_CHARS = 24  # a column title's line over one panel of GRID_INCHES at 9 pt
+
+
+def wrap_label(text: str, width: int) -> str:
+    """A label in lines of at most `width` characters, broken after a space or a comma where it can be, so a
+    long cell label (`unet / gt [model.params.optimizer._target_=...]`) stays inside its figure."""
+    import textwrap
+
+    return "\n".join(
+        textwrap.wrap(text.replace(",", ", ").replace(",  ", ", "), width, break_on_hyphens=False) or [text]
+    )
+
+
+def _chars(inches: float, fontsize: float) -> int:
+    """How many characters of this font size fit in this many inches (an average glyph is ~0.6 em)."""
+    return max(12, int(inches * 72 / (0.6 * fontsize)))
 
 
 def bar_plot(t: Table, m: str, path: Path) -> Path:
     """Grouped bars: categories (and the mean) on x, one bar per cell; missing cells leave no bar."""
+    return save_figure(bar_figure(t, m), path)
+
+
+def bar_figure(t: Table, m: str) -> Figure:
+    """The figure of `bar_plot`, whole: the title wraps to the figure's width, the legend's cell labels wrap
+    and take as many columns as fit, so neither is cut at any size the page shows it."""
     from matplotlib import colormaps
 
     groups = [*t.categories, "mean"]
     n_cells = max(len(t.cells), 1)
     width = 0.8 / n_cells
-    fig = figure((max(6.0, 0.35 * len(groups) * n_cells + 2.5), 4.2))
+    fig_w = max(6.0, 0.35 * len(groups) * n_cells + 2.5)
+    labels = [cell_label(cell) for cell in t.cells]
+    label_w = min(max((len(s) for s in labels), default=1), 48)
+    ncols = max(1, min(len(labels), _chars(fig_w - 0.3, 8) // (label_w + 6)))
+    wrapped = [wrap_label(s, label_w) for s in labels]
+    legend_lines = sum(
+        max(w.count("\n") + 1 for w in wrapped[i : i + ncols]) for i in range(0, len(wrapped), ncols)
+    )
+    fig = figure((fig_w, 4.2 + 0.16 * legend_lines))
     ax = fig.subplots()
     colours = colormaps["tab10"]
     for j, cell in enumerate(t.cells):
@@ -52,7 +86,7 @@ def bar_plot(t: Table, m: str, path: Path) -> Path:
                 ey.append(stat.mean)
                 err.append(stat.std)
         if xs:
-            ax.bar(xs, ys, width * 0.95, color=colours(j % 10), label=cell_label(cell))
+            ax.bar(xs, ys, width * 0.95, color=colours(j % 10), label=wrapped[j])
         if ex:
             ax.errorbar(ex, ey, yerr=err, fmt="none", ecolor="black", elinewidth=1.0, capsize=2)
     ax.set_xticks(range(len(groups)))
@@ -62,13 +96,12 @@ def bar_plot(t: Table, m: str, path: Path) -> Path:
     ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylim(0.0, 1.05)
     ax.set_ylabel(METRIC_LABELS[m])
-    ax.set_title(
-        f"{METRIC_LABELS[m]} per category (error bar: std over seeds; mean: over categories)", fontsize=9
-    )
+    title = f"{METRIC_LABELS[m]} per category (error bar: std over seeds; mean: over categories)"
+    ax.set_title(wrap_label(title, _chars(fig_w - 0.8, 9)), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     if t.cells:
-        ax.legend(fontsize=8, ncols=min(len(t.cells), 5), loc="upper left", bbox_to_anchor=(0.0, -0.12))
-    return save_figure(fig, path)
+        fig.legend(fontsize=8, ncols=ncols, loc="outside lower center")  # below the tick labels
+    return fig
 
 
 def safe_name(name: str) -> str:
@@ -212,7 +245,7 @@ def _draw_grid(
         maps = np.asarray(rep.npz["anomaly_map"], dtype=np.float32)
         finite = maps[np.isfinite(maps)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        columns.append((cell_label(rep.run.cell), maps, lo, hi))
+        columns.append((wrap_label(cell_label(rep.run.cell), GRID_LABEL_CHARS), maps, lo, hi))
 
     rows: list[list[np.ndarray]] = []
     titles: list[str] = []
@@ -233,7 +266,7 @@ def _draw_grid(
         rows.append(row)
         titles.append(_short(key) + (" (normal)" if label_of[key] != 1 else ""))
     col_titles = ["image", "GT"] + [f"{name}\n[{lo:.3g}, {hi:.3g}]" for name, _, lo, hi in columns]
-    image_grid(rows, titles, col_titles, path, panel_inches=1.8)
+    image_grid(rows, titles, col_titles, path, panel_inches=GRID_INCHES)
     if cat_dir is None:
         notes.append(f"{why}: images shown as grey placeholders")
     elif n_placeholder:
