@@ -12,12 +12,22 @@ import logging
 from omegaconf import DictConfig
 
 from mvtec_seg.builders import max_epochs
+from mvtec_seg.precision import native_bf16
 
 log = logging.getLogger("mvtec_seg.plan")
 
 
 def _cached(path) -> str:
     return "cached" if path.exists() else "to build"
+
+
+def precision_phrase(trainer: DictConfig) -> str:
+    """'precision bf16-mixed (CPU with native bf16)': what a trainer node computes in, and on a CPU why."""
+    precision = str(trainer.precision)
+    if str(trainer.get("accelerator")) != "cpu":
+        return f"precision {precision}"
+    why = "CPU with native bf16" if native_bf16() else "CPU without native bf16"
+    return f"precision {precision} ({why})"
 
 
 def plan_lines(cfg: DictConfig, dm) -> list[str]:
@@ -30,7 +40,8 @@ def plan_lines(cfg: DictConfig, dm) -> list[str]:
     lines = [
         f"plan: {cfg.model.name} on {cfg.mask.name if cfg.model.source == 'fit' else 'no mask source'}, "
         f"{cfg.category.name}, {sum(counts.values())} images at {size} px "
-        f"(train {counts['train']}, val {counts['val']}, test {counts['test']})"
+        f"(train {counts['train']}, val {counts['val']}, test {counts['test']}), "
+        f"{precision_phrase(cfg.trainer)}"
     ]
     needs_teacher = cfg.model.source == "teacher" or cfg.mask.name == "pseudo"
     if needs_teacher:
@@ -44,6 +55,8 @@ def plan_lines(cfg: DictConfig, dm) -> list[str]:
                 f"  teacher: TransFusion, {epochs} epochs x {n_normal} normal images at {size} px — "
                 f"{_cached(tdir / 'model.ckpt')}"
             )
+            if str(cfg.teacher.trainer.precision) != str(cfg.trainer.precision):
+                lines[-1] += f" ({precision_phrase(cfg.teacher.trainer)})"
     if cfg.model.source == "fit" and cfg.mask.name == "pseudo":
         steps = int(cfg.teacher.params.net.num_steps) - 2
         mdir = maps_dir(dm, Teacher(None, {}, tdir))

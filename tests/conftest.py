@@ -14,9 +14,12 @@ from PIL import Image
 
 from mvtec_seg.config import CONF_DIR as _CONF_DIR
 from mvtec_seg.config import compose_config
+from mvtec_seg.precision import NATIVE_BF16_ENV
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# runs take the same precision on every machine (float32); tests of the bf16 default set it themselves
+os.environ.setdefault(NATIVE_BF16_ENV, "0")
 
 CONF_DIR = str(_CONF_DIR)
 REAL_BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec" / "bottle"

@@ -17,6 +17,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "config": 0,
     "interrupt": 0,
+    "precision": 0,
     "io_utils": 1,
     "cli": 2,
     "summary": 2,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -84,10 +85,20 @@ def test_metrics_and_speed_tiny_grids(tmp_path: Path) -> None:
     assert len(ours) == 6
     for (_, metric), diff in ours.items():  # torchmetrics sums in float32; the full-sort AUPRO in float64
         assert diff < (1e-12 if metric == "AUPRO" else 1e-6), (metric, diff)
-    assert main(["speed", *_args(tmp_path), "select.cases=[teacher_default]"]) == 0
-    (row,) = read_csv(tmp_path / "res" / "speed.csv")
-    assert row["case"] == "teacher_default" and float(row["train_images_per_s"]) > 0
-    assert float(row["infer_images_per_s"]) > 0 and int(row["params"]) > 1_000_000
+    args = ["select.cases=[teacher_128,unet_128]", "select.variants=[float32,float32_channels_last]"]
+    assert main(["speed", *_args(tmp_path), *args]) == 0
+    rows = read_csv(tmp_path / "res" / "speed.csv")
+    assert [(r["case"], r["variant"]) for r in rows] == [
+        ("teacher_128", "float32"),
+        ("teacher_128", "float32_channels_last"),
+        ("unet_128", "float32"),
+        ("unet_128", "float32_channels_last"),
+    ]
+    for row in rows:
+        assert float(row["train_images_per_s"]) > 0 and float(row["infer_images_per_s"]) > 0
+        assert row["precision"] == "32-true" and row["channels_last"] == str(row["variant"].endswith("_last"))
+    assert int(rows[0]["params"]) > 1_000_000 and int(rows[2]["params"]) > 10_000_000
+    assert [r["default"] for r in rows] == ["True", "False", "True", "False"]  # the tests pin float32
 
 
 def test_rows_are_merged_by_key(tmp_path: Path) -> None:
@@ -170,3 +181,67 @@ def test_quality_section_puts_each_pseudo_row_against_teacher_and_gt() -> None:
     text = quality.section(rows)
     assert "| ps | +0.100 | -0.050 | 0.75 | +0.150 | +0.010 | 0.90 |" in text.splitlines()
     assert "| tf | +" not in text and "| gt | +" not in text  # the references are not compared to themselves
+
+
+def test_speed_section_puts_each_variant_against_float32_of_its_case() -> None:
+    from benchmarks import speed
+
+    ctx = {"machine": "m", "device": "cpu (2 threads)", "commit": "c", "date": "d", "tiny": "False"}
+    common = {"what": "w", "image_size": "128", "batch_size": "8", "params": "1000", "bf16": "native", **ctx}
+
+    def row(case: str, variant: str, train: float, infer: float, **extra: str) -> dict[str, str]:
+        out = {"case": case, "variant": variant, "train_images_per_s": str(train), **common, **extra}
+        return out | {"infer_images_per_s": str(infer), "default": str(variant == "bf16")}
+
+    rows = [
+        row("teacher_128", "float32", 4.0, 1.0),
+        row("teacher_128", "bf16", 6.0, 1.5),
+        row("unet_128", "bf16", 9.0, 3.0),  # no float32 row of its own: no ratio
+        row(
+            "official_128",
+            "float32",
+            5.0,
+            2.0,
+            infer_images_per_s_batch1="1.0",
+            official_train_images_per_s="2.5",
+            official_infer_images_per_s="0.5",
+        ),
+    ]
+    text = speed.section(rows)
+    teacher_bf16 = next(
+        line for line in text.splitlines() if "| teacher_128 |" in line and "| bf16 |" in line
+    )
+    assert "| 1.50x |" in teacher_bf16 and "| yes |" in teacher_bf16
+    unet = next(line for line in text.splitlines() if "| unet_128 |" in line)
+    assert unet.count("| – |") == 2
+    peer = text.split("The authors' network beside ours")[1]
+    assert "| 5.00 | 2.50 | 2.00x | 2.00 | 1.00 | 0.50 | 2.00x |" in peer
+
+
+def test_official_checkout_is_named_or_refused(tmp_path: Path, monkeypatch) -> None:
+    from benchmarks import official_peer
+
+    monkeypatch.delenv(official_peer.ENV, raising=False)
+    assert official_peer.checkout() is None  # the case is skipped
+    monkeypatch.setenv(official_peer.ENV, str(tmp_path))
+    with pytest.raises(UserError, match=r"OFFICIAL_TRANSFUSION=.* holds no model/TransFusion.py"):
+        official_peer.checkout()
+
+
+@pytest.mark.skipif(not os.environ.get("OFFICIAL_TRANSFUSION"), reason="OFFICIAL_TRANSFUSION not set")
+def test_official_network_is_ours_in_the_peer_configuration(tmp_path: Path) -> None:
+    """The peer case times two builds of one network: the authors' state loads into ours under the key
+    renaming, every tensor of the same shape (`models.transfusion.official`)."""
+    import torch
+
+    from benchmarks import official_peer
+    from mvtec_seg.config import compose_config
+    from mvtec_seg.models.transfusion.official import rename_official_keys
+    from mvtec_seg.teacher import build_teacher
+
+    case = load_suite("speed").cases.official_128
+    cfg = compose_config([*case.overrides, f"paths.cache_dir={tmp_path}"], run_dir=tmp_path / "run")
+    with official_peer._official_modules(official_peer.checkout()) as mods:
+        theirs = official_peer.official_net(mods, dict(cfg.teacher.params.net), 20, torch.device("cpu"))
+        ours = build_teacher(cfg).model.net
+        ours.load_state_dict(rename_official_keys(theirs.state_dict()), strict=True)

@@ -74,6 +74,13 @@ class AnomalyModule(pl.LightningModule):
         self.synthetic_metrics = AnomalyMetrics(iou_threshold=iou_threshold, fpr_limit=fpr_limit)
         self.test_metrics = AnomalyMetrics(iou_threshold=iou_threshold, fpr_limit=fpr_limit)
 
+    def use_channels_last(self, enabled: bool) -> None:
+        """Weights in channels-last (NHWC) layout when `enabled`: convolutions then run NHWC from the first
+        layer on (PyTorch follows the weight's layout), which oneDNN's bf16 kernels prefer. The values are
+        the same up to rounding; checkpoints load into either layout."""
+        if enabled:
+            self.to(memory_format=torch.channels_last)
+
     # -- to implement ------------------------------------------------------------------------------
     def anomaly_map(self, image: Tensor) -> Tensor:
         """[B,3,H,W] in [0,1] -> [B,H,W] anomaly scores."""

@@ -16,6 +16,7 @@ class Segmenter(AnomalyModule):
     `synthetic` (`{fraction, kind, seed}`, from `mask.synthetic_fraction`): each normal training image gets a
     synthetic defect with its exact mask with probability `fraction`. `distill_weight` (`mask.distill.weight`):
     a BCE term towards the batch's `soft_target` (the teacher's calibrated map) beside the hard targets.
+    `channels_last`: NHWC weights (`AnomalyModule.use_channels_last`).
     """
 
     def __init__(
@@ -27,12 +28,14 @@ class Segmenter(AnomalyModule):
         evaluation: dict | None = None,
         synthetic: dict | None = None,
         distill_weight: float = 0.0,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, evaluation)
         self.save_hyperparameters()
         self.net = SegmentationNet(**net)
         self.criterion = SegmentationLoss(**loss)
         self._defects: SyntheticDefects | None = None
+        self.use_channels_last(channels_last)
 
     def _with_synthetic_defects(self, batch: dict) -> dict:
         spec = self.hparams.get("synthetic") or {}

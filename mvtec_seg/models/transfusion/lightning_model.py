@@ -25,7 +25,9 @@ class TransFusion(AnomalyModule):
 
     `anomalies` takes `AnomalyGenerator` arguments plus `kind` ("object": anomalies on the foreground only,
     "texture": anywhere), which the configs fill from the category. `compile`: `torch.compile` the network
-    and the loss when training starts (pays only on a GPU).
+    and the loss when training starts (pays only on a GPU). `channels_last`: NHWC weights
+    (`AnomalyModule.use_channels_last`; `+teacher.params.channels_last=true`, off by default: it did not pay
+    on a CPU, `benchmarks/RESULTS.md`).
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class TransFusion(AnomalyModule):
         scheduler: dict | None = None,
         evaluation: dict | None = None,
         compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, evaluation)
         self.save_hyperparameters()
@@ -46,6 +49,7 @@ class TransFusion(AnomalyModule):
         self._nonfinite: tuple[Tensor, Tensor] | None = None  # (first bad step or -1, its terms), on device
         self._term_names: list[str] = []
         self._generator_state: dict | None = None  # from a checkpoint, applied when the generator is built
+        self.use_channels_last(channels_last)
 
     @property
     def anomaly_generator(self) -> AnomalyGenerator:
