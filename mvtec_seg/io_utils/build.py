@@ -30,22 +30,23 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def build_once(target: Path | str, build: Callable[[Path], None]) -> Path:
+def build_once(target: Path | str, build: Callable[[Path], None], verify: bool = True) -> Path:
     """Return ``target``, building it first if needed (or if it is damaged), exactly once across processes.
 
     ``build(tmp)`` must create ``tmp`` (a file or a directory; ``tmp`` does not exist yet, its parent does).
     Its proof (`write_proof`) is recorded and it is renamed onto ``target`` in one step, so readers see
     either nothing or the complete artefact. If ``build`` raises, the temporary is removed and nothing is
     published. An existing ``target`` is verified (`damage`) on every call: a damaged one is named in one
-    log line and rebuilt (everything built here can be remade from its inputs).
+    log line and rebuilt (everything built here can be remade from its inputs). `verify=False`: built once,
+    never checked or replaced (generated data, which a user may edit like any data).
     """
     target = Path(target)
-    if target.exists() and damage(target) is None:
+    if target.exists() and (not verify or damage(target) is None):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(target):
         if target.exists():  # another job built it while we waited, or it is damaged
-            problem = damage(target)
+            problem = damage(target) if verify else None
             if problem is None:
                 return target
             log.warning("damaged cache artefact %s (%s): rebuilding it", target, problem)
@@ -58,10 +59,8 @@ def build_once(target: Path | str, build: Callable[[Path], None]) -> Path:
             build(tmp)
             if not tmp.exists():
                 raise RuntimeError(f"build_once: the build function did not create {tmp}")
-            if tmp.is_dir():
-                write_proof(tmp)
-            else:
-                write_proof(tmp, proof_at=proof_path(target))
+            if verify:
+                write_proof(tmp, proof_at=None if tmp.is_dir() else proof_path(target))
             os.replace(tmp, target)
         except BaseException:
             _remove(tmp)
