@@ -324,3 +324,50 @@ def test_a_resume_of_a_run_in_use_stops_with_one_line(segmenter_run: dict, tmp_p
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_a_sweep_folder_in_use_is_refused_naming_the_holder(tmp_path: Path, capsys) -> None:
+    from omegaconf import OmegaConf
+
+    from mvtec_seg import sweep
+
+    config = OmegaConf.create(
+        {"resume": True, "hydra": {"sweep": {"dir": str(tmp_path / "sweep")}, "overrides": {"task": []}}}
+    )
+    proc = _holding(tmp_path / "sweep")
+    try:
+        with pytest.raises(SystemExit) as stop:
+            sweep.RunFolderGuard().on_multirun_start(config)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"pid {proc.pid} on host {socket.gethostname()}" in err, err
+        assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_cache_stage_waits_for_its_builder_and_names_it(tmp_path: Path, caplog) -> None:
+    """Cache stages share the lock but wait for it: the waiting job names the process that builds."""
+    from mvtec_seg.io_utils import file_lock
+
+    script = HOLD.replace(
+        'folder_lock(sys.argv[1], "run folder " + sys.argv[1], "wait")', "file_lock(sys.argv[1])"
+    )
+    script = script.replace("import folder_lock", "import file_lock").replace(
+        "time.sleep(120)", "time.sleep(1)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "stage")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert proc.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO), file_lock(tmp_path / "stage") as lock:
+        assert time.monotonic() - t0 > 0.5, "the lock is ours only once the builder let go"
+        assert holder(lock)["pid"] == os.getpid()
+    proc.wait()
+    assert any(
+        f"pid {proc.pid} on host" in r.getMessage() and "waiting" in r.getMessage() for r in caplog.records
+    )
