@@ -6,7 +6,8 @@ test it on the test part; record and finish. `dry_run=true` stops after building
 use (the teacher included) and the trainer. Before anything is read or written, `preflight` checks every
 setting and whether the run folder is free (`identity.check_start`): a new run refuses a folder holding
 another run, `resume=true` continues only the run with these settings (and, once read, this data) from
-`<run_dir>/checkpoints/last.ckpt` (weights, optimizer, scheduler, epoch, RNG states). Then, whatever
+`<run_dir>/checkpoints/last.ckpt` (weights, optimizer, scheduler, epoch, RNG states; a damaged one stops
+here). The job then holds the folder's lock (`run_folder_lock`: one process per run folder). Then, whatever
 happens, `summary.json` records the run: `ok`, `dry_run`, `failed` or `interrupted`, with the one-line
 reason in `error`, where `outputs.RunOutputs` may write it (never over a finished run's files).
 `__main__` is a thin Hydra wrapper around this, so tests compose configs and call it directly.

@@ -193,7 +193,6 @@ def _resume_cfg(segmenter_run: dict, run: Path, *extra: str):
     )
 
 
-@pytest.mark.slow
 def test_a_cut_last_checkpoint_stops_a_resume_with_one_line(segmenter_run: dict, tmp_path: Path) -> None:
     run = _run_copy(segmenter_run, tmp_path)
     _cut(run / "checkpoints" / "last.ckpt")
@@ -310,7 +309,6 @@ def test_a_stale_holder_record_is_taken_over(tmp_path: Path, caplog) -> None:
     )
 
 
-@pytest.mark.slow
 def test_a_resume_of_a_run_in_use_stops_with_one_line(segmenter_run: dict, tmp_path: Path) -> None:
     run = _run_copy(segmenter_run, tmp_path)
     proc = _holding(run)
