@@ -1,8 +1,8 @@
 """Atomic writes, digests and content keys, shared by every stage.
 
-Sweeps start many jobs at once on a shared file system: a reader must never see a half-written file or folder,
-and a shared artefact (synthetic data, split manifest, decoded cache) must be computed by one job only.
-Everything is written to a temporary sibling and moved into place with ``os.replace``/``rename``.
+Sweeps start many jobs at once on a shared file system: a reader must never see a half-written file or folder.
+Everything is written to a temporary sibling and moved into place with ``os.replace``/``rename`` (`build`
+makes a shared artefact once across jobs).
 """
 
 from __future__ import annotations
