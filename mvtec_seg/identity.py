@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from mvtec_seg.errors import UserError
-from mvtec_seg.io_utils import content_key
+from mvtec_seg.io_utils import content_key, format_problem
 from mvtec_seg.summary import SUMMARY_FILE
 
 CONFIG_FILE = "config.yaml"
@@ -229,4 +229,23 @@ def check_start(folder: RunFolder, config_digest: str, settings: Mapping[str, An
     raise UserError(
         f"run folder {where} already holds a run ({folder.describe()}) — choose another hydra.run.dir "
         f"(paths.run_dir), or pass resume=true to continue that run"
+    )
+
+
+def check_checkpoint(path: Path | str, setting: str = "checkpoint") -> None:
+    """Stop before any work when a run's checkpoint is damaged (cut short, not a whole zip archive): one
+    line naming it and the choices (`setting` names what pointed at it), the folder left as it is."""
+    path = Path(path)
+    problem = format_problem(path) if path.is_file() else None
+    if problem is None:
+        return
+    others = [p.name for p in sorted(path.parent.glob("*.ckpt")) if p != path and format_problem(p) is None]
+    earlier = (
+        f"continue from an earlier checkpoint of the run (whole: {', '.join(others)}; copy one over "
+        f"{path.name}, or pass ckpt_path=<it> to test it)"
+        if others
+        else f"move {path.name} aside to train the run again from its start with resume=true"
+    )
+    raise UserError(
+        f"{setting} {path} is damaged ({problem}) — {earlier}, or start a new run in another folder"
     )

@@ -56,7 +56,7 @@ from mvtec_seg.data.mvtec import IMAGE_SUFFIXES, image_hw, load_rgb, pixel_limit
 from mvtec_seg.data.mvtec_ad2 import private_test_images, write_submission_files
 from mvtec_seg.errors import UserError
 from mvtec_seg.inference import Trained, load_trained, pick_device, resize_map
-from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes, atomic_write_text, flat_name
+from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes, atomic_write_text, check_name, flat_name
 from mvtec_seg.layout_metrics import MVTEC_AD2_RECORD, recorded_threshold
 from mvtec_seg.models.base import anomaly_maps
 from mvtec_seg.settings import folder_problem
@@ -98,6 +98,7 @@ def input_files(spec: str) -> list[tuple[Path, str]]:
         raise UserError(f"input not found: {path} — pass input=<image folder, image file or glob pattern>")
     named, seen = [], set()
     for f in files:
+        check_name(f)
         name = _flat_name(f.relative_to(root))
         base, k = name, 2
         while name in seen:  # 'a_b/c' and 'a/b_c' flatten alike

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from mvtec_seg.errors import UserError
+from mvtec_seg.io_utils import hold_folder
 from mvtec_seg.summary import SUMMARY_FILE
 
 FAILED_DIR = "failed"  # outputs.FAILED_DIR: where a resumed finished run records a failure
@@ -207,6 +208,11 @@ class RunFolderGuard(Callback):
             resolved_settings(_task_config(config, Path(".")))
             raise
         preflight(_task_config(config, run_dir))
+        hold_folder(  # before Hydra writes into it; `train` takes it again, the process keeps it
+            run_dir,
+            f"run folder {run_dir}",
+            "wait for that job to end (or stop it), or choose another hydra.run.dir (paths.run_dir)",
+        )
 
     @staticmethod
     def _check_sweep(config: DictConfig) -> None:
@@ -224,3 +230,8 @@ class RunFolderGuard(Callback):
                 f"hydra.sweep.dir={sweep} already holds {len(runs)} run folder(s) — choose another "
                 f"hydra.sweep.dir, or pass resume=true to continue those runs"
             )
+        hold_folder(
+            sweep,
+            f"sweep folder {sweep}",
+            "wait for that sweep to end (or stop it), or choose another hydra.sweep.dir",
+        )

@@ -34,7 +34,16 @@ from mvtec_seg.callbacks import Throughput
 from mvtec_seg.data.files import announce_rebuild, files_key, write_record
 from mvtec_seg.errors import UserError
 from mvtec_seg.interrupt import stage
-from mvtec_seg.io_utils import atomic_write_json, build_once, content_key, file_lock
+from mvtec_seg.io_utils import (
+    atomic_write_json,
+    build_once,
+    content_key,
+    damage,
+    discard,
+    file_lock,
+    format_problem,
+    write_proof,
+)
 from mvtec_seg.models.base import AnomalyModule, loader_maps, parameter_count, read_checkpoint
 from mvtec_seg.models.transfusion.official import (
     infer_official_net,
@@ -137,6 +146,10 @@ def _train_teacher(cfg: DictConfig, final: Path) -> None:
         num_sanity_val_steps=0,
     )
     resume = work / LAST_CHECKPOINT
+    problem = format_problem(resume) if resume.exists() else None
+    if problem:
+        log.warning("damaged cache artefact %s (%s): training the teacher from the start", resume, problem)
+        resume.unlink()
     if resume.exists():
         log.info("resuming TransFusion training from %s", resume)
     fitted = fit(
@@ -235,6 +248,24 @@ def teacher_overlap(cfg: DictConfig, dm) -> dict[str, int] | None:
     return seen
 
 
+TEACHER_FILES: tuple[str, ...] = ("model.ckpt", "info.json")
+"""What a trained teacher's proof covers (its maps, beside them, are artefacts of their own)."""
+
+
+def _whole(final: Path, discard_damaged: bool = False) -> bool:
+    """Whether the teacher in `final` is trained and whole; a damaged one (`discard_damaged`: under the lock)
+    is named in one line and removed with its maps, to be trained again."""
+    if not (final / "model.ckpt").exists():
+        return False
+    problem = damage(final, TEACHER_FILES)
+    if problem is None:
+        return True
+    if discard_damaged:
+        log.warning("damaged cache artefact %s (%s): training the teacher again", final, problem)
+        discard(final)
+    return False
+
+
 def ensure_teacher(cfg: DictConfig, dm) -> Teacher:
     """The trained teacher for this category and config: loaded if it exists, trained (once) if not."""
     final = teacher_dir(cfg, dm)
@@ -248,9 +279,9 @@ def ensure_teacher(cfg: DictConfig, dm) -> Teacher:
         }
         final.mkdir(parents=True, exist_ok=True)
         return Teacher(module, info, final)
-    if not (final / "model.ckpt").exists():
+    if not _whole(final):
         with file_lock(final):
-            if not (final / "model.ckpt").exists():
+            if not _whole(final, discard_damaged=True):
                 log.warning(
                     "no TransFusion checkpoint for %s at %s: training it first", cfg.category.name, final
                 )
@@ -258,6 +289,7 @@ def ensure_teacher(cfg: DictConfig, dm) -> Teacher:
                 announce_rebuild(final, record, f"the TransFusion teacher of {cfg.category.name}")
                 _train_teacher(cfg, final)
                 write_record(final, record)
+                write_proof(final, TEACHER_FILES)
     module = get_class(cfg.teacher.module).load_from_checkpoint(final / "model.ckpt", map_location="cpu")
     module.configure_evaluation(**evaluation_settings(cfg))
     info = json.loads((final / "info.json").read_text())

@@ -6,7 +6,8 @@ test it on the test part; record and finish. `dry_run=true` stops after building
 use (the teacher included) and the trainer. Before anything is read or written, `preflight` checks every
 setting and whether the run folder is free (`identity.check_start`): a new run refuses a folder holding
 another run, `resume=true` continues only the run with these settings (and, once read, this data) from
-`<run_dir>/checkpoints/last.ckpt` (weights, optimizer, scheduler, epoch, RNG states). Then, whatever
+`<run_dir>/checkpoints/last.ckpt` (weights, optimizer, scheduler, epoch, RNG states; a damaged one stops
+here). The job then holds the folder's lock (`run_folder_lock`: one process per run folder). Then, whatever
 happens, `summary.json` records the run: `ok`, `dry_run`, `failed` or `interrupted`, with the one-line
 reason in `error`, where `outputs.RunOutputs` may write it (never over a finished run's files).
 `__main__` is a thin Hydra wrapper around this, so tests compose configs and call it directly.
@@ -14,6 +15,7 @@ reason in `error`, where `outputs.RunOutputs` may write it (never over a finishe
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -40,9 +42,18 @@ from mvtec_seg.data.datamodule import MVTecDataModule
 from mvtec_seg.data.files import data_record, describe_changes, file_state
 from mvtec_seg.data.mvtec import pixel_limit, scan_category
 from mvtec_seg.errors import UserError
-from mvtec_seg.identity import DATA_RECORD_FILE, RunFolder, check_start, launched_child, settings_digest
+from mvtec_seg.identity import (
+    CHECKPOINT_DIR,
+    DATA_RECORD_FILE,
+    RunFolder,
+    check_checkpoint,
+    check_start,
+    launched_child,
+    settings_digest,
+)
 from mvtec_seg.inference import SEGMENTER_CLASS, TRANSFUSION_CLASS, choose_threshold
 from mvtec_seg.interrupt import Interrupted, stage
+from mvtec_seg.io_utils import folder_lock
 from mvtec_seg.layout_metrics import layout_test_metrics
 from mvtec_seg.loggers import run_loggers
 from mvtec_seg.models.base import AnomalyModule, parameter_count
@@ -330,13 +341,26 @@ def check_same_data(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def preflight(cfg: DictConfig) -> tuple[dict[str, Any], str]:
-    """Everything checked before a job writes anything: the settings, its run folder, and on resume that
-    the data is the run's."""
+    """Everything checked before a job writes anything: the settings, its run folder, the checkpoint it
+    would read (whole), and on resume that the data is the run's."""
     settings = check_config(cfg)
     mode = start_mode(settings)
+    if cfg.get("ckpt_path") is not None:
+        check_checkpoint(cfg.ckpt_path, "ckpt_path")
     if mode == "resume" and not launched_child():
+        check_checkpoint(Path(settings["paths.run_dir"]) / CHECKPOINT_DIR / LAST_CHECKPOINT)
         check_same_data(cfg, Path(settings["paths.run_dir"]))
     return settings, mode
+
+
+def run_folder_lock(run_dir: Path | str) -> contextlib.AbstractContextManager:
+    """The lock a job holds on its run folder while it runs: a second job on the folder (new or
+    `resume=true`) stops with one line naming the process and host that hold it."""
+    return folder_lock(
+        run_dir,
+        f"run folder {run_dir}",
+        "wait for that job to end (or stop it), or choose another hydra.run.dir (paths.run_dir)",
+    )
 
 
 def _dry_run(cfg: DictConfig, out: RunOutputs) -> None:
@@ -366,7 +390,11 @@ def targets_name(cfg: DictConfig) -> str:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job and return its summary (also written to `<run_dir>/summary.json`)."""
     settings, mode = preflight(cfg)
-    with pixel_limit(settings.get("data.max_image_pixels")):
+    if launched_child():  # rank 1+ shares rank 0's folder (and its lock)
+        with pixel_limit(settings.get("data.max_image_pixels")):
+            return _run(cfg, settings, mode)
+    with run_folder_lock(settings["paths.run_dir"]), pixel_limit(settings.get("data.max_image_pixels")):
+        mode = start_mode(settings)  # again under the lock: a job that held it may have finished the run
         return _run(cfg, settings, mode)
 
 

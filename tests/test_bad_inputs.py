@@ -209,7 +209,7 @@ def test_full_disk_during_a_write(tmp_path, widget, monkeypatch):
         os.close(fd)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(io_utils, "_write_file", full)
+    monkeypatch.setattr(io_utils.atomic, "_write_file", full)
     cfg = _cfg(tmp_path, widget.parent)
     msg = _user_error(cfg, "cannot write", "No space left on device", "config.yaml")
     assert str(Path(cfg.paths.run_dir)) in msg
@@ -221,7 +221,7 @@ def test_full_disk_through_the_cli(tmp_path, widget, monkeypatch, capsys):
         os.close(fd)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(io_utils, "_write_file", full)
+    monkeypatch.setattr(io_utils.atomic, "_write_file", full)
     code, lines = _cli(capsys, lambda: train(_cfg(tmp_path, widget.parent)))
     assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0]
 

@@ -24,6 +24,7 @@ from mvtec_seg.data.mvtec import MaskNotes, Sample, load_mask, open_image, scan_
 from mvtec_seg.data.mvtec_ad2 import scan_mvtec_ad2
 from mvtec_seg.data.visa import scan_visa
 from mvtec_seg.errors import UserError
+from mvtec_seg.io_utils import check_name
 
 LAYOUTS: tuple[str, ...] = ("mvtec", "visa", "mvtec_ad2")
 DEFAULT_LAYOUT = "mvtec"
@@ -68,8 +69,15 @@ def check_layout(layout: str) -> str:
 
 
 def scan(category_dir: Path | str, layout: str = DEFAULT_LAYOUT) -> list[Sample]:
-    """Every scored image of a category in `layout`, validated (bad input is one `UserError` line)."""
-    return _READERS[check_layout(layout)](category_dir)
+    """Every scored image of a category in `layout`, validated (bad input is one `UserError` line; a file
+    name that is not valid UTF-8 too: `io_utils.names`)."""
+    check_name(category_dir, "folder name")
+    samples = _READERS[check_layout(layout)](category_dir)
+    for s in samples:
+        for rel in (s.image, s.gt_mask):
+            if rel is not None:
+                check_name(Path(category_dir) / rel)
+    return samples
 
 
 def official_part(sample: Sample) -> str:

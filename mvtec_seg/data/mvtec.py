@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mvtec_seg.errors import UserError
+from mvtec_seg.io_utils import check_name
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -49,6 +50,7 @@ def _images_in(folder: Path) -> list[Path]:
     entries = sorted(folder.iterdir())
     for p in entries:
         if p.suffix.lower() in IMAGE_SUFFIXES:
+            check_name(p)
             _dead_link(p)
     return [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
 
@@ -97,6 +99,7 @@ def defect_samples(root: Path, defect_dir: Path, mask_dir: Path, source: str) ->
 def scan_category(category_dir: Path | str) -> list[Sample]:
     """List every image of a category in MVTec layout, checking that each defect image has exactly one mask."""
     root = Path(category_dir)
+    check_name(root, "folder name")
     _dead_link(root)
     if not root.is_dir():
         raise UserError(
@@ -116,6 +119,7 @@ def scan_category(category_dir: Path | str) -> list[Sample]:
     samples = [Sample(p.relative_to(root).as_posix(), None, "good", "train") for p in _images_in(train_good)]
     gt_root = root / "ground_truth"
     for entry in sorted(test_dir.iterdir()):
+        check_name(entry)
         _dead_link(entry)
     for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir()):
         defect = defect_dir.name

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,9 @@ from mvtec_seg.data.files import describe_changes
 from mvtec_seg.data.layouts import DEFAULT_LAYOUT, check_layout, official_part, scan
 from mvtec_seg.data.mvtec import Sample
 from mvtec_seg.errors import UserError
-from mvtec_seg.io_utils import atomic_write_json, file_lock
+from mvtec_seg.io_utils import atomic_write_json, file_lock, format_problem
+
+log = logging.getLogger(__name__)
 
 PARTS: tuple[str, ...] = ("train", "val", "test")
 PROTOCOLS: tuple[str, ...] = ("split", "official")
@@ -107,6 +110,25 @@ def manifest_path(
     return Path(cache_dir) / "splits" / category / f"{prefix}{name}"
 
 
+MANIFEST_KEYS: tuple[str, ...] = ("category", "seed", "fingerprint", "samples")
+
+
+def _whole_manifest(path: Path) -> dict | None:
+    """The manifest at `path`, or None when there is none or it is damaged (named in one line; the split is
+    a function of the files and the seed, so it is made again the same)."""
+    if not path.exists():
+        return None
+    problem = format_problem(path)
+    manifest = None if problem else json.loads(path.read_text())
+    if manifest is not None and not (
+        isinstance(manifest, dict) and all(k in manifest for k in MANIFEST_KEYS)
+    ):
+        problem, manifest = f"it lacks one of {', '.join(MANIFEST_KEYS)}", None
+    if problem:
+        log.warning("damaged split manifest %s (%s): making it again", path, problem)
+    return manifest
+
+
 def load_or_create_manifest(
     category_dir: Path,
     cache_dir: Path,
@@ -128,8 +150,8 @@ def load_or_create_manifest(
     fp = _fingerprint(samples, with_source=layout != DEFAULT_LAYOUT)
     path = manifest_path(cache_dir, category, seed, protocol, layout)
     with file_lock(path):
-        if path.exists():
-            manifest = json.loads(path.read_text())
+        manifest = _whole_manifest(path)
+        if manifest is not None:
             if manifest.get("fingerprint") != fp:
                 raise UserError(
                     f"split manifest {path} was made from different files than {category_dir} now holds "

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from mvtec_seg.errors import UserError
+from mvtec_seg.io_utils import check_name
 from mvtec_seg.settings.rules import Flat, generated, shown
 
 
@@ -38,6 +39,9 @@ def check_paths(settings: Flat) -> None:
     keys = ["paths.run_dir", "paths.cache_dir", "paths.output_dir"] + (
         ["data.root"] if generated(settings) else []
     )
+    for key in ("paths.run_dir", "paths.cache_dir", "paths.output_dir", "data.root"):
+        if settings.get(key) is not None:  # written into every record of the run: UTF-8 only
+            check_name(str(settings[key]), f"{'hydra.run.dir' if key == 'paths.run_dir' else key}=")
     for key in keys:
         value = settings.get(key)
         if value is None:

@@ -1,42 +1,26 @@
-"""Atomic writes and inter-process build-once, shared by every stage.
+"""Atomic writes, digests and content keys, shared by every stage.
 
-Sweeps start many jobs at once on a shared file system: a reader must never see a half-written file or folder,
-and a shared artefact (synthetic data, split manifest, decoded cache) must be computed by one job only.
-Everything is written to a temporary sibling and moved into place with ``os.replace``/``rename``.
+Sweeps start many jobs at once on a shared file system: a reader must never see a half-written file or folder.
+Everything is written to a temporary sibling and moved into place with ``os.replace``/``rename`` (`build`
+makes a shared artefact once across jobs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import io
 import json
 import os
 import re
-import shutil
 import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mvtec_seg.errors import UserError
-
-__all__ = [
-    "atomic_save_npz",
-    "atomic_save_png",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_text",
-    "build_once",
-    "content_key",
-    "file_digest",
-    "file_lock",
-    "write_error",
-]
 
 WRITE_ERRNOS: frozenset[int] = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
@@ -163,63 +147,6 @@ def atomic_save_npz(path: Path | str, /, **arrays: Any) -> Path:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return atomic_write_bytes(path, buf.getvalue())
-
-
-@contextlib.contextmanager
-def file_lock(path: Path | str) -> Iterator[Path]:
-    """Exclusive inter-process lock on ``<path>.lock`` (blocks until free; released on exit or crash).
-
-    flock locks die with the process, so a killed job never leaves a stale lock behind.
-    """
-    path = Path(path)
-    lock_path = path.with_name(path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield lock_path
-    finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-def build_once(target: Path | str, build: Callable[[Path], None]) -> Path:
-    """Return ``target``, building it first if needed, exactly once across processes.
-
-    ``build(tmp)`` must create ``tmp`` (a file or a directory; ``tmp`` does not exist yet, its parent does).
-    It is then renamed onto ``target`` in one step, so readers see either nothing or the complete artefact.
-    If ``build`` raises, the temporary is removed and nothing is published.
-    """
-    target = Path(target)
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(target):
-        if target.exists():  # another job built it while we waited
-            return target
-        # Only the lock holder builds, so any temporary left here is from a killed job: remove it.
-        for stale in target.parent.glob(f".{target.name}.tmp-*"):
-            _remove(stale)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-        try:
-            build(tmp)
-            if not tmp.exists():
-                raise RuntimeError(f"build_once: the build function did not create {tmp}")
-            os.replace(tmp, target)
-        except BaseException:
-            _remove(tmp)
-            raise
-        _fsync_dir(target.parent)
-    return target
 
 
 def flat_name(text: str, fallback: str = "file") -> str:
