@@ -245,3 +245,12 @@ def test_official_network_is_ours_in_the_peer_configuration(tmp_path: Path) -> N
         theirs = official_peer.official_net(mods, dict(cfg.teacher.params.net), 20, torch.device("cpu"))
         ours = build_teacher(cfg).model.net
         ours.load_state_dict(rename_official_keys(theirs.state_dict()), strict=True)
+
+
+def test_speed_rounds_keep_each_rate_at_its_best() -> None:
+    from benchmarks.speed import _best
+
+    first = {"train_images_per_s": 5.0, "infer_images_per_s": 1.0, "params": 7}
+    second = {"train_images_per_s": 4.0, "infer_images_per_s": 1.5, "params": 7}
+    assert _best(None, first) == first
+    assert _best(first, second) == {"train_images_per_s": 5.0, "infer_images_per_s": 1.5, "params": 7}
