@@ -102,7 +102,7 @@ def test_strict_targets_read_no_label_of_an_unlabelled_image(variant: str) -> No
     protocol, and changes the targets of the image-labels variant (it reads them)."""
     maps, dm = _maps(), _dm()
     relabelled = copy.deepcopy(dm)
-    for i, row in enumerate(relabelled.manifest["samples"]):
+    for row in relabelled.manifest["samples"]:
         if row["source"] == "test":
             row["label"] = 1 - row["label"]
     strict = _settings(variant, image_labels=False)
