@@ -51,7 +51,8 @@ def test_compare_runs_every_job_into_one_folder_and_reports(tmp_path: Path, teac
         diff = next(line for line in text.splitlines() if line.startswith(label))
         a, b = runs[plus]["metrics"], runs[minus]["metrics"]
         for cell, metric in zip(diff.split()[-len(HEADLINE_METRICS) :], HEADLINE_METRICS, strict=True):
-            want = float(a.get(f"test/{metric}") or math.nan) - float(b.get(f"test/{metric}") or math.nan)
+            va, vb = a.get(f"test/{metric}"), b.get(f"test/{metric}")
+            want = (math.nan if va is None else float(va)) - (math.nan if vb is None else float(vb))
             assert cell == "–" if math.isnan(want) else float(cell) == pytest.approx(want, abs=5e-4), metric
     assert runs["unet_synthetic"]["mask_variant"] == "synthetic only"
     assert runs["unet_gt_synthetic"]["mask_variant"] == "GT + synthetic"
