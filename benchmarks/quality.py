@@ -87,7 +87,7 @@ def case_overrides(cfg: DictConfig, category: str, row: str, seed: int) -> list[
         *cfg.categories[category],
         f"model={spec.model}",
         *student,
-        "mask=gt" if mask in ("gt", "none") else "mask=pseudo",
+        "mask=gt" if mask in ("gt", "none") else f"mask={mask_entry(cfg, mask).get('name', 'pseudo')}",
         *(spec.get("overrides") or []),
         f"seed={seed}",
         *tiny,
@@ -139,6 +139,7 @@ def summary_row(summary: dict) -> dict[str, Any]:
     selection = pseudo.get("selection") or {}
     row["selected"] = selection.get("chosen", "")
     row["rounds_kept"] = pseudo.get("round", "")
+    row["protocol"] = summary.get("protocol") or ""  # known normals | image labels (older rows: none)
     time = summary.get("time") or {}
     row["train_s"] = number(time.get("train_s"))
     row["test_s"] = number(time.get("test_s"))
@@ -272,6 +273,36 @@ def _f(v: float, digits: int = 3) -> str:
 
 
 COLUMNS = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")
+REFERENCE_FLOOR = {"image_AUROC": 0.8, "pixel_AUPRO": 0.6}
+"""The reference is learned in a category when U-Net GT (the `gt` row, mean over seeds) reaches every floor:
+image AUROC >= 0.8 and AUPRO >= 0.6. Elsewhere the category is marked, and left out of the deciding mean and
+of every PSEUDO / GT ratio (a ratio to a reference that failed says nothing about PSEUDO)."""
+EARLIER_PROTOCOL = (
+    "Rows without a `protocol` value in the CSV were measured under the earlier protocol (image labels: the "
+    "pseudo-mask chain treated every normal image as known, and the teacher trained on every normal image of "
+    "the train part); rerun them for the current one (known normals: `train/good` only)."
+)
+
+
+def unlearned_reference(ok: list[dict], cats: list[str]) -> dict[str, str]:
+    """Categories whose U-Net GT row misses `REFERENCE_FLOOR`, with the reason (e.g. `image_AUROC 0.683`)."""
+    out: dict[str, str] = {}
+    for cat in cats:
+        gt = [
+            r
+            for r in ok
+            if r["category"] == cat and r.get("mask") == "gt" and r.get("model") != "transfusion"
+        ]
+        if not gt:
+            continue
+        low = [
+            f"{m} {_f(v)}"
+            for m, floor in REFERENCE_FLOOR.items()
+            if math.isfinite(v := _mean([number(r[m]) for r in gt])) and v < floor
+        ]
+        if low:
+            out[cat] = ", ".join(low)
+    return out
 
 
 def section(rows: list[dict[str, str]]) -> str:
@@ -287,9 +318,13 @@ def section(rows: list[dict[str, str]]) -> str:
     for r in ok:
         by.setdefault((r["category"], r["row"]), []).append(r)
     header = "| row | seeds | " + " | ".join(COLUMNS) + " | mask IoU | mask precision | synthetic-val AUPRO |"
+    unlearned = unlearned_reference(ok, cats)
+    if any(not r.get("protocol") for r in ok):
+        lines += [EARLIER_PROTOCOL, ""]
     for cat in cats:
         deciding = any(r["deciding"] == "True" for r in ok if r["category"] == cat)
-        lines += [f"### {cat}" + ("" if deciding else " (reported, not deciding)"), "", header]
+        mark = f" (reference not learned: U-Net GT {unlearned[cat]})" if cat in unlearned else ""
+        lines += [f"### {cat}" + ("" if deciding else " (reported, not deciding)") + mark, "", header]
         lines.append("|" + "---|" * (len(COLUMNS) + 5))
         for name in names:
             cases = by.get((cat, name))
@@ -301,9 +336,19 @@ def section(rows: list[dict[str, str]]) -> str:
             lines.append(f"| {label[name]} | {len(cases)} | " + " | ".join(cells + extra + [synth]) + " |")
         lines.append("")
     deciding_cats = [c for c in cats if any(r["deciding"] == "True" for r in ok if r["category"] == c)]
+    learned = [c for c in deciding_cats if c not in unlearned]
     if deciding_cats:
-        lines += _deciding_mean(deciding_cats, names, label, by)
-        lines += _against_teacher_and_gt(ok, deciding_cats, names, label, by)
+        left_out = [c for c in deciding_cats if c in unlearned]
+        if left_out:
+            floors = " and ".join(f"{m} >= {v}" for m, v in REFERENCE_FLOOR.items())
+            lines += [
+                f"Left out of the deciding mean and of every PSEUDO / GT ratio: {', '.join(left_out)} (U-Net GT "
+                f"misses {floors}: the reference is not learned there).",
+                "",
+            ]
+        if learned:
+            lines += _deciding_mean(learned, names, label, by)
+        lines += _against_teacher_and_gt(ok, deciding_cats, names, label, by, set(unlearned))
     lines += _rank_correlation(ok)
     lines += ["#### Resolved mask settings of each row", ""]
     for name in names:
@@ -335,10 +380,16 @@ def _deciding_mean(cats: list[str], names: list[str], label: dict, by: dict) -> 
 
 
 def _against_teacher_and_gt(
-    ok: list[dict], cats: list[str], names: list[str], label: dict, by: dict
+    ok: list[dict],
+    cats: list[str],
+    names: list[str],
+    label: dict,
+    by: dict,
+    unlearned: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> list[str]:
     """Each PSEUDO row against its teacher (AUPRO and pixel AP, PSEUDO - TransFusion) and against U-Net GT
-    (AUPRO as a fraction of GT's) per deciding category: the question the suite answers, row by row."""
+    (AUPRO as a fraction of GT's) per deciding category: the question the suite answers, row by row. In an
+    `unlearned` category the ratio is left out (`–`): its reference failed."""
     kind = {r["row"]: ("teacher" if r["model"] == "transfusion" else r["mask"]) for r in ok}
     teacher = next((n for n in names if kind[n] == "teacher"), None)
     gt = next((n for n in names if kind[n] == "gt"), None)
@@ -361,7 +412,7 @@ def _against_teacher_and_gt(
             cells += [
                 f"{aupro - _seed_mean(by, c, teacher, 'pixel_AUPRO'):+.3f}",
                 f"{_seed_mean(by, c, name, 'pixel_AP') - _seed_mean(by, c, teacher, 'pixel_AP'):+.3f}",
-                _f(aupro / gt_aupro if gt_aupro > 0 else math.nan, 2),
+                _f(aupro / gt_aupro if gt_aupro > 0 and c not in unlearned else math.nan, 2),
             ]
         lines.append(f"| {label[name]} | " + " | ".join(cells) + " |")
     return [*lines, ""]

@@ -63,7 +63,7 @@ def teacher_case(run_cfg, steps: int, epochs: int, infer_images: int | None) -> 
     from mvtec_seg.teacher import build_teacher, predict_maps
 
     tc = run_cfg.teacher
-    dm = build_datamodule(run_cfg, train_subset="normal", batch_size=int(tc.batch_size), augment=False)
+    dm = build_datamodule(run_cfg, train_subset="known_normal", batch_size=int(tc.batch_size), augment=False)
     dm.prepare()
     module = build_teacher(run_cfg)
     throughput = Throughput()

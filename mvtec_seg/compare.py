@@ -1,10 +1,11 @@
 """`python -m mvtec_seg.compare [overrides]`: the whole comparison for one category in one command.
 
-The jobs of `compare.jobs` (default: TransFusion, U-Net on GT, U-Net on pseudo masks) run one after the
-other with the same overrides, each into its own run folder under one comparison folder, sharing the
+The jobs of `compare.jobs` (default: TransFusion, U-Net on GT, U-Net on pseudo masks, and the two controls:
+U-Net on synthetic defects only, U-Net on GT + the same synthetic defects) run one after the other with the same overrides, each into its own run folder under one comparison folder, sharing the
 category's split, decoded images, teacher, maps and pseudo masks; then the report (`report.md`,
-`report.html`, `report.csv`) is built over them and the headline table printed: the five test metrics of
-each job and PSEUDO - GT. `make demo` is `python -m mvtec_seg.compare experiment=demo`.
+`report.html`, `report.csv`) is built over them and the headline table printed: the test metrics of each job
+(IoU also at the run's decision threshold) and PSEUDO beside GT and both controls: PSEUDO - synthetic only
+is what the teacher adds, GT + synthetic - PSEUDO what is left to GT. `make demo` is `python -m mvtec_seg.compare experiment=demo`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,24 @@ from mvtec_seg.config import compose_config
 from mvtec_seg.errors import UserError
 from mvtec_seg.metrics import METRIC_NAMES
 from mvtec_seg.report.build import build_report
+from mvtec_seg.summary import IOU_AT_THRESHOLD
 from mvtec_seg.train import check_config, train
 
 log = logging.getLogger(__name__)
 LABELS = {"image_AUROC": "image AUROC", "pixel_AUROC": "pixel AUROC", "pixel_AP": "pixel AP",
-          "pixel_AUPRO": "AUPRO", "IoU": "IoU"}  # fmt: skip
+          "pixel_AUPRO": "AUPRO", "IoU": "IoU@0.5", IOU_AT_THRESHOLD: "IoU@thr"}  # fmt: skip
+HEADLINE_METRICS: tuple[str, ...] = (*METRIC_NAMES, IOU_AT_THRESHOLD)
+CONTRASTS: tuple[tuple[str, str, str], ...] = (
+    ("PSEUDO", "GT", "PSEUDO - GT"),
+    ("PSEUDO", "synthetic only", "PSEUDO - synthetic only (what the teacher adds)"),
+    ("GT + synthetic", "PSEUDO", "GT + synthetic - PSEUDO (what is left to GT)"),
+)
+"""The headline's difference rows: (minuend variant, subtrahend variant, label), by `mask_variant`."""
+
+
+def variant(summary: dict) -> str | None:
+    """A summary's mask variant (`data.sources`); older summaries without one: from `mask`."""
+    return summary.get("mask_variant") or {"gt": "GT", "pseudo": "PSEUDO"}.get(str(summary.get("mask")))
 
 
 def comparison_dir(cfg: DictConfig) -> Path:
@@ -40,9 +54,11 @@ def comparison_dir(cfg: DictConfig) -> Path:
 
 
 def headline(summaries: dict[str, dict]) -> str:
-    """The five test metrics of every job as a table, and PSEUDO - GT for each model that has both."""
-    width = max([len(n) for n in summaries] + [18])
-    lines = [f"{'':<{width}} " + " ".join(f"{LABELS[m]:>11}" for m in METRIC_NAMES)]
+    """The test metrics of every job as a table (with each job's decision threshold), and per model the
+    differences of `CONTRASTS` whose two variants it has: PSEUDO beside GT and both controls."""
+    models = list(dict.fromkeys(s.get("model") for s in summaries.values()))
+    width = max([len(n) for n in summaries] + [len(f"{m}: {c[2]}") for m in models for c in CONTRASTS])
+    lines = [f"{'':<{width}} " + " ".join(f"{LABELS[m]:>11}" for m in HEADLINE_METRICS) + "   threshold"]
 
     def value(s: dict, m: str) -> float:
         v = (s.get("metrics") or {}).get(f"test/{m}")
@@ -54,13 +70,16 @@ def headline(summaries: dict[str, dict]) -> str:
         return f"{name:<{width}} " + " ".join(cells)
 
     for name, s in summaries.items():
-        lines.append(row(name, [value(s, m) for m in METRIC_NAMES]))
-    by = {(s.get("model"), s.get("mask")): s for s in summaries.values()}
-    for model in dict.fromkeys(s.get("model") for s in summaries.values()):
-        gt, pseudo = by.get((model, "gt")), by.get((model, "pseudo"))
-        if gt and pseudo:
-            diff = [value(pseudo, m) - value(gt, m) for m in METRIC_NAMES]
-            lines.append(row(f"{model}: PSEUDO - GT", diff, signed=True))
+        threshold = (s.get("decision_threshold") or {}).get("value")
+        shown = f"{float(threshold):>12.4g}" if threshold is not None else f"{'–':>12}"
+        lines.append(row(name, [value(s, m) for m in HEADLINE_METRICS]) + shown)
+    by = {(s.get("model"), variant(s)): s for s in summaries.values()}
+    for model in models:
+        for plus, minus, label in CONTRASTS:
+            a, b = by.get((model, plus)), by.get((model, minus))
+            if a and b:
+                diff = [value(a, m) - value(b, m) for m in HEADLINE_METRICS]
+                lines.append(row(f"{model}: {label}", diff, signed=True))
     return "\n".join(lines)
 
 

@@ -5,7 +5,8 @@ Shared by `train` (which chooses the threshold at the end of a run), `predict` a
 model", "its input size" and "its threshold" mean one thing everywhere.
 
 Decision threshold rule (`THRESHOLD_RULE`): the map value that maximises pixel F1 on the **val part** against
-the run's training targets (GT with `mask=gt`, the pseudo masks with `mask=pseudo`, GT for TransFusion),
+the run's training targets (GT with `mask=gt`, the pseudo masks with `mask=pseudo`, GT for TransFusion;
+`mask=synthetic_only`: the synthetic validation set made from the val part's known normals),
 with the model that was tested; every distinct map value is a candidate
 (`metrics.f1_optimal_threshold`). A pixel is anomalous when `map >= threshold`; an image when its score
 (the max of its map) is.
@@ -30,9 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 from mvtec_seg.builders import trainer_device
 from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import file_digest
-from mvtec_seg.metrics import f1_optimal_threshold
+from mvtec_seg.metrics import f1_optimal_threshold, iou
 from mvtec_seg.models.base import AnomalyModule, loader_maps, read_checkpoint
-from mvtec_seg.summary import SUMMARY_FILE, RunSummary
+from mvtec_seg.summary import IOU_AT_THRESHOLD, SUMMARY_FILE, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,20 @@ def choose_threshold(
         "targets": targets,
         "n_images": len(maps),
     }
+
+
+def iou_at_decision(predictions: Path, threshold: float | None) -> dict[str, float]:
+    """`test/IoU_at_threshold`: the test part's IoU of `map >= threshold` (the run's decision threshold, chosen
+    on the val part by `choose_threshold`), from the saved test maps (`test_predictions.npz`, the maps the
+    other test metrics saw). NaN when the threshold is undefined or no maps were saved."""
+    key = f"test/{IOU_AT_THRESHOLD}"
+    if threshold is None or not Path(predictions).is_file():
+        return {key: math.nan}
+    with np.load(predictions) as saved:
+        maps, gt = saved["anomaly_map"], saved["gt_mask"]
+    if not np.asarray(gt).any():
+        return {key: math.nan}
+    return {key: iou(maps, gt, float(threshold), name=IOU_AT_THRESHOLD)}
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mvtec_seg.data.files import describe_changes
+from mvtec_seg.data.sources import mask_source
 from mvtec_seg.errors import UserError
 from mvtec_seg.identity import (
     CONFIG_FILE,
@@ -62,11 +63,14 @@ class RunOutputs:
         self.run_dir, self.cfg, self.mode, self.write = Path(run_dir), cfg, mode, write
         settings = settings if settings is not None else _flat(cfg)
         self.previous = RunFolder.read(self.run_dir) if mode == "resume" else None
+        fitted = cfg.model.get("source") == "fit"
         self.summary = RunSummary(
             category=str(cfg.category.get("name")),
             model=str(cfg.model.name),
-            mask=cfg.mask.name if cfg.model.get("source") == "fit" else "none",
+            mask=cfg.mask.name if fitted else "none",
             seed=_seed(cfg.get("seed")),
+            mask_variant=mask_source(cfg).variant(cfg) if fitted else None,
+            protocol=mask_source(cfg).protocol(cfg) if fitted else "known normals",
             task_name=cfg.get("task_name"),
             run_dir=str(self.run_dir),
             identity={

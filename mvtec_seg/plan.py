@@ -12,6 +12,7 @@ import logging
 from omegaconf import DictConfig
 
 from mvtec_seg.builders import max_epochs
+from mvtec_seg.data.sources import mask_source, needs_teacher
 from mvtec_seg.precision import native_bf16
 
 log = logging.getLogger("mvtec_seg.plan")
@@ -43,21 +44,21 @@ def plan_lines(cfg: DictConfig, dm) -> list[str]:
         f"(train {counts['train']}, val {counts['val']}, test {counts['test']}), "
         f"{precision_phrase(cfg.trainer)}"
     ]
-    needs_teacher = cfg.model.source == "teacher" or cfg.mask.name == "pseudo"
-    if needs_teacher:
+    source = mask_source(cfg)
+    if needs_teacher(cfg):
         tdir = teacher_dir(cfg, dm)
-        n_normal = len(dm.indices("train", normal_only=True))
+        n_normal = len(dm.indices("train", known_normal=True))
         if cfg.teacher.get("checkpoint"):
             lines.append(f"  teacher: loaded from {cfg.teacher.checkpoint}")
         else:
             epochs = int(cfg.teacher.trainer.max_epochs)
             lines.append(
-                f"  teacher: TransFusion, {epochs} epochs x {n_normal} normal images at {size} px — "
+                f"  teacher: TransFusion, {epochs} epochs x {n_normal} known normal images at {size} px — "
                 f"{_cached(tdir / 'model.ckpt')}"
             )
             if str(cfg.teacher.trainer.precision) != str(cfg.trainer.precision):
                 lines[-1] += f" ({precision_phrase(cfg.teacher.trainer)})"
-    if cfg.model.source == "fit" and cfg.mask.name == "pseudo":
+    if cfg.model.source == "fit" and source.needs_teacher:
         steps = int(cfg.teacher.params.net.num_steps) - 2
         mdir = maps_dir(dm, Teacher(None, {}, tdir))
         n = len(dm.manifest["samples"])
@@ -76,8 +77,12 @@ def plan_lines(cfg: DictConfig, dm) -> list[str]:
             f"{fits} fit(s)"
         )
     elif cfg.model.source == "fit":
+        n_fit = (
+            counts["train"] if source.trains_on_unlabelled else len(dm.indices("train", known_normal=True))
+        )
         lines.append(
-            f"  segmenter: {cfg.model.name}, {max_epochs(cfg)} epochs x {counts['train']} images at {size} px"
+            f"  segmenter: {cfg.model.name}, {max_epochs(cfg)} epochs x {n_fit} images at {size} px"
+            + ("" if source.trains_on_unlabelled else " (known normals with synthetic defects)")
         )
     lines.append(f"  test: {counts['test']} images")
     return lines

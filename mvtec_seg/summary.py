@@ -17,6 +17,8 @@ from mvtec_seg.io_utils import atomic_write_json
 
 SUMMARY_FILE = "summary.json"
 PREDICTIONS_FILE = "test_predictions.npz"  # index, path, anomaly_map, gt_mask, gt_label of the test part
+IOU_AT_THRESHOLD = "IoU_at_threshold"
+"""The test IoU at the run's decision threshold (chosen on the val part), beside `IoU` at the fixed 0.5."""
 TIME_KEYS: tuple[str, ...] = ("train_s", "test_s")
 THROUGHPUT_KEYS: tuple[str, ...] = ("train_images_per_s", "test_images_per_s")
 
@@ -68,6 +70,8 @@ class RunSummary:
     mask: str
     seed: int | None
     status: str = "running"
+    mask_variant: str | None = None  # e.g. `GT + synthetic`, `PSEUDO + image labels` (`data.sources`)
+    protocol: str | None = None  # what the mask chain may read: `known normals` or `image labels`
     task_name: str | None = None
     params: int | None = None
     teacher_params: int | None = None
@@ -104,6 +108,8 @@ class RunSummary:
             mask=str(data.get("mask") or "none"),
             seed=_int_or_none(data.get("seed")),
             status=str(data.get("status", "unknown")),
+            mask_variant=data.get("mask_variant") if isinstance(data.get("mask_variant"), str) else None,
+            protocol=data.get("protocol") if isinstance(data.get("protocol"), str) else None,
             task_name=data.get("task_name"),
             params=_int_or_none(data.get("params")),
             teacher_params=_int_or_none(data.get("teacher_params")),

@@ -116,8 +116,9 @@ def _teacher_settings(cfg: DictConfig) -> dict:
 
 
 def teacher_data(dm) -> dict:
-    """The record of the files the teacher trains on: the normal images of the train part."""
-    return dm.data_record(dm.indices("train", normal_only=True))
+    """The record of the files the teacher trains on: the known normals of the train part (`train/good`;
+    a `test/good` image is unlabelled to the chain, `data.sources`)."""
+    return dm.data_record(dm.indices("train", known_normal=True))
 
 
 def teacher_dir(cfg: DictConfig, dm) -> Path:
@@ -136,7 +137,7 @@ def _train_teacher(cfg: DictConfig, final: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(work / "spec.json", {"config": OmegaConf.to_container(tc, resolve=True)})
     # TransFusion makes its own augmentations (rotation) with its anomalies: no flips
-    dm = build_datamodule(cfg, train_subset="normal", batch_size=int(tc.batch_size), augment=False)
+    dm = build_datamodule(cfg, train_subset="known_normal", batch_size=int(tc.batch_size), augment=False)
     module = build_teacher(cfg)
     trainer = build_trainer(
         tc.trainer,
@@ -163,7 +164,7 @@ def _train_teacher(cfg: DictConfig, final: Path) -> None:
             "epochs": int(trainer.current_epoch),
             "train_s": fitted.train_s,
             "train_images_per_s": fitted.images_per_s,
-            "n_train_images": len(dm.indices("train", normal_only=True)),
+            "n_train_images": len(dm.indices("train", known_normal=True)),
             "images_seen": fitted.images_seen,  # this run's (a resumed one: since the resume)
         },
     )

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
@@ -41,6 +42,7 @@ from mvtec_seg.callbacks import TestArtefacts, Throughput
 from mvtec_seg.data.datamodule import MVTecDataModule
 from mvtec_seg.data.files import data_record, describe_changes, file_state
 from mvtec_seg.data.mvtec import pixel_limit, scan_category
+from mvtec_seg.data.sources import mask_source, needs_teacher
 from mvtec_seg.errors import UserError
 from mvtec_seg.identity import (
     CHECKPOINT_DIR,
@@ -51,7 +53,7 @@ from mvtec_seg.identity import (
     launched_child,
     settings_digest,
 )
-from mvtec_seg.inference import SEGMENTER_CLASS, TRANSFUSION_CLASS, choose_threshold
+from mvtec_seg.inference import SEGMENTER_CLASS, TRANSFUSION_CLASS, choose_threshold, iou_at_decision
 from mvtec_seg.interrupt import Interrupted, stage
 from mvtec_seg.io_utils import folder_lock
 from mvtec_seg.layout_metrics import layout_test_metrics
@@ -70,6 +72,7 @@ from mvtec_seg.pseudo.self_training import self_train
 from mvtec_seg.pseudo.synthetic_val import ensure_synthetic_val, synthetic_scores
 from mvtec_seg.pseudo.thresholds import STRATEGIES
 from mvtec_seg.settings import check_keys, check_paths, check_settings, resolved_settings
+from mvtec_seg.summary import PREDICTIONS_FILE
 from mvtec_seg.teacher import build_teacher, ensure_teacher, teacher_overlap
 
 log = logging.getLogger(__name__)
@@ -235,8 +238,8 @@ def _set_pseudo_targets(cfg: DictConfig, dm: MVTecDataModule) -> dict:
 
 def _prepare_model(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> AnomalyModule:
     """The model to test, recorded in the summary: the ensured teacher, or an untrained segmenter whose
-    targets (GT, or pseudo masks built on first use) are set on `dm`."""
-    if cfg.model.source == "teacher" or cfg.mask.name == "pseudo":
+    targets (GT, pseudo masks built on first use, or none beside the synthetic defects) are set on `dm`."""
+    if needs_teacher(cfg):
         out.summary.teacher_overlap = teacher_overlap(cfg, dm)
     if cfg.model.source == "teacher":
         teacher = ensure_teacher(cfg, dm)
@@ -246,7 +249,10 @@ def _prepare_model(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> Ano
         out.summary.checkpoint = teacher.checkpoint
         return teacher.module
     student_cfg = cfg
-    if cfg.mask.name == "pseudo":
+    source = mask_source(cfg)
+    if not source.reads_gt and not source.needs_teacher:  # synthetic only: the pasted defects are the targets
+        dm.set_target_masks(np.zeros(dm.gt_masks.shape, dtype=np.uint8))
+    if source.needs_teacher:
         if cfg.mask.get("select", "fixed") == "auto":
             out.summary.pseudo, out.summary.checkpoint, student_cfg = _select_pseudo(cfg, dm, out)
         else:
@@ -261,7 +267,7 @@ def _prepare_model(cfg: DictConfig, dm: MVTecDataModule, out: RunOutputs) -> Ano
 def _uses_synthetic_val(cfg: DictConfig) -> bool:
     enabled = cfg.synthetic_val.get("enabled", "auto")
     if enabled == "auto":
-        return cfg.model.source == "fit" and cfg.mask.name == "pseudo"
+        return cfg.model.source == "fit" and mask_source(cfg).synthetic_val
     return bool(enabled) and cfg.model.source == "fit"
 
 
@@ -284,7 +290,7 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
             "mask.gated": GATED,
             "mask.select": MODES,
         }
-    if settings.get("model.source") == "teacher" or settings.get("mask.name") == "pseudo":
+    if needs_teacher(settings):
         choices |= {"teacher.params.net.reverse": tuple(REVERSE_MODES)}
     check_settings(settings, choices)
     check_keys(settings, _takers(settings))
@@ -295,9 +301,7 @@ def _takers(settings: dict[str, Any]) -> dict[str, Any]:
     """The constructors the config nodes are passed to, for `check_keys` (unknown keys are one line)."""
     takers: dict[str, Any] = {"trainer": pl.Trainer, "teacher.trainer": pl.Trainer}
     for node in ("model", "teacher"):
-        if node == "teacher" and not (
-            settings.get("model.source") == "teacher" or settings.get("mask.name") == "pseudo"
-        ):
+        if node == "teacher" and not needs_teacher(settings):
             continue
         target = str(settings.get(f"{node}.module"))
         module, _, name = target.rpartition(".")
@@ -369,7 +373,7 @@ def _dry_run(cfg: DictConfig, out: RunOutputs) -> None:
     out.summary.params = parameter_count(build_model(cfg))
     if cfg.model.source == "teacher":
         out.summary.teacher_params = out.summary.params
-    elif cfg.mask.name == "pseudo":
+    elif needs_teacher(cfg):
         out.summary.teacher_params = parameter_count(build_teacher(cfg))
 
 
@@ -383,8 +387,20 @@ def one_line(err: BaseException) -> str:
 
 
 def targets_name(cfg: DictConfig) -> str:
-    """What the val part is scored against: the mask source for a segmenter, GT for the teacher."""
-    return cfg.mask.name if cfg.model.source == "fit" else "gt"
+    """What the decision threshold is chosen against: the mask source's val targets for a segmenter (the
+    synthetic validation set for `mask=synthetic_only`, whose val part has no target), GT for the teacher."""
+    if cfg.model.source != "fit":
+        return "gt"
+    source = mask_source(cfg)
+    return "synthetic_val" if not (source.reads_gt or source.needs_teacher) else str(cfg.mask.name)
+
+
+def threshold_set(cfg: DictConfig, dm: MVTecDataModule):
+    """The images the decision threshold is chosen on (never the test part): the val part with the run's
+    targets, or the synthetic validation set (`targets_name`)."""
+    if targets_name(cfg) == "synthetic_val":
+        return dm.synthetic_val if dm.synthetic_val is not None else dm.dataset("val")
+    return dm.dataset("val")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -406,8 +422,11 @@ def _run(cfg: DictConfig, settings: dict[str, Any], mode: str) -> dict[str, Any]
     status, trainer, parts = "failed", None, None
     try:
         with stage("data check, split and decoding"):
-            dm = build_datamodule(cfg, train_subset="all")
+            source = mask_source(cfg)
+            fitted_on = "all" if cfg.model.source != "fit" or source.trains_on_unlabelled else "known_normal"
+            dm = build_datamodule(cfg, train_subset=fitted_on)
             dm.prepare()  # scans, validates and splits: bad data stops here, before any training
+            dm.set_known_normals(source.known_normals(cfg, dm.manifest["samples"]))
         out.set_data(dm)  # a resumed run must have read the same data
         announce(cfg, dm)
         if cfg.dry_run:  # build what the run would use, train nothing
@@ -437,10 +456,13 @@ def _run(cfg: DictConfig, settings: dict[str, Any], mode: str) -> dict[str, Any]
             if trainer.is_global_zero:  # the tested weights' decision threshold, for `mvtec_seg.predict`
                 out.summary.decision_threshold = choose_threshold(
                     model,
-                    dm.dataset("val"),
+                    threshold_set(cfg, dm),
                     dm.eval_batch_size,
                     targets_name(cfg),
                     trainer.strategy.root_device,
+                )
+                out.summary.metrics.update(
+                    iou_at_decision(run_dir / PREDICTIONS_FILE, out.summary.decision_threshold["value"])
                 )
                 # the layout's own benchmark metrics (MVTec AD 2: SegF1, AUPRO to FPR 0.05), if any
                 out.summary.metrics.update(

@@ -157,8 +157,8 @@ def test_demo_section_reads_its_rows() -> None:
 
 def test_quality_section_puts_each_pseudo_row_against_teacher_and_gt() -> None:
     base = {"status": "ok", "deciding": "True", "seed": "0", "synthetic_val_AUPRO": "", "mask_IoU": ""}
-    base |= {"mask_precision": "", "mask_settings": "", "command": "c", "image_AUROC": "0.5", "IoU": "0"}
-    base |= {"pixel_AUROC": "0.5"}
+    base |= {"mask_precision": "", "mask_settings": "", "command": "c", "image_AUROC": "0.9", "IoU": "0"}
+    base |= {"pixel_AUROC": "0.5", "protocol": "known normals"}
 
     def row(cat: str, name: str, model: str, mask: str, aupro: float, ap: float) -> dict:
         return (
@@ -175,12 +175,51 @@ def test_quality_section_puts_each_pseudo_row_against_teacher_and_gt() -> None:
         row("a", "gt", "unet", "gt", 0.8, 0.40),
         row("a", "ps", "unet", "m", 0.6, 0.05),
         row("b", "tf", "transfusion", "none", 0.3, 0.02),
-        row("b", "gt", "unet", "gt", 0.5, 0.20),
+        row("b", "gt", "unet", "gt", 0.65, 0.20),
         row("b", "ps", "unet", "m", 0.45, 0.03),
     ]
     text = quality.section(rows)
-    assert "| ps | +0.100 | -0.050 | 0.75 | +0.150 | +0.010 | 0.90 |" in text.splitlines()
+    assert "| ps | +0.100 | -0.050 | 0.75 | +0.150 | +0.010 | 0.69 |" in text.splitlines()
     assert "| tf | +" not in text and "| gt | +" not in text  # the references are not compared to themselves
+    assert "earlier protocol" not in text  # every row records its protocol
+
+
+def test_quality_section_leaves_out_a_category_whose_reference_is_not_learned() -> None:
+    """U-Net GT below the floor (AUPRO 0.5 < 0.6 in b; image AUROC 0.7 < 0.8 in c): the category is marked,
+    its PSEUDO / GT ratio is `–` and the deciding mean is over the other categories only."""
+    base = {"status": "ok", "deciding": "True", "seed": "0", "synthetic_val_AUPRO": "", "mask_IoU": ""}
+    base |= {"mask_precision": "", "mask_settings": "", "command": "c", "IoU": "0", "pixel_AUROC": "0.5"}
+
+    def row(cat: str, name: str, model: str, mask: str, aupro: float, auroc: float = 0.9) -> dict:
+        return (
+            base
+            | {"category": cat, "row": name, "label": name, "model": model, "mask": mask}
+            | {
+                "pixel_AUPRO": str(aupro),
+                "pixel_AP": "0.1",
+                "image_AUROC": str(auroc),
+            }
+        )
+
+    rows = [row(c, "tf", "transfusion", "none", 0.3) for c in "abc"]
+    rows += [
+        row("a", "gt", "unet", "gt", 0.8),
+        row("b", "gt", "unet", "gt", 0.5),
+        row("c", "gt", "unet", "gt", 0.9, 0.7),
+    ]
+    rows += [
+        row("a", "ps", "unet", "m", 0.6),
+        row("b", "ps", "unet", "m", 0.4),
+        row("c", "ps", "unet", "m", 0.2),
+    ]
+    assert set(quality.unlearned_reference(rows, ["a", "b", "c"])) == {"b", "c"}
+    lines = quality.section(rows).splitlines()
+    assert "### b (reference not learned: U-Net GT pixel_AUPRO 0.500)" in lines
+    assert "### c (reference not learned: U-Net GT image_AUROC 0.700)" in lines
+    assert "| ps | +0.300 | +0.000 | 0.75 | +0.100 | +0.000 | – | -0.100 | +0.000 | – |" in lines
+    mean = lines[lines.index(next(x for x in lines if x.startswith("### Mean over"))) :]
+    assert mean[0].startswith("### Mean over a ") and "| ps | 0.900 | 0.500 | 0.100 | 0.600 | 0.000 |" in mean
+    assert any("earlier protocol" in x for x in lines)  # these rows record no protocol
 
 
 def test_speed_section_puts_each_variant_against_float32_of_its_case() -> None:

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_TEACHER, with_teacher
 
-from mvtec_seg.compare import compare, headline, main
-from mvtec_seg.metrics import METRIC_NAMES
+from mvtec_seg.compare import HEADLINE_METRICS, compare, headline, main
 
 
 def _overrides(tmp: Path) -> list[str]:
@@ -35,17 +34,31 @@ def test_compare_runs_every_job_into_one_folder_and_reports(tmp_path: Path, teac
         "transfusion",
         "unet_gt",
         "unet_pseudo",
+        "unet_synthetic",
+        "unet_gt_synthetic",
     }
     for name, summary in result["summaries"].items():
         on_disk = json.loads((folder / name / "summary.json").read_text())
         assert on_disk["status"] == "ok" and on_disk["metrics"] == summary["metrics"], name
     assert (folder / "report.html").is_file() and (folder / "report.csv").is_file()
     text = headline(result["summaries"])
-    diff = next(line for line in text.splitlines() if line.startswith("unet: PSEUDO - GT"))
-    gt, pseudo = result["summaries"]["unet_gt"]["metrics"], result["summaries"]["unet_pseudo"]["metrics"]
-    for cell, metric in zip(diff.split()[-len(METRIC_NAMES) :], METRIC_NAMES, strict=True):
-        want = pseudo[f"test/{metric}"] - gt[f"test/{metric}"]
-        assert cell == "–" if math.isnan(want) else float(cell) == pytest.approx(want, abs=5e-4), metric
+    runs = result["summaries"]
+    for label, plus, minus in (
+        ("unet: PSEUDO - GT", "unet_pseudo", "unet_gt"),
+        ("unet: PSEUDO - synthetic only", "unet_pseudo", "unet_synthetic"),
+        ("unet: GT + synthetic - PSEUDO", "unet_gt_synthetic", "unet_pseudo"),
+    ):
+        diff = next(line for line in text.splitlines() if line.startswith(label))
+        a, b = runs[plus]["metrics"], runs[minus]["metrics"]
+        for cell, metric in zip(diff.split()[-len(HEADLINE_METRICS) :], HEADLINE_METRICS, strict=True):
+            va, vb = a.get(f"test/{metric}"), b.get(f"test/{metric}")
+            want = (math.nan if va is None else float(va)) - (math.nan if vb is None else float(vb))
+            assert cell == "–" if math.isnan(want) else float(cell) == pytest.approx(want, abs=5e-4), metric
+    assert runs["unet_synthetic"]["mask_variant"] == "synthetic only"
+    assert runs["unet_gt_synthetic"]["mask_variant"] == "GT + synthetic"
+    assert runs["unet_pseudo"]["protocol"] == "known normals"
+    for name in ("transfusion", "unet_gt"):  # IoU at the decision threshold for every model, the teacher too
+        assert "test/IoU_at_threshold" in runs[name]["metrics"], name
 
 
 def test_a_typo_in_any_job_stops_before_any_training(tmp_path: Path, capsys) -> None:

@@ -141,9 +141,14 @@ def test_datamodule_batches(tmp_path):
     assert torch.equal(labels.bool(), masks.flatten(1).amax(1).bool())
     counts = dm.counts()
     assert counts["train"] + counts["val"] + counts["test"] == 20
-    # normal-only training subset (for TransFusion)
-    dm2 = MVTecDataModule(cat, tmp_path / "cache", "fake", image_size=32, train_subset="normal")
-    assert all(b["gt_label"].sum() == 0 for b in dm2.train_dataloader())
+    # the known-normal training subset (TransFusion, mask=synthetic_only): train/good only, never test/good
+    dm2 = MVTecDataModule(cat, tmp_path / "cache", "fake", image_size=32, train_subset="known_normal")
+    paths = [p for b in dm2.train_dataloader() for p in b["path"]]
+    assert paths and all(p.startswith("train/good/") for p in paths)
+    rows = dm2.manifest["samples"]
+    normal = dm2.indices("train", normal_only=True)
+    assert any(rows[i]["source"] == "test" for i in normal)  # test/good in the train part: not a known normal
+    assert set(dm2.indices("train", known_normal=True)) == {i for i in normal if rows[i]["source"] == "train"}
 
 
 def test_flip_augmentation_moves_mask_with_image(tmp_path):

@@ -95,7 +95,8 @@ def test_model_transfusion_is_scored_like_the_segmenters(pseudo_run):
     summary = train(cfg)
     assert summary["model"] == "transfusion" and summary["mask"] == "none"
     assert set(summary["metrics"]) == {
-        f"test/{m}" for m in ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")
+        f"test/{m}"
+        for m in ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU", "IoU_at_threshold")
     }
     assert summary["checkpoint"] == str(Path(first["pseudo"]["teacher"]) / "model.ckpt")  # shared teacher
     assert summary["split"] == first["split"]  # same manifest, same test part

@@ -112,7 +112,7 @@ def test_known_normals_get_empty_targets_and_distill_gets_the_calibrated_map() -
     assert float(t.soft.max()) <= 1.0
 
 
-def test_synthetic_defects_have_exact_masks_and_go_on_normal_rows_only() -> None:
+def test_synthetic_defects_have_exact_masks_and_go_on_known_normal_rows_only() -> None:
     images = torch.full((6, 3, 32, 32), 0.5)
     defects = SyntheticDefects(kind="texture", seed=0)
     out, mask = defects(images)
@@ -123,11 +123,12 @@ def test_synthetic_defects_have_exact_masks_and_go_on_normal_rows_only() -> None
         "image": images,
         "target_mask": torch.zeros(6, 1, 32, 32),
         "target_weight": torch.zeros(6, 1, 32, 32),
-        "gt_label": torch.tensor([0, 0, 0, 1, 1, 1]),
+        "gt_label": torch.tensor([0, 0, 0, 0, 1, 1]),  # row 3: a normal image that is not known (test/good)
+        "known_normal": torch.tensor([True, True, True, False, False, False]),
     }
     pasted = SyntheticDefects(kind="texture", seed=1).paste(batch, fraction=1.0)
     changed = (pasted["image"] != images).flatten(1).any(1)
-    assert changed[:3].all() and not changed[3:].any()
+    assert changed[:3].all() and not changed[3:].any()  # the label is never read
     assert torch.equal(pasted["target_mask"][3:], batch["target_mask"][3:])
     assert pasted["target_mask"][:3].flatten(1).any(1).all()
     assert (pasted["target_weight"][:3] == 1).all() and (pasted["target_weight"][3:] == 0).all()

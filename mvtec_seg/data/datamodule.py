@@ -11,7 +11,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mvtec_seg.data.cache import decoded_arrays, decoding_key, manifest_files
 from mvtec_seg.data.files import data_record, file_state
+from mvtec_seg.data.sources import known_normal_rows
 from mvtec_seg.data.split import load_or_create_manifest, part_counts
+
+TRAIN_SUBSETS: tuple[str, ...] = ("all", "known_normal")
 
 
 class ManifestDataset(Dataset):
@@ -28,8 +31,10 @@ class ManifestDataset(Dataset):
         crop: int | None = None,
         target_weights: np.ndarray | None = None,
         soft_targets: np.ndarray | None = None,
+        known_normal: np.ndarray | None = None,
     ) -> None:
         self.images, self.gt_masks, self.target_masks = images, gt_masks, target_masks
+        self.known_normal = known_normal_rows(rows) if known_normal is None else np.asarray(known_normal)
         self.target_weights, self.soft_targets = target_weights, soft_targets
         self.rows, self.indices, self.augment = rows, np.asarray(indices, dtype=np.int64), augment
         self.crop = crop
@@ -70,6 +75,7 @@ class ManifestDataset(Dataset):
             "target_mask": target,
             "target_weight": weight,
             "gt_label": torch.tensor(row["label"], dtype=torch.long),
+            "known_normal": torch.tensor(bool(self.known_normal[j])),
             "defect_type": row["defect_type"],
             "path": row["image"],
             "index": torch.tensor(j, dtype=torch.long),
@@ -127,7 +133,9 @@ class MVTecDataModule(pl.LightningDataModule):
 
     `train_crop` trains on random square crops (evaluation always sees whole images): a cheap way to
     see more defects per CPU second with a fully convolutional network.
-    `train_subset="normal"` keeps only normal training images (TransFusion is trained on normal data only).
+    `train_subset="known_normal"` keeps only the known normal training images (`data.sources`: `train/good`;
+    TransFusion is trained on them, and `mask=synthetic_only` students too). Which rows are known normals is
+    `known_normal` (default: the strict rule; `set_known_normals` for `mask.image_labels=true`).
     Targets for train and val come from `target_masks` (pseudo masks) when given; test is always scored on GT.
     `shard_evaluation` (for a trainer with `use_distributed_sampler=False`): under DDP the module shards
     the data itself, so evaluation sees every image exactly once (no padding).
@@ -159,14 +167,15 @@ class MVTecDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.decode_workers, self.pin_memory = num_workers, decode_workers, pin_memory
         self.split_ratios, self.augment = tuple(split_ratios), augment
-        if train_subset not in ("all", "normal"):
-            raise ValueError(f"data.train_subset must be 'all' or 'normal', got {train_subset!r}")
+        if train_subset not in TRAIN_SUBSETS:
+            raise ValueError(f"data.train_subset must be one of {TRAIN_SUBSETS}, got {train_subset!r}")
         self.train_subset = train_subset
         self.train_crop = train_crop
         self.shard_evaluation = shard_evaluation
         self.protocol = protocol  # "split" (seeded 7:1:2) or "official" (the dataset's own parts)
         self.layout = layout  # the folder layout of the category (`data.layouts.LAYOUTS`)
         self.target_masks: np.ndarray | None = None
+        self.known_normal: np.ndarray | None = None  # bool per manifest row; None: the strict rule
         self.target_weights: np.ndarray | None = None
         self.soft_targets: np.ndarray | None = None  # the distillation target (calibrated teacher map)
         self.synthetic_val: SyntheticValDataset | None = None
@@ -228,22 +237,51 @@ class MVTecDataModule(pl.LightningDataModule):
         """Serve the GT-free validation set as a second val dataloader (its metrics: `val/synthetic_*`)."""
         self.synthetic_val = SyntheticValDataset(*arrays) if arrays is not None else None
 
-    def indices(self, part: str, normal_only: bool = False) -> np.ndarray:
+    def set_known_normals(self, known: np.ndarray | None) -> None:
+        """Which manifest rows count as known normals (bool per row; None: the strict rule of
+        `data.sources`): what `known_normal=True` selects and where synthetic defects may be pasted."""
+        self.prepare()
+        if known is not None and len(known) != len(self.manifest["samples"]):
+            raise ValueError(
+                f"known normals have {len(known)} rows, expected {len(self.manifest['samples'])}"
+            )
+        self.known_normal = None if known is None else np.asarray(known, dtype=bool)
+
+    def known_normals(self) -> np.ndarray:
+        """Bool per manifest row: a known normal (see `set_known_normals`)."""
         rows = self.prepare()["samples"]
+        return known_normal_rows(rows) if self.known_normal is None else self.known_normal
+
+    def indices(self, part: str, normal_only: bool = False, known_normal: bool = False) -> np.ndarray:
+        """Manifest rows of `part`; `normal_only`: labelled normal (reads image labels: for scoring);
+        `known_normal`: known normals only (what the pseudo-mask chain may treat as normal)."""
+        rows = self.prepare()["samples"]
+        known = self.known_normals() if known_normal else None
         return np.array(
-            [i for i, r in enumerate(rows) if r["part"] == part and (not normal_only or r["label"] == 0)],
+            [
+                i
+                for i, r in enumerate(rows)
+                if r["part"] == part and (not normal_only or r["label"] == 0) and (known is None or known[i])
+            ],
             dtype=np.int64,
         )
 
     def dataset(
-        self, part: str, augment: bool = False, normal_only: bool = False, crop: int | None = None
+        self,
+        part: str,
+        augment: bool = False,
+        normal_only: bool = False,
+        crop: int | None = None,
+        known_normal: bool = False,
     ) -> ManifestDataset:
         rows = self.prepare()["samples"]
         target = self.target_masks if part in ("train", "val") else None
         weight = self.target_weights if part in ("train", "val") else None
         soft = self.soft_targets if part == "train" else None
-        idx = self.indices(part, normal_only)
-        return ManifestDataset(self.images, self.gt_masks, target, rows, idx, augment, crop, weight, soft)
+        idx = self.indices(part, normal_only, known_normal)
+        return ManifestDataset(
+            self.images, self.gt_masks, target, rows, idx, augment, crop, weight, soft, self.known_normals()
+        )
 
     def counts(self) -> dict[str, int]:
         return part_counts(self.prepare())
@@ -276,7 +314,10 @@ class MVTecDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset(
-            "train", augment=self.augment, normal_only=self.train_subset == "normal", crop=self.train_crop
+            "train",
+            augment=self.augment,
+            crop=self.train_crop,
+            known_normal=self.train_subset == "known_normal",
         )
         return self._loader(ds, self.batch_size, shuffle=True)
 

@@ -23,6 +23,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mvtec_seg.data.files import announce_rebuild, files_key, write_record
+from mvtec_seg.data.sources import known_normal_rows
+from mvtec_seg.errors import UserError
 from mvtec_seg.interrupt import stage
 from mvtec_seg.io_utils import atomic_save_png, atomic_write_json, build_once, content_key
 from mvtec_seg.metrics import precision_recall_iou
@@ -70,13 +72,44 @@ def mask_quality(masks: np.ndarray, dm) -> dict:
     return quality
 
 
+CALIBRATION = {
+    False: "the val part's known normals (train/good images the teacher did not train on)",
+    True: "the train part's normal images (image labels)",
+}
+"""What the quantiles and the gate are calibrated on, by `mask.image_labels` (recorded in `info.json`)."""
+
+
+def chain_sets(dm, settings: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train part, its known normals, the calibration images) of the pseudo-mask chain under `settings`.
+
+    Strict (`image_labels` false, the default): known normals are the train part's `train/good` images and
+    the calibration images are the val part's (known normals the teacher never saw). With `image_labels`:
+    every normal train-part image is known and calibrates (the weak-supervision variant)."""
+    rows = dm.manifest["samples"]
+    image_labels = bool(settings.get("image_labels", False))
+    known = known_normal_rows(rows, image_labels)
+    parts = np.array([r["part"] for r in rows])
+    train_idx = np.flatnonzero(parts == "train")
+    known_idx = np.flatnonzero((parts == "train") & known)
+    if image_labels:
+        return train_idx, known_idx, known_idx
+    calibration_idx = np.flatnonzero((parts == "val") & known)
+    if len(calibration_idx) == 0:
+        raise UserError(
+            "mask=pseudo calibrates its thresholds on the val part's train/good images and this split has "
+            "none — use a category with more train/good images, or mask.image_labels=true"
+        )
+    return train_idx, known_idx, calibration_idx
+
+
 @stage("pseudo masks")
 def write_pseudo_masks(out: Path, maps: np.ndarray, dm, settings: dict, category: str, source: Path) -> None:
     """Derive the targets of `maps` ([N,H,W], manifest order) under `settings` and write them into the new
     folder `out` (see the module docstring)."""
     rows = dm.manifest["samples"]
     log.warning("building pseudo masks for %s (%s) in %s", category, settings, out)
-    t = derive_targets(maps, dm.indices("train"), dm.indices("train", normal_only=True), settings)
+    train_idx, known_idx, calibration_idx = chain_sets(dm, settings)
+    t = derive_targets(maps, train_idx, known_idx, settings, calibration_idx)
     out.mkdir(parents=True)
     np.save(out / "masks.npy", t.mask)
     np.save(out / "target.npy", t.target)
@@ -91,6 +124,11 @@ def write_pseudo_masks(out: Path, maps: np.ndarray, dm, settings: dict, category
         out / "info.json",
         {
             **t.record,
+            "calibration": {
+                "images": CALIBRATION[bool(settings.get("image_labels", False))],
+                "n": len(calibration_idx),
+            },
+            "n_known_normal": len(known_idx),
             "settings": settings,
             "teacher": str(source),
             "quality": mask_quality(t.mask, dm),

@@ -1,15 +1,21 @@
 """Rules that turn anomaly maps into training targets, none of them looking at GT.
 
+What the rules may read: the maps, which train-part images are known normals (`known_idx`: `train/good`,
+`data.sources`) and the calibration images (`calibration_idx`: known normals the teacher did not train on,
+the val part's `train/good` images; the teacher's own training images score lower than normal images it
+never saw, so quantiles taken on them mark too much). Every other train-part image is unlabelled. With
+`mask.image_labels=true` both sets are every normal train-part image (the weak-supervision variant).
+
 Why more than one threshold: a quantile of the normal pixels marks that share of every normal image as
 defective, so the normal images (most of the train part) teach false positives. The rules below use the
-normal train images' distribution in other ways:
+normal images' distribution in other ways:
 
-- gating: an image whose score (max of its map) stays within the normal images' scores gets an empty mask;
-  the level is a fixed quantile of the normal images' scores (`quantile`), or where the normal images'
-  scores separate best from the other train images' (`separation`: the level that maximises the gap between
-  the two empirical distribution functions, as in a two-sample Kolmogorov-Smirnov test; it adapts to how
-  well the teacher separates them, and needs no label of the other images);
-- `normal_empty`: the train part's normal images (the images the teacher trains on) get empty targets;
+- gating: an image whose score (max of its map) stays within the calibration images' scores gets an empty
+  mask; the level is a fixed quantile of their scores (`quantile`), or where their scores separate best
+  from the unlabelled train images' (`separation`: the level that maximises the gap between the two
+  empirical distribution functions, as in a two-sample Kolmogorov-Smirnov test; it adapts to how well the
+  teacher separates them, and needs no label of the unlabelled images);
+- `normal_empty`: the known normals of the train part (the images the teacher trains on) get empty targets;
 - `gated`: what a gated image that is not a known normal teaches: `empty` (no defect), or `ignore` (loss
   weight 0 on the whole image): a low score does not tell whether the teacher missed a defect, so the image
   is left out rather than taught as defect-free;
@@ -106,19 +112,28 @@ def separation_level(normal: np.ndarray, others: np.ndarray) -> float:
     return float(levels[int(np.argmax(f_normal - f_others))])
 
 
-def gate_level(maps: np.ndarray, train_idx: np.ndarray, normal_idx: np.ndarray, gate: dict) -> float | None:
-    """The image score at or below which an image counts as normal (None: gating off)."""
+def gate_level(
+    maps: np.ndarray,
+    train_idx: np.ndarray,
+    known_idx: np.ndarray,
+    gate: dict,
+    calibration_idx: np.ndarray | None = None,
+) -> float | None:
+    """The image score at or below which an image counts as normal (None: gating off): a quantile of the
+    calibration images' scores, or where they separate from the unlabelled train images' (train-part
+    images that are not in `known_idx`). `calibration_idx` defaults to `known_idx`."""
     strategy = gate.get("strategy", "quantile")
     if strategy == "quantile" and gate.get("quantile") is None:
         return None
-    if len(normal_idx) == 0:
-        raise ValueError("mask.gate needs normal images in the train part")
-    scores = image_scores(maps[train_idx])
-    is_normal = np.isin(train_idx, normal_idx)
-    if strategy == "separation" and (~is_normal).any():
-        return separation_level(scores[is_normal], scores[~is_normal])
+    calibration = known_idx if calibration_idx is None else calibration_idx
+    if len(calibration) == 0:
+        raise ValueError("mask.gate needs known normal images to calibrate on")
+    normal_scores = image_scores(maps[calibration])
+    unlabelled = np.setdiff1d(train_idx, known_idx)
+    if strategy == "separation" and len(unlabelled):
+        return separation_level(normal_scores, image_scores(maps[unlabelled]))
     q = gate.get("quantile")
-    return float(np.quantile(scores[is_normal], 0.99 if q is None else float(q)))
+    return float(np.quantile(normal_scores, 0.99 if q is None else float(q)))
 
 
 def hysteresis_masks(maps: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -146,17 +161,24 @@ def calibrate(maps: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def derive_targets(
-    maps: np.ndarray, train_idx: np.ndarray, normal_idx: np.ndarray, settings: dict
+    maps: np.ndarray,
+    train_idx: np.ndarray,
+    known_idx: np.ndarray,
+    settings: dict,
+    calibration_idx: np.ndarray | None = None,
 ) -> Targets:
     """Apply the rules in `settings` (`cfg.mask` without `name`/`rounds`) to every map of the manifest.
 
-    Thresholds come from the train part only (`normal_idx`: its normal images); never from GT.
+    `known_idx`: the train part's known normals (emptied by `normal_empty`, never gated away as unlabelled);
+    `calibration_idx` (default `known_idx`): the images the quantiles and the gate are calibrated on. Never
+    GT, and no image label beyond these two sets.
     """
     th = settings["threshold"]
     strategy = th["strategy"]
     maps = np.asarray(maps, dtype=np.float32)
+    calibration = known_idx if calibration_idx is None else calibration_idx
     high = mask_threshold(
-        maps, train_idx, normal_idx, strategy, th.get("quantile", 0.995), th.get("fixed", 0.5)
+        maps, train_idx, calibration, strategy, th.get("quantile", 0.995), th.get("fixed", 0.5)
     )
     target_kind = settings.get("target", "hard")
     if target_kind not in TARGETS:
@@ -165,9 +187,9 @@ def derive_targets(
     needs_low = strategy in ("hysteresis", "mebin") or target_kind != "hard" or distill > 0
     low = high
     if needs_low:
-        if len(normal_idx) == 0:
-            raise ValueError("mask.threshold.low_quantile needs normal images in the train part")
-        low = min(high, float(np.quantile(maps[normal_idx], float(th.get("low_quantile", 0.98)))))
+        if len(calibration) == 0:
+            raise ValueError("mask.threshold.low_quantile needs known normal images to calibrate on")
+        low = min(high, float(np.quantile(maps[calibration], float(th.get("low_quantile", 0.98)))))
     record: dict = {"threshold": high, "low_threshold": low}
     if strategy == "hysteresis":
         masks = hysteresis_masks(maps, low, high)
@@ -183,11 +205,11 @@ def derive_targets(
         masks = (maps >= high).astype(np.uint8)
     regions = settings.get("regions") or {}
     masks = clean_regions(masks, int(regions.get("min_area", 0)), int(regions.get("fill_holes", 0)))
-    level = gate_level(maps, train_idx, normal_idx, settings.get("gate") or {})
+    level = gate_level(maps, train_idx, known_idx, settings.get("gate") or {}, calibration)
     gated = image_scores(maps) <= level if level is not None else np.zeros(len(maps), dtype=bool)
     known_normal = np.zeros(len(maps), dtype=bool)
     if settings.get("normal_empty"):
-        known_normal[normal_idx] = True
+        known_normal[known_idx] = True
     gated |= known_normal
     masks[gated] = 0
     weight = None

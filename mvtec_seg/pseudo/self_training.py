@@ -1,5 +1,5 @@
 """Self-training (`mask.rounds=k`): retrain the segmenter on the current pseudo targets, derive new targets
-from its own maps on the manifest by the same rules (thresholds from the train part's normal images, never
+from its own maps on the manifest by the same rules (thresholds from the known normals, `masks.chain_sets`, never
 GT), k times. Each round's maps and masks are cached under the previous round's set, keyed by the segmenter
 settings, and scored against GT like the first set.
 """

@@ -1,4 +1,5 @@
-"""The GT-free validation set: synthetic defects with exact masks on the val part's normal images.
+"""The GT-free validation set: synthetic defects with exact masks on the val part's known normal images
+(`train/good`; every normal image with `mask.image_labels=true`).
 
 Why: with `mask=pseudo` nothing may be scored against GT before the test, and the val part's pseudo masks
 share the teacher's errors, so a student that copies the teacher looks best against them. Defects pasted
@@ -36,7 +37,7 @@ def settings(cfg: DictConfig) -> dict:
 
 
 def synthetic_val_dir(cfg: DictConfig, dm) -> Path:
-    record = dm.data_record(dm.indices("val", normal_only=True))
+    record = dm.data_record(dm.indices("val", known_normal=True))
     key = content_key(
         {
             "files": files_key(record),
@@ -53,7 +54,7 @@ def synthetic_val_dir(cfg: DictConfig, dm) -> Path:
 def ensure_synthetic_val(cfg: DictConfig, dm) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(images uint8 [M,H,W,3], masks uint8 [M,H,W], labels uint8 [M]) of the set, built once; None when
     the val part has no normal image."""
-    idx = dm.indices("val", normal_only=True)
+    idx = dm.indices("val", known_normal=True)
     if len(idx) == 0:
         log.warning("no normal image in the val part: no synthetic validation set")
         return None

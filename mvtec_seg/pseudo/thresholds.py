@@ -1,8 +1,8 @@
 """Threshold strategies for pseudo masks. None of them looks at GT masks.
 
 - `fixed`: a constant (0.5 was the reference work's uncalibrated choice).
-- `quantile`: a high quantile of the map values on the normal images of the train part: the level that
-  normal pixels rarely exceed, so it adapts to the map's scale.
+- `quantile`: a high quantile of the map values on the calibration images (known normals the teacher did
+  not train on, `rules.py`): the level that normal pixels rarely exceed, so it adapts to the map's scale.
 - `otsu`: Otsu's threshold on the map values of the train part.
 - `hysteresis`: the `quantile` level is the high threshold (`rules.py` adds the low one and grows regions).
 - `mebin`: a threshold per image where its regions are stable (`mebin.py`); the `quantile` level is still
@@ -20,7 +20,7 @@ STRATEGIES = ("fixed", "quantile", "otsu", "hysteresis", "mebin")
 def mask_threshold(
     maps: np.ndarray,
     train_idx: np.ndarray,
-    normal_train_idx: np.ndarray,
+    calibration_idx: np.ndarray,
     strategy: str,
     quantile: float = 0.995,
     fixed: float = 0.5,
@@ -30,9 +30,9 @@ def mask_threshold(
     if strategy == "fixed":
         return float(fixed)
     if strategy in ("quantile", "hysteresis", "mebin"):
-        if len(normal_train_idx) == 0:
-            raise ValueError(f"mask.threshold.strategy={strategy} needs normal images in the train part")
-        return float(np.quantile(np.asarray(maps[normal_train_idx], dtype=np.float32), quantile))
+        if len(calibration_idx) == 0:
+            raise ValueError(f"mask.threshold.strategy={strategy} needs known normal images to calibrate on")
+        return float(np.quantile(np.asarray(maps[calibration_idx], dtype=np.float32), quantile))
     if strategy == "otsu":
         return float(threshold_otsu(np.asarray(maps[train_idx], dtype=np.float32).ravel()))
     raise ValueError(f"mask.threshold.strategy={strategy!r} is not one of {STRATEGIES}")

@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from mvtec_seg.data.sources import mask_source
 from mvtec_seg.errors import UserError
 from mvtec_seg.identity import flat_settings
 from mvtec_seg.metrics import SYNTHETIC_PREFIX
@@ -192,6 +193,7 @@ def _check_relations(s: Flat) -> None:
         _multiple(s, "teacher.params.net.image_size", 2 ** (len(mult) - 1), why)
     _check_hysteresis(s)
     _check_synthetic_monitor(s)
+    _check_synthetic_only(s)
     accelerators = {s.get("trainer.accelerator"), s.get("teacher.trainer.accelerator")}
     if accelerators & {"gpu", "cuda"}:
         import torch
@@ -213,6 +215,16 @@ def _check_hysteresis(s: Flat) -> None:
         )
 
 
+def _check_synthetic_only(s: Flat) -> None:
+    """`mask=synthetic_only` trains on synthetic defects alone: without them it would have no target."""
+    fraction = s.get("mask.synthetic_fraction")
+    if fit(s) and s.get("mask.name") == "synthetic_only" and not (is_number(fraction) and fraction > 0):
+        raise UserError(
+            f"mask.synthetic_fraction={fraction} leaves mask=synthetic_only without any target — set "
+            "mask.synthetic_fraction=0.5 (a number in (0, 1])"
+        )
+
+
 def _check_synthetic_monitor(s: Flat) -> None:
     """`val/synthetic_*` is logged only where the synthetic validation set is built: a fitted model with
     `synthetic_val.enabled=true`, or `auto` with `mask=pseudo`."""
@@ -220,9 +232,9 @@ def _check_synthetic_monitor(s: Flat) -> None:
     if not (fit(s) and isinstance(monitor, str) and monitor.startswith(f"val/{SYNTHETIC_PREFIX}")):
         return
     enabled = s.get("synthetic_val.enabled", "auto")
-    if enabled is False or (enabled == "auto" and not pseudo(s)):
+    if enabled is False or (enabled == "auto" and not mask_source(s).synthetic_val):
         raise UserError(
             f"checkpoint.monitor={monitor} needs the synthetic validation set, which this run does not build "
-            f"(synthetic_val.enabled={enabled!r}, mask={s.get('mask.name')}) — use mask=pseudo, "
+            f"(synthetic_val.enabled={enabled!r}, mask={s.get('mask.name')}) — use mask=pseudo or synthetic_only, "
             "synthetic_val.enabled=true, or monitor val/pixel_AP"
         )

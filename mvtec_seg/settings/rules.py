@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mvtec_seg.data.sources import SOURCES, needs_teacher
 from mvtec_seg.data.split import PROTOCOLS
 from mvtec_seg.data.synthetic import KINDS
 from mvtec_seg.metrics import MONITORS
@@ -149,11 +150,16 @@ def fit(s: Flat) -> bool:
 
 
 def teacher_used(s: Flat) -> bool:
-    return s.get("model.source") == "teacher" or s.get("mask.name") == "pseudo"
+    return needs_teacher(s)
 
 
 def pseudo(s: Flat) -> bool:
     return s.get("mask.name") == "pseudo"
+
+
+def monitored(s: Flat) -> bool:
+    """The mask source names its own checkpoint criterion (`mask.monitor`: pseudo, synthetic only)."""
+    return s.get("mask.monitor") is not None
 
 
 def generated(s: Flat) -> bool:
@@ -220,7 +226,8 @@ RULES: tuple[Rule, ...] = (
         ("category.generate.n_test_good", COUNT),
         ("category.generate.n_test_per_defect", POSITIVE),
     ),
-    *rules(pseudo, ("mask.monitor", choice(*MONITORS))),  # before checkpoint.monitor, which it sets
+    *rules(fit, ("mask.name", choice(*SOURCES))),
+    *rules(monitored, ("mask.monitor", choice(*MONITORS))),  # before checkpoint.monitor, which it sets
     *rules(
         fit,
         ("checkpoint.monitor", choice(None, *MONITORS)),
@@ -260,12 +267,13 @@ RULES: tuple[Rule, ...] = (
         ("mask.gate.quantile", optional(FRACTION, "off")),
         *((f"mask.{k}", COUNT) for k in ("regions.min_area", "regions.fill_holes", "rounds")),
         ("mask.normal_empty", BOOL),
-        ("mask.synthetic_fraction", optional(FRACTION, "off")),
+        ("mask.image_labels", BOOL),
         ("mask.distill.weight", NON_NEGATIVE),
         ("mask.threshold.mebin.sample_rate", POSITIVE),
         ("mask.threshold.mebin.min_interval", POSITIVE),
         ("mask.threshold.mebin.erode", COUNT),
     ),
+    *rules(fit, ("mask.synthetic_fraction", optional(FRACTION, "off"))),
     *rules(
         lambda s: pseudo(s) and s.get("mask.select") == "auto",
         (

@@ -1,7 +1,7 @@
 """Synthetic defects with exact masks, made from normal images by the teacher's anomaly generator.
 
 Two uses, neither of which looks at GT: a student trained on pseudo masks also sees synthetic defects pasted
-on its normal training images (`mask.synthetic_fraction`), so it learns what "unlike the normal images"
+on its known normal training images (`mask.synthetic_fraction`), so it learns what "unlike the normal images"
 looks like with exact masks, beside the teacher's noisy ones; and the GT-free validation set
 (`pseudo.synthetic_val`) scores candidates on defects pasted on the val part's normal images.
 
@@ -53,14 +53,14 @@ class SyntheticDefects:
         return (images * (1 - blend) + blend * out["appearance"]).clamp(0, 1), mask
 
     def paste(self, batch: dict, fraction: float) -> dict:
-        """The batch with a synthetic defect on each normal row (`gt_label == 0`: the images the teacher
-        trains on) with probability `fraction`; the target there becomes the defect's exact mask (weight 1).
+        """The batch with a synthetic defect on each known normal row (`known_normal`: `train/good`, the
+        images the teacher trains on; never read from `gt_label`) with probability `fraction`; the target there becomes the defect's exact mask (weight 1).
         Every row is generated and the chosen ones are taken with `torch.where` (no read-back)."""
         image = batch["image"]
         defective, mask = self(image)
         g = self.generator.generator(image.device)
         draw = torch.rand(len(image), generator=g, device=image.device) < fraction
-        use = (draw & (batch["gt_label"] == 0)).view(-1, 1, 1, 1)
+        use = (draw & batch["known_normal"].to(draw.device).bool()).view(-1, 1, 1, 1)
         out = dict(batch)
         out["image"] = torch.where(use, defective, image)
         out["target_mask"] = torch.where(use, mask, batch["target_mask"])
