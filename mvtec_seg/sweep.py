@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from mvtec_seg.errors import UserError
+from mvtec_seg.identity import launched_child
 from mvtec_seg.io_utils import hold_folder
 from mvtec_seg.summary import SUMMARY_FILE
 
@@ -208,6 +209,8 @@ class RunFolderGuard(Callback):
             resolved_settings(_task_config(config, Path(".")))
             raise
         preflight(_task_config(config, run_dir))
+        if launched_child():  # rank 1+ of a distributed job: rank 0 holds the folder for it
+            return
         hold_folder(  # before Hydra writes into it; `train` takes it again, the process keeps it
             run_dir,
             f"run folder {run_dir}",

@@ -103,7 +103,7 @@ def test_image_replaced_rebuilds_what_reads_it(tmp_path, caplog):
     cfg = compose_cfg(tmp_path, ["mask=pseudo"])
     t1 = Teacher(module=None, info={}, dir=teacher_dir(cfg, dm))
     m1 = maps_dir(dm, t1)
-    train_normal = {dm.manifest["samples"][i]["image"] for i in dm.indices("train", normal_only=True)}
+    train_normal = {dm.manifest["samples"][i]["image"] for i in dm.indices("train", known_normal=True)}
     test_image = next(r["image"] for r in dm.manifest["samples"] if r["part"] == "test")
     # a test image replaced by another file: the maps and arrays change, the teacher (train images) does not
     new = cat / "new.png"

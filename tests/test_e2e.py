@@ -12,6 +12,7 @@ from conftest import compose_cfg
 
 from mvtec_seg.metrics import compute_all
 from mvtec_seg.models.segmenter import Segmenter
+from mvtec_seg.summary import IOU_AT_THRESHOLD
 from mvtec_seg.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def test_run_folder_is_complete(fast_run):
     run = Path(cfg.paths.run_dir)
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["status"] == "ok" and on_disk["model"] == "unet" and on_disk["mask"] == "gt"
-    assert set(on_disk["metrics"]) == {f"test/{m}" for m in METRICS}
+    assert set(on_disk["metrics"]) == {f"test/{m}" for m in (*METRICS, IOU_AT_THRESHOLD)}
     assert on_disk["params"] > 1_000_000
     assert on_disk["throughput"]["train_images_per_s"] > 0 and on_disk["time"]["train_s"] > 0
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "best.ckpt").exists()

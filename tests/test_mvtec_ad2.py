@@ -29,6 +29,7 @@ from mvtec_seg.predict import main, predict
 from mvtec_seg.train import train
 
 STANDARD = {"test/image_AUROC", "test/pixel_AUROC", "test/pixel_AP", "test/pixel_AUPRO", "test/IoU"}
+STANDARD |= {"test/IoU_at_threshold"}  # at the run's decision threshold, every layout
 EXTRA = {"test/SegF1", "test/pixel_AUPRO_0.05"}
 
 # --- metrics against brute force ---------------------------------------------------------------------------

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mvtec_seg.metrics import METRIC_LABELS
-from mvtec_seg.report.collect import COST_KEYS, Cell, Run
+from mvtec_seg.report.collect import COST_KEYS, REPORT_METRICS, Cell, Run
 from mvtec_seg.summary import number
 
 CELL_ORDER: tuple[tuple[str, str], ...] = (
@@ -158,7 +157,7 @@ def aggregate(runs: Sequence[Run]) -> Table:
     cost: dict[tuple[str, Cell, str], Stat] = {}
     params: dict[Cell, int] = {}
     for (cat, cell), group in groups.items():
-        for m in METRIC_LABELS:
+        for m in REPORT_METRICS:
             metric[(cat, cell, m)] = _stat([r.metrics[m] for r in group])
         for k in COST_KEYS:
             cost[(cat, cell, k)] = _stat([r.cost[k] for r in group])

@@ -22,8 +22,8 @@ import yaml
 from mvtec_seg.errors import UserError
 from mvtec_seg.identity import CONFIG_FILE, OUTPUT_ONLY, flat_settings, matches
 from mvtec_seg.io_utils import content_key
-from mvtec_seg.metrics import METRIC_NAMES
-from mvtec_seg.summary import SUMMARY_FILE, RunSummary
+from mvtec_seg.metrics import METRIC_LABELS
+from mvtec_seg.summary import IOU_AT_THRESHOLD, SUMMARY_FILE, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ Variant = tuple[tuple[str, str], ...]  # (setting, value) pairs that set a cell 
 Cell = tuple[str, str, Variant]  # (model, mask, variant)
 NOT_COMPARED: tuple[str, ...] = (*OUTPUT_ONLY, "seed")
 """Settings that never set runs apart: where they write, what they log, and the seed (aggregated)."""
+REPORT_METRICS: dict[str, str] = {**METRIC_LABELS, IOU_AT_THRESHOLD: "IoU@thr"}
+"""The test metrics the report tabulates, with their labels: the five, and the IoU at each run's decision
+threshold (chosen on the val part), which makes TransFusion's unscaled maps comparable on IoU."""
 COST_KEYS: tuple[str, ...] = ("train_images_per_s", "test_images_per_s", "train_s")
 FAILED_STATUSES: tuple[str, ...] = ("failed", "interrupted")
 
@@ -72,8 +75,8 @@ class Run:
 
     @property
     def metrics(self) -> dict[str, float]:
-        """The five test metrics by bare name; NaN where missing or undefined."""
-        return {m: self.summary.test_metric(m) for m in METRIC_NAMES}
+        """The report's test metrics (`REPORT_METRICS`) by bare name; NaN where missing or undefined."""
+        return {m: self.summary.test_metric(m) for m in REPORT_METRICS}
 
     @property
     def cost(self) -> dict[str, float]:

@@ -18,9 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mvtec_seg.metrics import METRIC_LABELS
 from mvtec_seg.report.aggregate import QUALITY_KEYS, Stat, Table
-from mvtec_seg.report.collect import COST_KEYS, Cell, Collected
+from mvtec_seg.report.collect import COST_KEYS, REPORT_METRICS, Cell, Collected
 
 GAP_MD_METRICS: tuple[str, ...] = ("pixel_AUPRO", "pixel_AP", "IoU")  # the CSV has the gap of all five
 COST_LABELS: dict[str, str] = {
@@ -59,10 +58,10 @@ def _put(row: dict[str, Any], prefix: str, stat: Stat | None) -> None:
 def csv_columns(t: Table) -> list[str]:
     cols = ["category"]
     for cell in t.cells:
-        for m in METRIC_LABELS:
+        for m in REPORT_METRICS:
             cols += _stat_columns(f"{_cell_name(cell)}/{m}")
     for model in t.gap_models:
-        cols += [f"gap/{model}/{m}" for m in METRIC_LABELS]
+        cols += [f"gap/{model}/{m}" for m in REPORT_METRICS]
     if t.quality:
         cols.append("pseudo/strategy")
         cols += _stat_columns("pseudo/threshold")
@@ -80,11 +79,11 @@ def csv_rows(t: Table) -> list[dict[str, Any]]:
     for cat in [*t.categories, None]:
         row: dict[str, Any] = {"category": cat if cat is not None else "mean"}
         for cell in t.cells:
-            for m in METRIC_LABELS:
+            for m in REPORT_METRICS:
                 stat = t.get(cat, cell, m) if cat is not None else t.mean_metric(cell, m)
                 _put(row, f"{_cell_name(cell)}/{m}", stat)
         for model in t.gap_models:
-            for m in METRIC_LABELS:
+            for m in REPORT_METRICS:
                 if cat is not None:
                     row[f"gap/{model}/{m}"] = t.gap(cat, model, m)
                 else:
@@ -167,7 +166,7 @@ def _metric_table(t: Table, m: str) -> list[str]:
 def _gap_table(t: Table) -> list[str]:
     header = ["category"]
     for model in t.gap_models:
-        header += [f"{model} Δ{METRIC_LABELS[m]}" for m in GAP_MD_METRICS]
+        header += [f"{model} Δ{REPORT_METRICS[m]}" for m in GAP_MD_METRICS]
     rows = []
     for cat in t.categories:
         row = [cat]
@@ -284,10 +283,10 @@ def markdown(
     lines += _failed_runs(coll, link)
 
     lines += ["## Test metrics", ""]
-    for m in METRIC_LABELS:
-        lines += [f"### {METRIC_LABELS[m]}", "", *_metric_table(t, m), ""]
+    for m in REPORT_METRICS:
+        lines += [f"### {REPORT_METRICS[m]}", "", *_metric_table(t, m), ""]
         if m in plots:
-            lines += [f"![{METRIC_LABELS[m]} per category]({link(plots[m])})", ""]
+            lines += [f"![{REPORT_METRICS[m]} per category]({link(plots[m])})", ""]
     if _uses_undefined(t):
         lines += [
             f"{UNDEFINED} The run exists but the metric was undefined (NaN, `null` in summary.json; e.g. no "
