@@ -10,9 +10,12 @@ import pytest
 import torch
 from conftest import CONF_DIR, compose_cfg, run_cli
 from hydra import compose, initialize_config_dir
+from wandb_records import read_offline_run
 
 from mvtec_seg.metrics import compute_all
 from mvtec_seg.train import train
+
+FIVE_METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")
 
 
 @pytest.mark.slow
@@ -58,6 +61,20 @@ def test_wandb_offline_writes_run_files(tmp_path, monkeypatch):
     import wandb
 
     assert wandb.run is None  # the run was finished
+    # read back what a user compares in W&B, from the run's own log
+    logged = read_offline_run(runs[0])
+    assert logged.group == "test_sweep"
+    assert logged.tags == ["synthetic", "unet", "gt"]
+    assert logged.name == cfg.task_name == "unet_gt_synthetic"
+    assert logged.config["category"]["name"] == "synthetic"
+    assert logged.config["task_name"] == "unet_gt_synthetic"  # resolved, not `${model.name}_...`
+    assert logged.config["data"]["image_size"] == cfg.data.image_size
+    assert logged.exit_code == 0
+    metrics = {k: v for k, v in summary["metrics"].items() if k.startswith("test/")}
+    assert sorted(metrics) == sorted(f"test/{n}" for n in FIVE_METRICS)
+    for key, value in metrics.items():
+        assert logged.summary[key] == pytest.approx(value, abs=1e-9), key
+    assert logged.summary["status"] == "ok" and logged.summary["category"] == "synthetic"
 
 
 def test_wandb_run_finished_when_job_fails(tmp_path, monkeypatch):
