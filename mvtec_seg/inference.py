@@ -53,6 +53,8 @@ class Trained:
     checkpoint: Path
     run_dir: Path | None
     batch_size: int = 8
+    category: str | None = None  # the run's category.name (None: a bare checkpoint)
+    layout: str | None = None  # the run's data.layout
 
 
 # ------------------------------------------------------------------------------------------- inference
@@ -186,6 +188,8 @@ def _load_run(run_dir: Path, ckpt: Path | None) -> Trained:
         checkpoint=ckpt,
         run_dir=run_dir,
         batch_size=int(cfg.data.get("eval_batch_size") or 8),
+        category=str(cfg.category.name),
+        layout=str(cfg.data.get("layout") or "mvtec"),
     )
 
 
