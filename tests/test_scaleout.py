@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -98,3 +99,49 @@ def test_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert "SlurmLauncher" in launcher._target_
     assert launcher.gpus_per_node == 1 and launcher.timeout_min > 0
+
+
+@pytest.mark.slow
+def test_submitit_sweep_two_jobs_then_the_report_a_failed_job_listed(tmp_path):
+    """Through submitit's local executor (the pickling and job folders of its SLURM executor): a multirun on
+    the synthetic category, W&B offline, two jobs that run and one refused by the settings check. The refused
+    job is listed as under the basic launcher and the sweep exits 1; both runs' W&B runs share the sweep's
+    group; the report reads the sweep."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from mvtec_seg.report import build_report
+
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "debug=fast",
+        "logger=wandb",
+        "seed=0,1,-1",
+        f"paths.output_dir={tmp_path / 'out'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = run_cli(args, tmp_path, timeout=600, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 3, (
+        "the jobs did not go through submitit"
+    )
+    table = proc.stderr[proc.stderr.index("1 of 3 sweep jobs failed:") :].splitlines()
+    row = next(line for line in table if "seed=-1" in line)
+    overrides, reason, log = (cell.strip() for cell in row.split(" | "))
+    assert "seed=-1" in overrides.split() and reason.startswith("seed=-1") and Path(log).is_file()
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    assert sorted((s["seed"], s["status"]) for s in summaries) == [(0, "ok"), (1, "ok")]
+    runs = [read_offline_run(p) for p in sweep.glob("*/wandb/offline-run-*")]
+    assert len(runs) == 2 and {r.group for r in runs} == {sweep.name}
+    assert sorted(r.config["seed"] for r in runs) == [0, 1] and {r.exit_code for r in runs} == {0}
+    for s in summaries:  # each W&B run holds its own job's metrics
+        logged = next(r for r in runs if r.config["seed"] == s["seed"])
+        assert logged.summary["test/pixel_AUROC"] == pytest.approx(s["metrics"]["test/pixel_AUROC"], abs=1e-9)
+    result = build_report(sweep)
+    with open(result["report_csv"]) as fh:
+        rows = {r["category"]: r for r in csv.DictReader(fh)}
+    mean = sum(s["metrics"]["test/pixel_AUROC"] for s in summaries) / 2
+    assert float(rows["synthetic"]["unet/gt/pixel_AUROC.mean"]) == pytest.approx(mean, rel=1e-9)
