@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from hydra.utils import get_class
 from omegaconf import OmegaConf
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mvtec_seg.builders import trainer_device
+from mvtec_seg.data.mvtec import resize_map  # noqa: F401 - `inference.resize_map`: maps back at image size
 from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import file_digest
 from mvtec_seg.metrics import f1_optimal_threshold
@@ -65,14 +64,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if name in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer={name} but no CUDA GPU is visible — use trainer=cpu or trainer=auto")
     return trainer_device({"accelerator": name})
-
-
-def resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Float [h,w] map -> [H,W], bilinear (a map back at its input image's size)."""
-    amap = np.asarray(amap, dtype=np.float32)
-    if amap.shape == tuple(hw):
-        return amap
-    return np.asarray(Image.fromarray(amap, mode="F").resize((hw[1], hw[0]), Image.BILINEAR))
 
 
 def choose_threshold(
