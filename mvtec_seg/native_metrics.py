@@ -56,7 +56,7 @@ def native_test_metrics(
             else:
                 mask = np.zeros(image_hw(root / row["image"]), dtype=np.uint8)
             full = resize_map(np.asarray(amap, dtype=np.float32), mask.shape)
-            metric.update(torch.from_numpy(full)[None], torch.from_numpy(mask)[None], torch.tensor([label]))
+            metric.update(torch.tensor(full)[None], torch.from_numpy(mask)[None], torch.tensor([label]))
             if seg_threshold is not None and math.isfinite(seg_threshold):
                 hit, gt = full >= seg_threshold, mask.astype(bool)
                 both = int(np.count_nonzero(hit & gt))
