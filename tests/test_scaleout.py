@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +82,9 @@ def test_wandb_offline_writes_run_files(tmp_path, monkeypatch):
 def test_wandb_run_finished_when_job_fails(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    garbage = tmp_path / "garbage.ckpt"  # exists (the settings check passes), does not load
-    garbage.write_bytes(b"not a checkpoint")
+    garbage = tmp_path / "garbage.ckpt"  # a whole zip archive (the checks before the job pass), no checkpoint
+    with zipfile.ZipFile(garbage, "w") as archive:
+        archive.writestr("garbage/data.pkl", b"not a pickle")
     cfg = compose_cfg(tmp_path, ["debug=fast", "logger=wandb", f"ckpt_path={garbage}"])
     with pytest.raises(Exception):  # noqa: B017 - any failure inside the job
         train(cfg)
