@@ -133,3 +133,36 @@ def test_a_run_at_native_resolution_records_it(tmp_path):
     with Image.open(data / "widget" / "ground_truth" / "scratch" / "000_mask.png") as im:
         assert im.size == (52, 40)  # scored at this size, not at 32 px
     assert 0.0 <= summary["metrics"]["test/pixel_AUROC"] <= 1.0
+
+
+@pytest.mark.slow
+def test_mvtec_ad2_at_native_resolution_records_its_metrics_so(tmp_path):
+    from conftest import make_fake_mvtec_ad2
+
+    from mvtec_seg.layout_metrics import MVTEC_AD2_RECORD
+    from mvtec_seg.train import train
+
+    make_fake_mvtec_ad2(tmp_path / "ad2", size=(40, 52), n_train=10, n_val=5, n_good=4, n_bad=6)
+    overrides = [
+        f"data.root={tmp_path / 'ad2'}",
+        "category=custom",
+        "category.name=can",
+        "data.layout=mvtec_ad2",
+        "debug=fast",
+        "data.image_size=32",
+        "trainer.limit_test_batches=null",
+        "evaluation.resolution=native",
+    ]
+    summary = train(compose_cfg(tmp_path, overrides))
+    run = Path(summary["run_dir"])
+    record = json.loads((run / MVTEC_AD2_RECORD).read_text())
+    assert summary["resolution"] == record["resolution"] == "native"
+    extra = {"test/SegF1", "test/pixel_AUPRO_0.05"}
+    assert record["metrics"] == {k: summary["metrics"][k] for k in extra}
+    dm = SimpleNamespace(
+        manifest=json.loads(Path(summary["split"]["manifest"]).read_text()),
+        category_dir=tmp_path / "ad2" / "can",
+        layout="mvtec_ad2",
+    )
+    again = native_test_metrics(dm, run, 0.5, 0.3, record["threshold"])
+    assert again == pytest.approx(summary["metrics"], abs=1e-12)
