@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from hydra.utils import get_class
 from omegaconf import OmegaConf
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mvtec_seg.builders import trainer_device
+from mvtec_seg.data.mvtec import resize_map  # noqa: F401 - `inference.resize_map`: maps back at image size
 from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import file_digest
 from mvtec_seg.metrics import f1_optimal_threshold, iou
@@ -54,6 +53,8 @@ class Trained:
     checkpoint: Path
     run_dir: Path | None
     batch_size: int = 8
+    category: str | None = None  # the run's category.name (None: a bare checkpoint)
+    layout: str | None = None  # the run's data.layout
 
 
 # ------------------------------------------------------------------------------------------- inference
@@ -64,14 +65,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if name in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer={name} but no CUDA GPU is visible — use trainer=cpu or trainer=auto")
     return trainer_device({"accelerator": name})
-
-
-def resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Float [h,w] map -> [H,W], bilinear (a map back at its input image's size)."""
-    amap = np.asarray(amap, dtype=np.float32)
-    if amap.shape == tuple(hw):
-        return amap
-    return np.asarray(Image.fromarray(amap, mode="F").resize((hw[1], hw[0]), Image.BILINEAR))
 
 
 def choose_threshold(
@@ -201,6 +194,8 @@ def _load_run(run_dir: Path, ckpt: Path | None) -> Trained:
         checkpoint=ckpt,
         run_dir=run_dir,
         batch_size=int(cfg.data.get("eval_batch_size") or 8),
+        category=str(cfg.category.name),
+        layout=str(cfg.data.get("layout") or "mvtec"),
     )
 
 

@@ -28,7 +28,14 @@ Per image, in `output` (default `<run>/predictions/`), named after the input's p
 `anomaly_images_thresholded/<category>/<split>/<stem>.png` (0/255) for `test_private` and
 `test_private_mixed`, and nothing else (the server refuses other files); the default threshold is the one the
 run chose on normal images alone (`mvtec_ad2.json`; `threshold=` overrides it); `output` defaults to
-`<run>/submission/`: point every category's run at one `output=` folder to build the whole submission.
+`<run>/submission/`: point every category's run at one `output=` folder to build the whole submission. The
+files are named after the run's category (`category.name`), not the input folder's name.
+
+`check=true` (with `format=mvtec_ad2`) then checks the whole submission folder as MVTec's upload checker does
+(the eight categories, both private splits, one file per private image, named after it and at its size, and
+nothing else; 2-D float16 TIFFs, 0/255 PNGs), against the categories beside `input`: one line per problem
+and exit code 1, or one line saying it is complete. Without `run=`, `check=true output=<submission folder>
+[input=<the folder holding the eight categories>]` only checks.
 """
 
 from __future__ import annotations
@@ -53,7 +60,13 @@ from omegaconf import DictConfig
 
 from mvtec_seg.cli import command_args, run_command
 from mvtec_seg.data.mvtec import IMAGE_SUFFIXES, image_hw, load_rgb, pixel_limit, resize_rgb
-from mvtec_seg.data.mvtec_ad2 import private_test_images, write_submission_files
+from mvtec_seg.data.mvtec_ad2 import (
+    SUBMISSION_MAPS,
+    check_submission,
+    private_test_images,
+    submission_categories,
+    write_submission_files,
+)
 from mvtec_seg.errors import UserError
 from mvtec_seg.inference import Trained, load_trained, pick_device, resize_map
 from mvtec_seg.io_utils import atomic_save_png, atomic_write_bytes, atomic_write_text, check_name, flat_name
@@ -159,6 +172,30 @@ def _server_threshold(trained: Trained) -> float:
     return value
 
 
+def _server_category(trained: Trained, category_dir: Path) -> str:
+    """`format=mvtec_ad2`: the category the files are named after. The run's own (`category.name` of a run
+    with `data.layout=mvtec_ad2`), so a renamed input folder still gives the name the server knows; the
+    input folder's name only for a bare checkpoint or a run of another layout."""
+    names = submission_categories()
+    folder = category_dir.name
+    if trained.layout == "mvtec_ad2" and trained.category:
+        if folder in names and folder != trained.category:
+            raise UserError(
+                f"input={category_dir} is MVTec AD 2's {folder}, but the run was trained on {trained.category} "
+                f"— pass the run of {folder}, or input=<the {trained.category} folder>"
+            )
+        name = trained.category
+    else:
+        name = folder
+    if name not in names:
+        raise UserError(
+            f"the server scores only the categories {', '.join(names)}; {name!r} (from "
+            f"{'the run' if name != folder else 'the input folder'}) is none of them — pass input=<an MVTec AD 2 "
+            f"category folder> and the run of that category"
+        )
+    return name
+
+
 def _progress(total: int, batch_size: int):
     from tqdm.auto import tqdm
 
@@ -202,9 +239,11 @@ def predict(
     format: str = "default",
     overwrite: bool = False,
     max_image_pixels: int | None = None,
+    check: bool = False,
 ) -> dict[str, Any]:
     """Predict every input image; returns `{csv, output, rows, threshold, trained}` (`csv` is None for
-    `format=mvtec_ad2`).
+    `format=mvtec_ad2`; with `check`, also `problems`: the whole submission folder checked as the server's
+    upload checker does, against the categories beside `input`).
 
     Everything is checked before anything is written: the arguments, the model, every input's header and
     the output folder (new or empty, or `overwrite`). The files are written into a temporary sibling that
@@ -216,8 +255,15 @@ def predict(
     _check_args(threshold, trainer, batch_size, image_size)
     if max_image_pixels is not None and max_image_pixels < 1:
         raise UserError(f"max_image_pixels={max_image_pixels} must be at least 1 (null: Pillow's limit)")
+    if check and format != "mvtec_ad2":
+        raise UserError("check=true checks an MVTec AD 2 submission: pass format=mvtec_ad2 with it")
     with pixel_limit(max_image_pixels):
-        return _predict(run, input, output, threshold, trainer, batch_size, image_size, format, overwrite)
+        result = _predict(run, input, output, threshold, trainer, batch_size, image_size, format, overwrite)
+    if check:
+        category_dir = Path(input).expanduser().absolute()
+        category = _server_category(result["trained"], category_dir)
+        result["problems"] = check_submission(result["output"], category_dir.parent, {category: category_dir})
+    return result
 
 
 def _predict(
@@ -250,7 +296,9 @@ def _predict(
             output = Path(output).with_name("submission")
     out = Path(output).expanduser().absolute()
     if server:
-        files = private_test_images(Path(input).expanduser())
+        category_dir = Path(input).expanduser()
+        files = private_test_images(category_dir)  # a folder without private images: that first
+        files = private_test_images(category_dir, _server_category(trained, category_dir.absolute()))
     else:
         files = [(f, n) for f, n in input_files(str(input)) if not f.absolute().is_relative_to(out)]
     if not files:
@@ -323,13 +371,51 @@ def _write_csv(path: Path, rows: list[Prediction]) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
+def check_only(output: str | None, input: str | None) -> list[str]:
+    """`check=true output=<submission> [input=<folder of the eight categories>]` (no `run=`): what the server's
+    upload checker would refuse in the folder (`data.mvtec_ad2.check_submission`), one line each."""
+    if output is None:
+        raise UserError("check=true without run= checks a submission: pass output=<the submission folder>")
+    root = Path(input).expanduser() if input is not None else None
+    if root is not None and not root.is_dir():
+        raise UserError(
+            f"input={input} is not a folder — pass the folder holding the eight MVTec AD 2 categories"
+        )
+    return check_submission(Path(output).expanduser(), root)
+
+
+def _report_check(out: Path, problems: list[str], against: str | None) -> int:
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"submission {out}: {len(problems)} problem(s); the server would refuse it", file=sys.stderr)
+        return 1
+    print(f"submission {out}: complete{f' against {against}' if against else ''}, as the server takes it")
+    return 0
+
+
 def _main(cfg: DictConfig) -> int:
+    if cfg.get("check") and cfg.get("run") is None:
+        args = command_args(cfg, predict)
+        return _report_check(
+            Path(str(args["output"])), check_only(args.get("output"), args.get("input")), args.get("input")
+        )
     result = predict(**command_args(cfg, predict, required=("run", "input")))
     n_anom = sum(r.decision == "anomalous" for r in result["rows"])
     print(
         f"predictions: {len(result['rows'])} images, {n_anom} anomalous at threshold "
         f"{result['threshold']:.6g} -> {result['csv'] or result['output']}"
     )
+    if result.get("problems") is not None:
+        return _report_check(result["output"], result["problems"], str(Path(cfg.input).expanduser().parent))
+    if result["csv"] is None:  # a submission: say how far it is, and how to check it whole
+        out = result["output"]
+        have = [c for c in submission_categories() if (out / SUBMISSION_MAPS / c).is_dir()]
+        print(
+            f"submission: {len(have)} of {len(submission_categories())} categories in {out}; check it whole "
+            f"with check=true (python -m mvtec_seg.predict check=true output={out} "
+            f"input={Path(cfg.input).expanduser().parent})"
+        )
     return 0
 
 

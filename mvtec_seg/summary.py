@@ -48,6 +48,11 @@ def _int_or_none(value: Any) -> int | None:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+RESOLUTIONS: tuple[str, ...] = ("model", "native")
+"""`evaluation.resolution`: test metrics at `data.image_size` (model) or at each image's own size (native,
+`native_metrics`); `summary.json` records which as `resolution`."""
+
+
 @dataclass
 class RunSummary:
     """What one run records (field order is the order in `summary.json`).
@@ -76,6 +81,7 @@ class RunSummary:
     params: int | None = None
     teacher_params: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    resolution: str = "model"  # the size the test metrics were computed at (`RESOLUTIONS`)
     time: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(TIME_KEYS))
     throughput: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(THROUGHPUT_KEYS))
     split: dict[str, Any] = field(default_factory=dict)
@@ -114,6 +120,7 @@ class RunSummary:
             params=_int_or_none(data.get("params")),
             teacher_params=_int_or_none(data.get("teacher_params")),
             metrics={str(k): number(v) for k, v in metrics.items()},
+            resolution=str(data.get("resolution") or "model"),
             time={k: number(time_in.get(k)) for k in TIME_KEYS},
             throughput={k: number(thr_in.get(k)) for k in THROUGHPUT_KEYS},
             split=data["split"] if isinstance(data.get("split"), dict) else {},

@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,15 @@ from mvtec_seg.identity import (
 )
 from mvtec_seg.inference import SEGMENTER_CLASS, TRANSFUSION_CLASS, choose_threshold, iou_at_decision
 from mvtec_seg.interrupt import Interrupted, stage
-from mvtec_seg.io_utils import folder_lock
-from mvtec_seg.layout_metrics import layout_test_metrics
+from mvtec_seg.io_utils import atomic_write_json, folder_lock
+from mvtec_seg.layout_metrics import MVTEC_AD2_RECORD, layout_test_metrics, recorded_threshold
 from mvtec_seg.loggers import run_loggers
 from mvtec_seg.models.base import AnomalyModule, parameter_count
 from mvtec_seg.models.segmenter.loss import SegmentationLoss
 from mvtec_seg.models.segmenter.torch_model import ARCHITECTURES, SegmentationNet, encoders
 from mvtec_seg.models.transfusion.loss import TransFusionLoss
 from mvtec_seg.models.transfusion.torch_model import REVERSE_MODES, TransFusionModel
+from mvtec_seg.native_metrics import native_test_metrics
 from mvtec_seg.outputs import RunOutputs
 from mvtec_seg.plan import announce
 from mvtec_seg.pseudo.masks import ensure_pseudo_masks, load_targets
@@ -414,6 +416,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return _run(cfg, settings, mode)
 
 
+def _native_record(run_dir: Path, metrics: dict[str, float]) -> None:
+    """`mvtec_ad2.json` holds the metrics `summary.json` holds: at native resolution when the run scores so."""
+    path = run_dir / MVTEC_AD2_RECORD
+    if not path.is_file():
+        return
+    record = json.loads(path.read_text())
+    record["metrics"] = {k: (metrics[k] if math.isfinite(metrics[k]) else None) for k in record["metrics"]}
+    record["resolution"] = "native"
+    atomic_write_json(path, record)
+
+
 def _run(cfg: DictConfig, settings: dict[str, Any], mode: str) -> dict[str, Any]:
     """The job after its preflight: data, model, test, record (see the module docstring)."""
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -468,6 +481,16 @@ def _run(cfg: DictConfig, settings: dict[str, Any], mode: str) -> dict[str, Any]
                 out.summary.metrics.update(
                     layout_test_metrics(model, dm, run_dir, trainer.strategy.root_device)
                 )
+                if cfg.evaluation.resolution == "native":  # every test metric again, at the images' size
+                    with stage("scoring at native resolution"):
+                        ev = cfg.evaluation
+                        out.summary.metrics.update(
+                            native_test_metrics(
+                                dm, run_dir, ev.iou_threshold, ev.fpr_limit, recorded_threshold(run_dir)
+                            )
+                        )
+                    out.summary.resolution = "native"
+                    _native_record(run_dir, out.summary.metrics)
             test_s = parts.throughput.test_s
             out.summary.time["test_s"] = test_s
             if parts.artefacts.n_images and test_s:

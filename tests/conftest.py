@@ -231,9 +231,12 @@ def make_fake_mvtec_ad2(
     return cat
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m mvtec_seg <args>` in a fresh process, offline, output captured."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+def run_cli(
+    args: list[str], cwd: Path, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m mvtec_seg <args>` in a fresh process, offline (W&B disabled unless `env` says), output
+    captured."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "mvtec_seg", *args],
         cwd=cwd,

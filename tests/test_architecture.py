@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "loggers": 5,
     "callbacks": 5,
     "layout_metrics": 5,
+    "native_metrics": 5,
     "outputs": 6,
     "builders": 6,
     "report": 6,

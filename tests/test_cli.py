@@ -42,6 +42,7 @@ def test_types_come_from_the_function() -> None:
         "format": str,
         "overwrite": bool,
         "max_image_pixels": int,
+        "check": bool,
     }
     assert arg_types(compose_command("export", []), export.export_onnx)["format"] is str  # by its default
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -13,13 +14,21 @@ import pytest
 import tifffile
 import torch
 from conftest import _save, compose_cfg, make_fake_mvtec_ad2, make_fake_visa
+from omegaconf import OmegaConf
 from PIL import Image
 from references import ref_aupro_from_points, ref_pro_points
 from trained_runs import TINY_TRANSFUSION, unet_run
 
 from mvtec_seg.builders import build_datamodule
 from mvtec_seg.data.mvtec import load_rgb
-from mvtec_seg.data.mvtec_ad2 import SUBMISSION_MAPS, SUBMISSION_MASKS, tiff_bytes
+from mvtec_seg.data.mvtec_ad2 import (
+    SUBMISSION_MAPS,
+    SUBMISSION_MASKS,
+    check_submission,
+    submission_categories,
+    tiff_bytes,
+    write_submission_files,
+)
 from mvtec_seg.errors import UserError
 from mvtec_seg.inference import load_trained, resize_map
 from mvtec_seg.layout_metrics import MVTEC_AD2_RECORD
@@ -139,6 +148,83 @@ def test_submission_folder_is_what_the_server_takes(ad2_run):
         assert row.defect_area_px == int((mask == 255).sum()) and row.path.endswith(
             f"{Path(row.name).name}.png"
         )
+
+
+def test_submission_named_after_the_runs_category(ad2_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ad2_run["run"], run)
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.category.name, cfg.data.layout = "can", "mvtec_ad2"
+    OmegaConf.save(cfg, run / "config.yaml")
+    renamed = tmp_path / "can_copy"
+    shutil.copytree(ad2_run["cat"], renamed)
+    out = tmp_path / "s"
+    done = predict(run, str(renamed), output=out, trainer="cpu", format="mvtec_ad2", check=True)
+    assert [p.name for p in (out / SUBMISSION_MAPS).iterdir()] == ["can"]  # not "can_copy"
+    # checked whole: the seven other categories are missing, twice (maps and masks), and nothing else
+    assert len(done["problems"]) == 14 and all("can" not in p.split(": ")[0] for p in done["problems"])
+    with pytest.raises(UserError, match="check=true checks an MVTec AD 2 submission"):
+        predict(run, str(renamed), output=tmp_path / "v", check=True)
+    other = tmp_path / "fabric"
+    shutil.copytree(ad2_run["cat"], other)
+    with pytest.raises(UserError, match="is MVTec AD 2's fabric, but the run was trained on can"):
+        predict(run, str(other), output=tmp_path / "t", trainer="cpu", format="mvtec_ad2")
+    with pytest.raises(UserError, match="'can_copy' .* is none of them"):  # a run of another layout
+        predict(ad2_run["run"], str(renamed), output=tmp_path / "u", trainer="cpu", format="mvtec_ad2")
+
+
+def _full_submission(tmp_path: Path) -> tuple[Path, Path]:
+    """A submission of all eight categories (2 + 1 images each, 6x8 px) and the private images it is for."""
+    data, out = tmp_path / "data", tmp_path / "submission"
+    for category in submission_categories():
+        for split, n in (("test_private", 2), ("test_private_mixed", 1)):
+            for i in range(n):
+                _save(data / category / split / f"{i:03d}_regular.png", np.zeros((6, 8, 3), np.uint8))
+                amap = np.full((6, 8), 0.25, np.float32)
+                write_submission_files(out, f"{category}/{split}/{i:03d}_regular", amap, amap > 0.5)
+    return out, data
+
+
+def test_submission_check_finds_what_the_server_refuses(tmp_path, capsys):
+    out, data = _full_submission(tmp_path)
+    assert len(submission_categories()) == 8
+    assert check_submission(out, data) == [] and check_submission(out) == []
+    assert main(["check=true", f"output={out}", f"input={data}"]) == 0
+    assert "complete against" in capsys.readouterr().out
+    maps, masks = out / SUBMISSION_MAPS, out / SUBMISSION_MASKS
+    shutil.rmtree(maps / "can" / "test_private_mixed")  # a missing split
+    (maps / "rice" / "test_private" / "001_regular.tiff").unlink()  # a short count
+    tifffile.imwrite(maps / "vial" / "test_private" / "000_regular.tiff", np.zeros((6, 8), np.float32))
+    Image.fromarray(np.full((6, 8), 7, np.uint8)).save(masks / "walnuts" / "test_private" / "000_regular.png")
+    (masks / "fabric" / "test_private" / ".000_regular.png.x1y2.tmp").write_bytes(b"")  # a killed write
+    shutil.rmtree(maps / "sheet_metal")  # a missing category (of the maps)
+    (out / "notes.txt").write_text("x")
+    write_submission_files(
+        out, "wallplugs/test_private/000_regular", np.zeros((5, 8)), np.zeros((5, 8), bool)
+    )
+    problems = check_submission(out, data)
+    expected = [
+        f"{maps / 'can' / 'test_private_mixed'}: missing",
+        f"{maps / 'rice' / 'test_private'}: 1 files, 2 images — missing 001_regular",
+        f"{maps / 'vial' / 'test_private' / '000_regular.tiff'}: float32 [6, 8], the server takes 2-D float16",
+        f"{masks / 'walnuts' / 'test_private' / '000_regular.png'}: holds values [7] besides 0 and 255",
+        f"{masks / 'fabric' / 'test_private' / '.000_regular.png.x1y2.tmp'}: not a .png file of the submission",
+        f"{maps / 'sheet_metal'}: missing",
+        f"{out / 'notes.txt'}: not part of a submission",
+        f"{out}/*/wallplugs/test_private/000_regular: [5, 8] pixels, the image has [6, 8]",
+    ]
+    for start in expected:
+        assert sum(p.startswith(start) for p in problems) == 1, (start, problems)
+    assert len(problems) == len(expected), problems
+    assert all("\n" not in p for p in problems)
+    assert main(["check=true", f"output={out}", f"input={data}"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out.splitlines() == problems and "the server would refuse it" in printed.err
+    # without the images: maps and masks must still agree, file by file
+    assert any(p.startswith("rice/test_private: 1 maps and 2 masks") for p in check_submission(out))
+    assert check_submission(tmp_path / "nowhere") == [
+        f"{tmp_path / 'nowhere'}: not a folder — pass the submission folder (holding anomaly_images/)"
+    ]
 
 
 def test_submission_errors_are_one_line(ad2_run, tmp_path, capsys):

@@ -20,7 +20,15 @@ import numpy as np
 from PIL import Image
 
 from mvtec_seg.config import category_options
-from mvtec_seg.data.mvtec import MaskNotes, Sample, load_mask, open_image, scan_category
+from mvtec_seg.data.mvtec import (
+    MaskNotes,
+    Sample,
+    binarise,
+    load_mask,
+    mask_levels,
+    open_image,
+    scan_category,
+)
 from mvtec_seg.data.mvtec_ad2 import scan_mvtec_ad2
 from mvtec_seg.data.visa import scan_visa
 from mvtec_seg.errors import UserError
@@ -123,3 +131,17 @@ def decode_mask(
     if rule != DEFAULT_MASK_RULE:
         raise ValueError(f"unknown mask rule {rule!r}; known: {sorted(set(MASK_RULES.values()))}")
     return load_mask(path, size, image_size_hw, notes)
+
+
+def decode_mask_native(path: Path, rule: str = DEFAULT_MASK_RULE) -> np.ndarray:
+    """A GT mask by its layout's rule at the mask's own size: uint8 [H, W] in {0, 1} (what a benchmark
+    scoring at the images' resolution compares with)."""
+    if rule == "nonzero":
+        arr = np.asarray(open_image(path))
+        if arr.ndim == 3:
+            arr = arr[..., : 3 if arr.shape[2] >= 3 else 1].any(axis=2)
+        return (arr != 0).astype(np.uint8)
+    if rule != DEFAULT_MASK_RULE:
+        raise ValueError(f"unknown mask rule {rule!r}; known: {sorted(set(MASK_RULES.values()))}")
+    unit, _ = binarise(mask_levels(path))
+    return (unit >= 0.5).astype(np.uint8)

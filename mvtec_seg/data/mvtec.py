@@ -202,6 +202,14 @@ def load_rgb(path: Path, size: int | None) -> np.ndarray:
     return rgb if size is None else resize_rgb(rgb, size)
 
 
+def resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Float [h,w] map -> [H,W], bilinear (a map back at its input image's size)."""
+    amap = np.asarray(amap, dtype=np.float32)
+    if amap.shape == tuple(hw):
+        return amap
+    return np.asarray(Image.fromarray(amap, mode="F").resize((hw[1], hw[0]), Image.BILINEAR))
+
+
 def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
     """uint8 RGB [H,W,3] -> [size,size,3], bilinear: the one resize every model input goes through."""
     if rgb.shape[:2] == (size, size):

@@ -137,3 +137,20 @@ class AnomalyMetrics(Metric):
         pixels = S.PixelSplit(normal, anomalous, 1.0 / S._f64(sizes), int(self.n_regions))
         values = F.image_and_pixel_metrics(img_score, img_label, pixels, self.iou_threshold, self.fpr_limit)
         return {name: self._result(v) for name, v in values.items()}
+
+    def aupro(self, fpr_limit: float, name: str = "pixel_AUPRO") -> float:
+        """AUPRO to another FPR limit from the same kept pixels (MVTec AD 2's 0.05 beside the run's limit),
+        exact as `compute()`; NaN with a warning where undefined."""
+        if _empty(self.image_scores):
+            return F._undefined(name, "no data was passed to update()")
+        states = [
+            dim_zero_cat(s) for s in (self.normal_scores, self.anomalous_scores, self.anomalous_region_sizes)
+        ]
+        if not S._on_device(states[0]):
+            states = [s.cpu().numpy() for s in states]
+        normal, anomalous, sizes = states
+        sp = S.PixelSplit(normal, anomalous, 1.0 / S._f64(sizes), int(self.n_regions))
+        reason = S._pro_undefined_reason(sp.n_regions, sp.n_normal)
+        if reason:
+            return F._undefined(name, reason)
+        return float(S._aupro_split(sp, F._check_fpr_limit(fpr_limit)))

@@ -52,6 +52,11 @@ def seg_f1(preds: ArrayLike, target: ArrayLike, threshold: float) -> float:
     tp = int(np.count_nonzero(pred & t))
     fp = int(np.count_nonzero(pred)) - tp
     fn = int(np.count_nonzero(t)) - tp
+    return seg_f1_counts(tp, fp, fn)
+
+
+def seg_f1_counts(tp: int, fp: int, fn: int) -> float:
+    """SegF1 from pixel counts pooled over the images (summed image by image when streaming)."""
     if 2 * tp + fp + fn == 0:
         return _undefined("SegF1", "no anomalous pixel in the ground truth and none predicted")
     return 2 * tp / (2 * tp + fp + fn)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,14 @@ def markdown(
         + "."
     )
     lines.append(f"Categories: {len(t.categories)}. Cells: {', '.join(cell_label(c) for c in t.cells)}.")
+    at = Counter(r.summary.resolution for r in coll.runs)
+    where = {"model": "at the model's input size (`data.image_size`)", "native": "at each image's own size"}
+    if at:
+        lines.append(
+            "Test metrics computed "
+            + "; ".join(f"{where.get(k, k)}: {n} run{'s' if n != 1 else ''}" for k, n in sorted(at.items()))
+            + " (`evaluation.resolution`)."
+        )
     varying = sorted({k for c in t.cells for k, _ in c[2]})
     if varying:
         lines.append(

@@ -22,6 +22,7 @@ from mvtec_seg.data.sources import SOURCES, needs_teacher
 from mvtec_seg.data.split import PROTOCOLS
 from mvtec_seg.data.synthetic import KINDS
 from mvtec_seg.metrics import MONITORS
+from mvtec_seg.summary import RESOLUTIONS
 
 Flat = Mapping[str, Any]
 ENV_OF: dict[str, str] = {
@@ -200,6 +201,7 @@ RULES: tuple[Rule, ...] = (
         ("evaluation.iou_threshold", (number(0.0, 1.0), "a number between 0 and 1")),
         ("evaluation.fpr_limit", (number(0.0, 1.0, open_lo=True), "a number in (0, 1]")),
         ("evaluation.max_overlays", COUNT),
+        ("evaluation.resolution", choice(*RESOLUTIONS)),
         ("checkpoint.mode", choice("min", "max")),
         ("checkpoint.last_every_s", NON_NEGATIVE),
         ("model.max_epochs", COUNT),

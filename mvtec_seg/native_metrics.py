@@ -1,0 +1,73 @@
+"""`evaluation.resolution=native`: every test metric at each image's own size, against its original mask.
+
+A model sees images resized to `data.image_size`, and by default (`model`) its maps are scored against masks
+resized to that size too: a 10x10 px defect of a 2232x1024 MVTec AD 2 image keeps about 2 pixels at 256 px,
+and smaller ones vanish from the ground truth, and from PRO and F1 with it. Benchmarks (MVTec AD 2's server,
+MVTec AD's own evaluation code) score at the images' resolution: here each test map (`test_predictions.npz`,
+the maps the `model` metrics saw) is upsampled bilinearly to its image's size (`data.mvtec.resize_map`, as
+`predict` writes it) and scored against the mask read from disk at its own size (the layout's mask rule).
+
+Streamed, image by image: only `AnomalyMetrics`' split of the pixels is kept (4 bytes per normal and 8 per
+anomalous native pixel; no map or mask at native size beyond the one in hand), so the peak is about 4.1 bytes
+per test pixel at native size plus one image; the metrics are exact, as at `model` resolution.
+
+MVTec AD 2's extra metrics follow: `pixel_AUPRO_0.05` from the same kept pixels, `SegF1` from pixel counts
+summed per image, at the threshold the run recorded in `mvtec_ad2.json` (chosen on normal images; the one
+`predict format=mvtec_ad2` thresholds the server's masks with).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mvtec_seg.data.layouts import decode_mask_native, mask_rule
+from mvtec_seg.data.mvtec import image_hw, resize_map
+from mvtec_seg.metrics import AnomalyMetrics
+from mvtec_seg.metrics.mvtec_ad2 import AUPRO_FPR_LIMIT, seg_f1_counts
+from mvtec_seg.summary import PREDICTIONS_FILE, RESOLUTIONS
+
+__all__ = ["RESOLUTIONS", "native_test_metrics"]
+
+
+def native_test_metrics(
+    dm,
+    run_dir: Path | str,
+    iou_threshold: float,
+    fpr_limit: float,
+    seg_threshold: float | None = None,
+) -> dict[str, float]:
+    """`{test/<name>: value}` at each test image's own size, from the run's saved test maps (see the module
+    doc); with `data.layout=mvtec_ad2` also `test/pixel_AUPRO_0.05` and, given `seg_threshold`, `test/SegF1`."""
+    rows = dm.manifest["samples"]
+    root = Path(dm.category_dir)
+    rule = mask_rule(getattr(dm, "layout", "mvtec"))
+    metric = AnomalyMetrics(iou_threshold=iou_threshold, fpr_limit=fpr_limit)
+    tp = fp = fn = 0
+    with np.load(Path(run_dir) / PREDICTIONS_FILE) as pred:
+        index, maps, labels = pred["index"], pred["anomaly_map"], pred["gt_label"]
+        for i, amap, label in zip(index.tolist(), maps, labels.tolist(), strict=True):
+            row = rows[i]
+            if row.get("gt_mask"):
+                mask = decode_mask_native(root / row["gt_mask"], rule)
+            else:
+                mask = np.zeros(image_hw(root / row["image"]), dtype=np.uint8)
+            full = resize_map(np.asarray(amap, dtype=np.float32), mask.shape)
+            metric.update(torch.tensor(full)[None], torch.from_numpy(mask)[None], torch.tensor([label]))
+            if seg_threshold is not None and math.isfinite(seg_threshold):
+                hit, gt = full >= seg_threshold, mask.astype(bool)
+                both = int(np.count_nonzero(hit & gt))
+                tp, fp, fn = (
+                    tp + both,
+                    fp + int(np.count_nonzero(hit)) - both,
+                    fn + int(np.count_nonzero(gt)) - both,
+                )
+    values = {f"test/{k}": float(v) for k, v in metric.compute().items()}
+    if getattr(dm, "layout", "mvtec") == "mvtec_ad2":
+        values["test/pixel_AUPRO_0.05"] = metric.aupro(AUPRO_FPR_LIMIT, name="AUPRO_0.05")
+        if seg_threshold is not None:
+            values["test/SegF1"] = seg_f1_counts(tp, fp, fn) if math.isfinite(seg_threshold) else math.nan
+    return values
