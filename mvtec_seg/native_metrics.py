@@ -8,8 +8,10 @@ the maps the `model` metrics saw) is upsampled bilinearly to its image's size (`
 `predict` writes it) and scored against the mask read from disk at its own size (the layout's mask rule).
 
 Streamed, image by image: only `AnomalyMetrics`' split of the pixels is kept (4 bytes per normal and 8 per
-anomalous native pixel; no map or mask at native size beyond the one in hand), so the peak is about 4.1 bytes
-per test pixel at native size plus one image; the metrics are exact, as at `model` resolution.
+anomalous native pixel; no map or mask at native size beyond the one in hand), so memory grows with the
+native test pixels (measured peak about 12 bytes a pixel with the metrics' working copies: `docs/metrics.md`);
+the metrics are exact, as at `model` resolution. `IoU_at_threshold` is counted image by image at the run's
+decision threshold, as `SegF1` is.
 
 MVTec AD 2's extra metrics follow: `pixel_AUPRO_0.05` from the same kept pixels, `SegF1` from pixel counts
 summed per image, at the threshold the run recorded in `mvtec_ad2.json` (chosen on normal images; the one
@@ -28,7 +30,7 @@ from mvtec_seg.data.layouts import decode_mask_native, mask_rule
 from mvtec_seg.data.mvtec import image_hw, resize_map
 from mvtec_seg.metrics import AnomalyMetrics
 from mvtec_seg.metrics.mvtec_ad2 import AUPRO_FPR_LIMIT, seg_f1_counts
-from mvtec_seg.summary import PREDICTIONS_FILE, RESOLUTIONS
+from mvtec_seg.summary import IOU_AT_THRESHOLD, PREDICTIONS_FILE, RESOLUTIONS
 
 __all__ = ["RESOLUTIONS", "native_test_metrics"]
 
@@ -39,6 +41,7 @@ def native_test_metrics(
     iou_threshold: float,
     fpr_limit: float,
     seg_threshold: float | None = None,
+    decision_threshold: float | None = None,
 ) -> dict[str, float]:
     """`{test/<name>: value}` at each test image's own size, from the run's saved test maps (see the module
     doc); with `data.layout=mvtec_ad2` also `test/pixel_AUPRO_0.05` and, given `seg_threshold`, `test/SegF1`."""
@@ -47,6 +50,7 @@ def native_test_metrics(
     rule = mask_rule(getattr(dm, "layout", "mvtec"))
     metric = AnomalyMetrics(iou_threshold=iou_threshold, fpr_limit=fpr_limit)
     tp = fp = fn = 0
+    hits = {"both": 0, "pred": 0, "gt": 0}  # at the decision threshold
     with np.load(Path(run_dir) / PREDICTIONS_FILE) as pred:
         index, maps, labels = pred["index"], pred["anomaly_map"], pred["gt_label"]
         for i, amap, label in zip(index.tolist(), maps, labels.tolist(), strict=True):
@@ -57,6 +61,11 @@ def native_test_metrics(
                 mask = np.zeros(image_hw(root / row["image"]), dtype=np.uint8)
             full = resize_map(np.asarray(amap, dtype=np.float32), mask.shape)
             metric.update(torch.tensor(full)[None], torch.from_numpy(mask)[None], torch.tensor([label]))
+            if decision_threshold is not None and math.isfinite(decision_threshold):
+                pred, gt = full >= decision_threshold, mask.astype(bool)
+                hits["both"] += int(np.count_nonzero(pred & gt))
+                hits["pred"] += int(np.count_nonzero(pred))
+                hits["gt"] += int(np.count_nonzero(gt))
             if seg_threshold is not None and math.isfinite(seg_threshold):
                 hit, gt = full >= seg_threshold, mask.astype(bool)
                 both = int(np.count_nonzero(hit & gt))
@@ -66,6 +75,10 @@ def native_test_metrics(
                     fn + int(np.count_nonzero(gt)) - both,
                 )
     values = {f"test/{k}": float(v) for k, v in metric.compute().items()}
+    if decision_threshold is not None:
+        union = hits["pred"] + hits["gt"] - hits["both"]
+        ok = math.isfinite(decision_threshold) and hits["gt"] > 0
+        values[f"test/{IOU_AT_THRESHOLD}"] = hits["both"] / union if ok else math.nan
     if getattr(dm, "layout", "mvtec") == "mvtec_ad2":
         values["test/pixel_AUPRO_0.05"] = metric.aupro(AUPRO_FPR_LIMIT, name="AUPRO_0.05")
         if seg_threshold is not None:

@@ -486,7 +486,12 @@ def _run(cfg: DictConfig, settings: dict[str, Any], mode: str) -> dict[str, Any]
                         ev = cfg.evaluation
                         out.summary.metrics.update(
                             native_test_metrics(
-                                dm, run_dir, ev.iou_threshold, ev.fpr_limit, recorded_threshold(run_dir)
+                                dm,
+                                run_dir,
+                                ev.iou_threshold,
+                                ev.fpr_limit,
+                                recorded_threshold(run_dir),
+                                out.summary.decision_threshold["value"],
                             )
                         )
                     out.summary.resolution = "native"

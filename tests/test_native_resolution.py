@@ -86,7 +86,9 @@ def _fake_run(
 def test_native_metrics_match_brute_force_on_images_of_different_sizes(tmp_path):
     dm, run, maps, masks = _fake_run(tmp_path, "mvtec_ad2")
     assert [m.shape for m in masks] == SIZES and int(masks[4].sum()) == 6  # the 0/1 mask read as defect
-    got = native_test_metrics(dm, run, iou_threshold=0.5, fpr_limit=0.3, seg_threshold=0.6)
+    got = native_test_metrics(
+        dm, run, iou_threshold=0.5, fpr_limit=0.3, seg_threshold=0.6, decision_threshold=0.55
+    )
     scores = np.concatenate([m.ravel() for m in maps]).astype(np.float64)
     labels = np.concatenate([m.ravel() for m in masks]).astype(bool)
     points = _ref_pro_points(maps, masks)
@@ -100,13 +102,14 @@ def test_native_metrics_match_brute_force_on_images_of_different_sizes(tmp_path)
         "test/IoU": (pred & gt).sum() / (pred | gt).sum(),
         "test/pixel_AUPRO_0.05": ref_aupro_from_points(points, 0.05),
         "test/SegF1": 2 * (seg & gt).sum() / (2 * (seg & gt).sum() + (seg & ~gt).sum() + (~seg & gt).sum()),
+        "test/IoU_at_threshold": ((scores >= 0.55) & gt).sum() / ((scores >= 0.55) | gt).sum(),
     }
     assert set(got) == set(expected)
     for name, value in expected.items():
         assert got[name] == pytest.approx(float(value), abs=1e-9), name
     # not the model-size figures: the masks there are other pixels
     model = native_test_metrics(SimpleNamespace(**{**vars(dm), "layout": "mvtec"}), run, 0.5, 0.3)
-    assert set(model) == set(expected) - {"test/pixel_AUPRO_0.05", "test/SegF1"}
+    assert set(model) == set(expected) - {"test/pixel_AUPRO_0.05", "test/SegF1", "test/IoU_at_threshold"}
 
 
 @pytest.mark.slow
@@ -164,5 +167,7 @@ def test_mvtec_ad2_at_native_resolution_records_its_metrics_so(tmp_path):
         category_dir=tmp_path / "ad2" / "can",
         layout="mvtec_ad2",
     )
-    again = native_test_metrics(dm, run, 0.5, 0.3, record["threshold"])
+    again = native_test_metrics(
+        dm, run, 0.5, 0.3, record["threshold"], summary["decision_threshold"]["value"]
+    )
     assert again == pytest.approx(summary["metrics"], abs=1e-12)
