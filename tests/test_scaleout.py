@@ -73,7 +73,7 @@ def test_wandb_offline_writes_run_files(tmp_path, monkeypatch):
     assert logged.config["data"]["image_size"] == cfg.data.image_size
     assert logged.exit_code == 0
     metrics = {k: v for k, v in summary["metrics"].items() if k.startswith("test/")}
-    assert sorted(metrics) == sorted(f"test/{n}" for n in FIVE_METRICS)
+    assert sorted(metrics) == sorted(f"test/{n}" for n in (*FIVE_METRICS, "IoU_at_threshold"))
     for key, value in metrics.items():
         assert logged.summary[key] == pytest.approx(value, abs=1e-9), key
     assert logged.summary["status"] == "ok" and logged.summary["category"] == "synthetic"
