@@ -26,8 +26,8 @@ class TransFusion(AnomalyModule):
     `anomalies` takes `AnomalyGenerator` arguments plus `kind` ("object": anomalies on the foreground only,
     "texture": anywhere), which the configs fill from the category. `compile`: `torch.compile` the network
     and the loss when training starts (pays only on a GPU). `channels_last`: NHWC weights
-    (`AnomalyModule.use_channels_last`; `+teacher.params.channels_last=true`, off by default: it did not pay
-    on a CPU, `benchmarks/RESULTS.md`).
+    (`AnomalyModule.use_channels_last`; `+teacher.params.channels_last=true`, off by default: on a CPU it
+    speeds up the maps but not the training reliably, `docs/design.md`).
     """
 
     def __init__(
