@@ -333,7 +333,10 @@ def section(rows: list[dict[str, str]]) -> str:
             cells = [_f(_mean([number(c[m]) for c in cases])) for m in COLUMNS]
             extra = [_f(_mean([number(c[k]) for c in cases])) for k in ("mask_IoU", "mask_precision")]
             synth = _f(_mean([number(c["synthetic_val_AUPRO"]) for c in cases]))
-            lines.append(f"| {label[name]} | {len(cases)} | " + " | ".join(cells + extra + [synth]) + " |")
+            earlier = " (earlier protocol)" if not any(r.get("protocol") for r in cases) else ""
+            lines.append(
+                f"| {label[name]}{earlier} | {len(cases)} | " + " | ".join(cells + extra + [synth]) + " |"
+            )
         lines.append("")
     deciding_cats = [c for c in cats if any(r["deciding"] == "True" for r in ok if r["category"] == c)]
     learned = [c for c in deciding_cats if c not in unlearned]
