@@ -132,14 +132,6 @@ def _variants(cfg: DictConfig, case: DictConfig) -> list[str]:
     return [n for n in selected(cfg, "variants", cfg.variants) if n in names]
 
 
-def _default_precision(gpu: bool) -> str:
-    if gpu:
-        return "bf16-mixed"
-    from mvtec_seg.precision import cpu_precision
-
-    return cpu_precision()
-
-
 def _measure(cfg: DictConfig, case: DictConfig, variant: str, tmp: Path, gpu: bool, emulated: bool):
     """One measurement of a case under a variant: (its composed config, steps, epochs, figures)."""
     steps, epochs = int(case.get("steps", cfg.steps)), int(case.get("epochs", cfg.epochs))
@@ -173,6 +165,8 @@ def run(cfg: DictConfig, runs: Path, cache: Path, emit: Callable[[dict], None]) 
     gpu = torch.cuda.is_available()
     emulated = not gpu and not native_bf16()
     rounds = 1 if cfg.get("tiny") else int(cfg.get("rounds", 1))
+    # the precision a run takes on this device when nothing is set: the trainer config's, as composed here
+    default = str(compose_config(list(cfg.gpu_overrides if gpu else cfg.cpu_overrides)).trainer.precision)
     for name in selected(cfg, "cases", cfg.cases):
         case = cfg.cases[name]
         if case.get("gpu_only") and not gpu:
@@ -210,7 +204,7 @@ def run(cfg: DictConfig, runs: Path, cache: Path, emit: Callable[[dict], None]) 
                 "image_size": int(run_cfg.data.image_size),
                 "precision": precision,
                 "channels_last": channels_last,
-                "default": precision == _default_precision(gpu) and not channels_last,
+                "default": precision == default and not channels_last,
                 "bf16": "native" if gpu or native_bf16() else "emulated",
                 "steps_per_epoch": m["steps"],
                 "epochs": m["epochs"],

@@ -78,3 +78,15 @@ def recorded_threshold(run_dir: Path | str | None) -> float | None:
     except (OSError, ValueError, AttributeError):
         return None
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def rewrite_record(run_dir: Path | str, metrics: dict[str, float], resolution: str) -> None:
+    """Make `mvtec_ad2.json` (when the run wrote one) hold the metrics `summary.json` holds, and the
+    resolution they were computed at (`evaluation.resolution`)."""
+    path = Path(run_dir) / MVTEC_AD2_RECORD
+    if not path.is_file():
+        return
+    record = json.loads(path.read_text())
+    record["metrics"] = {k: (metrics[k] if math.isfinite(metrics[k]) else None) for k in record["metrics"]}
+    record["resolution"] = resolution
+    atomic_write_json(path, record)

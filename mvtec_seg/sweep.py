@@ -200,7 +200,7 @@ class RunFolderGuard(Callback):
         from hydra.core.hydra_config import HydraConfig
 
         from mvtec_seg.settings import resolved_settings
-        from mvtec_seg.train import preflight
+        from mvtec_seg.train import RUN_FOLDER_IN_USE, preflight
 
         HydraConfig.instance().set_config(config)  # `${hydra:...}` in the run folder's name resolves
         try:
@@ -211,11 +211,8 @@ class RunFolderGuard(Callback):
         preflight(_task_config(config, run_dir))
         if launched_child():  # rank 1+ of a distributed job: rank 0 holds the folder for it
             return
-        hold_folder(  # before Hydra writes into it; `train` takes it again, the process keeps it
-            run_dir,
-            f"run folder {run_dir}",
-            "wait for that job to end (or stop it), or choose another hydra.run.dir (paths.run_dir)",
-        )
+        # before Hydra writes into it; `train` takes it again, the process keeps it
+        hold_folder(run_dir, f"run folder {run_dir}", RUN_FOLDER_IN_USE)
 
     @staticmethod
     def _check_sweep(config: DictConfig) -> None:

@@ -19,7 +19,6 @@ import contextlib
 import importlib
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +55,8 @@ from mvtec_seg.identity import (
 )
 from mvtec_seg.inference import SEGMENTER_CLASS, TRANSFUSION_CLASS, choose_threshold, iou_at_decision
 from mvtec_seg.interrupt import Interrupted, stage
-from mvtec_seg.io_utils import atomic_write_json, folder_lock
-from mvtec_seg.layout_metrics import MVTEC_AD2_RECORD, layout_test_metrics, recorded_threshold
+from mvtec_seg.io_utils import folder_lock
+from mvtec_seg.layout_metrics import layout_test_metrics, recorded_threshold, rewrite_record
 from mvtec_seg.loggers import run_loggers
 from mvtec_seg.models.base import AnomalyModule, parameter_count
 from mvtec_seg.models.segmenter.loss import SegmentationLoss
@@ -359,14 +358,14 @@ def preflight(cfg: DictConfig) -> tuple[dict[str, Any], str]:
     return settings, mode
 
 
+RUN_FOLDER_IN_USE = "wait for that job to end (or stop it), or choose another hydra.run.dir (paths.run_dir)"
+"""What to do when another process holds a run folder (the train lock and the sweep guard say the same)."""
+
+
 def run_folder_lock(run_dir: Path | str) -> contextlib.AbstractContextManager:
     """The lock a job holds on its run folder while it runs: a second job on the folder (new or
     `resume=true`) stops with one line naming the process and host that hold it."""
-    return folder_lock(
-        run_dir,
-        f"run folder {run_dir}",
-        "wait for that job to end (or stop it), or choose another hydra.run.dir (paths.run_dir)",
-    )
+    return folder_lock(run_dir, f"run folder {run_dir}", RUN_FOLDER_IN_USE)
 
 
 def _dry_run(cfg: DictConfig, out: RunOutputs) -> None:
@@ -414,17 +413,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with run_folder_lock(settings["paths.run_dir"]), pixel_limit(settings.get("data.max_image_pixels")):
         mode = start_mode(settings)  # again under the lock: a job that held it may have finished the run
         return _run(cfg, settings, mode)
-
-
-def _native_record(run_dir: Path, metrics: dict[str, float]) -> None:
-    """`mvtec_ad2.json` holds the metrics `summary.json` holds: at native resolution when the run scores so."""
-    path = run_dir / MVTEC_AD2_RECORD
-    if not path.is_file():
-        return
-    record = json.loads(path.read_text())
-    record["metrics"] = {k: (metrics[k] if math.isfinite(metrics[k]) else None) for k in record["metrics"]}
-    record["resolution"] = "native"
-    atomic_write_json(path, record)
 
 
 def _run(cfg: DictConfig, settings: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -495,7 +483,7 @@ def _run(cfg: DictConfig, settings: dict[str, Any], mode: str) -> dict[str, Any]
                             )
                         )
                     out.summary.resolution = "native"
-                    _native_record(run_dir, out.summary.metrics)
+                    rewrite_record(run_dir, out.summary.metrics, "native")
             test_s = parts.throughput.test_s
             out.summary.time["test_s"] = test_s
             if parts.artefacts.n_images and test_s:
