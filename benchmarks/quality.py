@@ -30,7 +30,7 @@ from mvtec_seg.metrics import METRIC_NAMES
 from mvtec_seg.summary import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
-KEY = ("category", "row", "seed")
+KEY = ("category", "row", "seed", "image_size")
 NOT_IN_DIGEST = (
     "paths",
     "logger",
@@ -189,6 +189,7 @@ def run_case(cfg: DictConfig, category: str, row: str, seed: int, runs: Path, ca
         "row": row,
         "label": cfg.rows[row].get("label", row),
         "seed": seed,
+        "image_size": int(run_cfg.data.image_size),
         "model": run_cfg.model.name,
         "mask": cfg.rows[row].get("mask", "none"),
         "config_digest": key,
