@@ -213,3 +213,71 @@ def test_every_setting_offered_in_prose_passes_the_check(tmp_path, where: str, o
             check_config(cfg)
     else:
         check_config(cfg)
+
+
+OFFERED_IN_COMMENT = re.compile(r"^(\s*)([a-z_]+):\s*([^#\s]*)\s*#\s*(.*)$")
+VALUE = re.compile(r"^[A-Za-z0-9_./-]+$")
+NOT_A_VALUE = {"a", "an", "the", "one"}
+NEEDS_DATA = {"data.layout"}  # a layout reads the folder's files: its values are checked in test_layouts.py
+
+
+def _offered_in_comments() -> list[tuple[str, str]]:
+    """(where, key=value) of every value a conf comment offers for its setting: the alternatives of
+    `key: value  # a | b (why) | c: ...` and the `e.g. X` of `key: null  # e.g. 128`."""
+    found = []
+    for path in sorted((ROOT / "mvtec_seg" / "conf").glob("*.yaml")) + sorted(
+        (ROOT / "mvtec_seg" / "conf").glob("[mt]*/*.yaml")
+    ):
+        group = path.parent.name if path.parent.name in ("mask", "teacher", "model") else ""
+        parents: list[tuple[int, str]] = []
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            bare = re.match(r"^(\s*)([a-z_]+):\s*(#.*)?$", line)
+            m = OFFERED_IN_COMMENT.match(line)
+            if bare:  # a node: the parent of the settings indented under it
+                indent = len(bare.group(1))
+                parents = [p for p in parents if p[0] < indent] + [(indent, bare.group(2))]
+            if not m or not m.group(3):
+                continue
+            indent, key, _, comment = len(m.group(1)), m.group(2), m.group(3), m.group(4)
+            parents = [p for p in parents if p[0] < indent]
+            dotted = ".".join([*([group] if group else []), *(p[1] for p in parents), key])
+            if dotted.startswith("teacher.") and "teacher" in dotted[8:]:
+                continue
+            offered: list[str] = []
+            if key == "monitor":  # the metrics named in the comment and its continuation lines
+                follow = [ln for ln in lines[i + 1 : i + 3] if ln.strip().startswith("#")]
+                offered = re.findall(r"val/\w+", " ".join([comment, *follow]))
+            elif "|" in comment:
+                offered = [seg.strip().split(" ")[0].rstrip(":") for seg in comment.split("|")]
+            elif comment.startswith("e.g. "):
+                offered = [comment[5:].split(" ")[0].rstrip(":,;")]
+            for value in offered:
+                if VALUE.match(value) and value not in NOT_A_VALUE and dotted not in NEEDS_DATA:
+                    found.append((f"{path.relative_to(ROOT)}: {dotted}={value}", f"{dotted}={value}"))
+    return sorted(set(found))
+
+
+OFFERED_IN_COMMENTS = _offered_in_comments()
+
+
+def test_the_conf_comments_offer_values() -> None:
+    """The reader of the comment parser: it finds the alternatives the mask and data settings offer."""
+    offered = {o for _, o in OFFERED_IN_COMMENTS}
+    assert {
+        "mask.threshold.strategy=otsu",
+        "mask.gate.strategy=separation",
+        "mask.target=soft",
+        "evaluation.resolution=native",
+        "data.train_crop=128",
+        "mask.monitor=val/synthetic_pixel_AUPRO",
+    } <= offered
+
+
+@pytest.mark.parametrize(("where", "override"), OFFERED_IN_COMMENTS, ids=[w for w, _ in OFFERED_IN_COMMENTS])
+def test_every_value_a_conf_comment_offers_passes_the_check(tmp_path, where: str, override: str) -> None:
+    """A value a config file's comment offers is one a user will type: it passes the settings check (with
+    mask=pseudo and TransFusion in use, where every mask and teacher setting applies)."""
+    from mvtec_seg.train import check_config
+
+    check_config(compose_cfg(tmp_path, ["mask=pseudo", override, *NEEDS.get(override, [])]))
