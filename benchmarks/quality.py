@@ -27,6 +27,7 @@ from mvtec_seg.config import compose_config
 from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import content_key
 from mvtec_seg.metrics import METRIC_NAMES
+from mvtec_seg.metrics.reference import REFERENCE_FLOOR, unlearned
 from mvtec_seg.summary import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
@@ -274,10 +275,6 @@ def _f(v: float, digits: int = 3) -> str:
 
 
 COLUMNS = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")
-REFERENCE_FLOOR = {"image_AUROC": 0.8, "pixel_AUPRO": 0.6}
-"""The reference is learned in a category when U-Net GT (the `gt` row, mean over seeds) reaches every floor:
-image AUROC >= 0.8 and AUPRO >= 0.6. Elsewhere the category is marked, and left out of the deciding mean and
-of every PSEUDO / GT ratio (a ratio to a reference that failed says nothing about PSEUDO)."""
 EARLIER_PROTOCOL = (
     "Rows without a `protocol` value in the CSV were measured under the earlier protocol (image labels: the "
     "pseudo-mask chain treated every normal image as known, and the teacher trained on every normal image of "
@@ -296,13 +293,9 @@ def unlearned_reference(ok: list[dict], cats: list[str]) -> dict[str, str]:
         ]
         if not gt:
             continue
-        low = [
-            f"{m} {_f(v)}"
-            for m, floor in REFERENCE_FLOOR.items()
-            if math.isfinite(v := _mean([number(r[m]) for r in gt])) and v < floor
-        ]
+        low = unlearned({m: _mean([number(r[m]) for r in gt]) for m in REFERENCE_FLOOR})
         if low:
-            out[cat] = ", ".join(low)
+            out[cat] = low
     return out
 
 
@@ -319,12 +312,12 @@ def section(rows: list[dict[str, str]]) -> str:
     for r in ok:
         by.setdefault((r["category"], r["row"]), []).append(r)
     header = "| row | seeds | " + " | ".join(COLUMNS) + " | mask IoU | mask precision | synthetic-val AUPRO |"
-    unlearned = unlearned_reference(ok, cats)
+    not_learned = unlearned_reference(ok, cats)
     if any(not r.get("protocol") for r in ok):
         lines += [EARLIER_PROTOCOL, ""]
     for cat in cats:
         deciding = any(r["deciding"] == "True" for r in ok if r["category"] == cat)
-        mark = f" (reference not learned: U-Net GT {unlearned[cat]})" if cat in unlearned else ""
+        mark = f" (reference not learned: U-Net GT {not_learned[cat]})" if cat in not_learned else ""
         lines += [f"### {cat}" + ("" if deciding else " (reported, not deciding)") + mark, "", header]
         lines.append("|" + "---|" * (len(COLUMNS) + 5))
         for name in names:
@@ -340,9 +333,9 @@ def section(rows: list[dict[str, str]]) -> str:
             )
         lines.append("")
     deciding_cats = [c for c in cats if any(r["deciding"] == "True" for r in ok if r["category"] == c)]
-    learned = [c for c in deciding_cats if c not in unlearned]
+    learned = [c for c in deciding_cats if c not in not_learned]
     if deciding_cats:
-        left_out = [c for c in deciding_cats if c in unlearned]
+        left_out = [c for c in deciding_cats if c in not_learned]
         if left_out:
             floors = " and ".join(f"{m} >= {v}" for m, v in REFERENCE_FLOOR.items())
             lines += [
@@ -352,7 +345,7 @@ def section(rows: list[dict[str, str]]) -> str:
             ]
         if learned:
             lines += _deciding_mean(learned, names, label, by)
-        lines += _against_teacher_and_gt(ok, deciding_cats, names, label, by, set(unlearned))
+        lines += _against_teacher_and_gt(ok, deciding_cats, names, label, by, set(not_learned))
     lines += _rank_correlation(ok)
     lines += ["#### Resolved mask settings of each row", ""]
     for name in names:
@@ -389,11 +382,11 @@ def _against_teacher_and_gt(
     names: list[str],
     label: dict,
     by: dict,
-    unlearned: set[str] = frozenset(),  # type: ignore[assignment]
+    not_learned: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> list[str]:
     """Each PSEUDO row against its teacher (AUPRO and pixel AP, PSEUDO - TransFusion) and against U-Net GT
-    (AUPRO as a fraction of GT's) per deciding category: the question the suite answers, row by row. In an
-    `unlearned` category the ratio is left out (`–`): its reference failed."""
+    (AUPRO as a fraction of GT's) per deciding category: the question the suite answers, row by row. In a
+    `not_learned` category the ratio is left out (`–`): its reference failed."""
     kind = {r["row"]: ("teacher" if r["model"] == "transfusion" else r["mask"]) for r in ok}
     teacher = next((n for n in names if kind[n] == "teacher"), None)
     gt = next((n for n in names if kind[n] == "gt"), None)
@@ -416,7 +409,7 @@ def _against_teacher_and_gt(
             cells += [
                 f"{aupro - _seed_mean(by, c, teacher, 'pixel_AUPRO'):+.3f}",
                 f"{_seed_mean(by, c, name, 'pixel_AP') - _seed_mean(by, c, teacher, 'pixel_AP'):+.3f}",
-                _f(aupro / gt_aupro if gt_aupro > 0 and c not in unlearned else math.nan, 2),
+                _f(aupro / gt_aupro if gt_aupro > 0 and c not in not_learned else math.nan, 2),
             ]
         lines.append(f"| {label[name]} | " + " | ".join(cells) + " |")
     return [*lines, ""]

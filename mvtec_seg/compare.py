@@ -24,6 +24,7 @@ from mvtec_seg.cli import run_command
 from mvtec_seg.config import compose_config
 from mvtec_seg.errors import UserError
 from mvtec_seg.metrics import METRIC_NAMES
+from mvtec_seg.metrics.reference import REFERENCE_FLOOR, unlearned
 from mvtec_seg.report.build import build_report
 from mvtec_seg.summary import IOU_AT_THRESHOLD
 from mvtec_seg.train import check_config, train
@@ -80,6 +81,12 @@ def headline(summaries: dict[str, dict]) -> str:
             if a and b:
                 diff = [value(a, m) - value(b, m) for m in HEADLINE_METRICS]
                 lines.append(row(f"{model}: {label}", diff, signed=True))
+        gt = by.get((model, "GT"))
+        why = unlearned({m: value(gt, m) for m in REFERENCE_FLOOR}) if gt else ""
+        if why:
+            lines.append(
+                f"{model}: GT is not learned here ({why}): PSEUDO - GT says nothing about the pseudo masks"
+            )
     return "\n".join(lines)
 
 

@@ -67,3 +67,16 @@ def test_a_typo_in_any_job_stops_before_any_training(tmp_path: Path, capsys) -> 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "mask.threshold.strategy" in err and "\n" not in err
     assert not (tmp_path / "cmp" / "unet_gt").exists()  # the first job never started
+
+
+def test_the_headline_says_when_gt_is_no_reference() -> None:
+    """A PSEUDO - GT row beside a GT job that was not learned (image AUROC 0.6 < 0.8) is flagged in one line;
+    a learned GT is not."""
+
+    def job(mask: str, image_auroc: float) -> dict:
+        metrics = {"test/image_AUROC": image_auroc, "test/pixel_AUPRO": 0.7}
+        return {"model": "unet", "mask": mask, "mask_variant": mask.upper(), "metrics": metrics}
+
+    flagged = headline({"unet_gt": job("gt", 0.6), "unet_pseudo": job("pseudo", 0.7)})
+    assert "unet: GT is not learned here (image_AUROC 0.600 < 0.8)" in flagged
+    assert "not learned" not in headline({"unet_gt": job("gt", 0.9), "unet_pseudo": job("pseudo", 0.7)})

@@ -125,8 +125,11 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     summaries: dict[tuple[str, str, str, int], dict[str, Any]] = {}
 
-    def metrics() -> dict[str, float | None]:
-        return {k: float(np.round(rng.uniform(0.2, 0.95), 6)) for k in METRIC_KEYS}
+    def metrics(mask: str) -> dict[str, float | None]:
+        m = {k: float(np.round(rng.uniform(0.2, 0.95), 6)) for k in METRIC_KEYS}
+        if mask == "gt":  # a learned reference (metrics.reference): its gaps count in the mean
+            m |= {k: float(np.round(rng.uniform(0.8, 0.95), 6)) for k in ("image_AUROC", "pixel_AUPRO")}
+        return m
 
     for category in ("alpha", "beta"):
         cat_dir = make_fake_mvtec(data, category, n_train=2, n_good=2, defects={"scratch": 3, "hole": 2})
@@ -140,7 +143,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         if category == "alpha":
             cells += [("unet", "gt", 1), ("deeplab", "gt", 0)]
         for model, mask, seed in cells:
-            m = metrics()
+            m = metrics(mask)
             if (category, model, mask) == ("alpha", "deeplab", "gt"):
                 m["pixel_AP"] = None  # undefined metric -> null in summary.json
             # one image missing from one run: the grid must only use images that every run has
@@ -150,7 +153,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             )
         if category == "beta":
             # deeplab/gt is missing for beta: its only run failed (its numbers must be ignored)
-            _run(root, manifest, category, "deeplab", "gt", 0, metrics(), status="failed")
+            _run(root, manifest, category, "deeplab", "gt", 0, metrics("gt"), status="failed")
     shutil.rmtree(data / "beta")  # beta's images are gone: grey placeholders, said in the markdown
     result = report.build_report(root / "runs")
     with open(result["report_csv"], newline="") as fh:
@@ -246,6 +249,40 @@ def test_gap_is_pseudo_minus_gt(sweep: dict[str, Any]) -> None:
     assert _f(rows["alpha"]["gap/deeplab/pixel_AUPRO"]) == pytest.approx(d_ps - d_gt, abs=1e-12)
     assert rows["alpha"]["gap/deeplab/pixel_AP"] == ""  # gt's AP is undefined
     assert rows["beta"]["gap/deeplab/pixel_AUPRO"] == ""  # gt run missing
+
+
+def test_a_gap_to_an_unlearned_gt_is_marked_and_left_out_of_the_mean(tmp_path: Path) -> None:
+    """Where U-Net GT misses the reference floor (image AUROC 0.6 < 0.8), PSEUDO - GT is shown with a mark,
+    the reason is said, and the mean gap is that of the other category alone; each run's decision threshold
+    is tabulated with its rule."""
+    aupro = {("gamma", "gt"): 0.8, ("gamma", "pseudo"): 0.5, ("delta", "gt"): 0.8, ("delta", "pseudo"): 0.7}
+    for cat, gt_auroc in (("gamma", 0.6), ("delta", 0.9)):
+        cat_dir = make_fake_mvtec(tmp_path / "data", cat, n_train=2, n_good=2, defects={"scratch": 3})
+        manifest = _manifest(tmp_path, cat_dir)
+        for mask in ("gt", "pseudo"):
+            m = {"image_AUROC": gt_auroc if mask == "gt" else 0.9, "pixel_AUROC": 0.9, "pixel_AP": 0.5}
+            run = _run(
+                tmp_path, manifest, cat, "unet", mask, 0, m | {"pixel_AUPRO": aupro[(cat, mask)], "IoU": 0.3}
+            )
+            summary_path = Path(run["run_dir"]) / "summary.json"
+            record = {
+                "value": 0.25 if mask == "gt" else 0.75,
+                "rule": "max pixel F1 on the val part",
+                "targets": mask,
+            }
+            summary_path.write_text(json.dumps(run | {"decision_threshold": record}))
+    result = report.build_report(tmp_path / "runs")
+    with open(result["report_csv"], newline="") as fh:
+        rows = {r["category"]: r for r in csv.DictReader(fh)}
+    assert _f(rows["gamma"]["gap/unet/pixel_AUPRO"]) == pytest.approx(-0.3)
+    assert _f(rows["mean"]["gap/unet/pixel_AUPRO"]) == pytest.approx(-0.1)  # delta's alone
+    md = result["report_md"].read_text()
+    gamma = next(line for line in md.splitlines() if line.startswith("| gamma |") and "-0.300" in line)
+    assert "-0.300†" in gamma
+    assert "gamma / unet: image_AUROC 0.600 < 0.8" in md and "delta / unet" not in md
+    table = md[md.index("Decision threshold of each run") :]
+    assert "| delta | 0.2500 | 0.7500 |" in table
+    assert "max pixel F1 on the val part, against pseudo" in table
 
 
 def test_pseudo_quality_and_column_order(sweep: dict[str, Any]) -> None:

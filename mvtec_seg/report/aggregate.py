@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from mvtec_seg.metrics.reference import REFERENCE_FLOOR, unlearned
 from mvtec_seg.report.collect import COST_KEYS, REPORT_METRICS, Cell, Run
 from mvtec_seg.summary import number
 
@@ -108,6 +109,8 @@ class Table:
     quality: dict[tuple[str, str], Stat]  # (category, "threshold" | IoU | precision | recall)
     strategy: dict[str, str]
     runs: dict[tuple[str, Cell], list[Run]]
+    decision: dict[tuple[str, Cell], Stat] = field(default_factory=dict)  # the runs' decision thresholds
+    decision_rule: dict[Cell, str] = field(default_factory=dict)  # how they were chosen, on which targets
 
     def get(self, category: str, cell: Cell, metric: str) -> Stat | None:
         return self.metric.get((category, cell, metric))
@@ -130,6 +133,11 @@ class Table:
             return None
         return ps.mean - gt.mean
 
+    def unlearned_reference(self, category: str, pair: GapPair) -> str:
+        """Why the pair's GT cell is no reference in `category` (`metrics.reference`); empty when it is."""
+        stats = {m: self.get(category, pair[0], m) for m in REFERENCE_FLOOR}
+        return unlearned({m: s.mean if s is not None and s.defined else None for m, s in stats.items()})
+
     def mean_metric(self, cell: Cell, metric: str) -> Stat | None:
         return _mean_of(self.get(c, cell, metric) for c in self.categories)
 
@@ -137,7 +145,16 @@ class Table:
         return _mean_of(self.cost.get((c, cell, key)) for c in self.categories)
 
     def mean_gap(self, pair: GapPair | str, metric: str) -> Stat | None:
-        gaps = [g for c in self.categories if (g := self.gap(c, pair, metric)) is not None]
+        """The mean over the categories where GT is a reference (`unlearned_reference`)."""
+        if isinstance(pair, str):
+            pair = next((p for p in self.gap_pairs if gap_name(p) == pair), None)  # type: ignore[assignment]
+            if pair is None:
+                return None
+        gaps = [
+            g
+            for c in self.categories
+            if not self.unlearned_reference(c, pair) and (g := self.gap(c, pair, metric)) is not None
+        ]
         return _stat(gaps) if gaps else None
 
     def mean_quality(self, key: str) -> Stat | None:
@@ -182,4 +199,24 @@ def aggregate(runs: Sequence[Run]) -> Table:
         for p in cells
         if g[1] == "gt" and p[1] == "pseudo" and p[0] == g[0] and compatible(g, p)
     ]
-    return Table(categories, cells, gap_pairs, metric, cost, params, quality, strategy, groups)
+    decision = {
+        (cat, cell): _stat([number((r.summary.decision_threshold or {}).get("value")) for r in group])
+        for (cat, cell), group in groups.items()
+    }
+    decision_rule = {
+        cell: "; ".join(
+            sorted(
+                {
+                    f"{d.get('rule')}, against {d.get('targets')}"
+                    for (_, c), group in groups.items()
+                    if c == cell
+                    for r in group
+                    if (d := r.summary.decision_threshold or {}).get("rule")
+                }
+            )
+        )
+        for cell in cells
+    }
+    return Table(
+        categories, cells, gap_pairs, metric, cost, params, quality, strategy, groups, decision, decision_rule
+    )

@@ -19,8 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mvtec_seg.metrics.reference import REFERENCE_FLOOR
 from mvtec_seg.report.aggregate import QUALITY_KEYS, Stat, Table
 from mvtec_seg.report.collect import COST_KEYS, REPORT_METRICS, Cell, Collected
+from mvtec_seg.summary import IOU_AT_THRESHOLD
 
 GAP_MD_METRICS: tuple[str, ...] = ("pixel_AUPRO", "pixel_AP", "IoU")  # the CSV has the gap of all five
 COST_LABELS: dict[str, str] = {
@@ -164,6 +166,28 @@ def _metric_table(t: Table, m: str) -> list[str]:
     return _md_table(header, rows)
 
 
+NOT_A_REFERENCE = "†"
+"""Marks a gap whose GT cell is no reference in its category (`metrics.reference`): left out of the mean."""
+
+
+def _decision_table(t: Table) -> list[str]:
+    """The decision threshold each cell's runs used for IoU@thr (mean ± std over seeds), and its rule."""
+    if not any(s.defined for s in t.decision.values()):
+        return []
+    header = ["category", *[cell_label(c) for c in t.cells]]
+    rows = [[cat, *[_fmt(t.decision.get((cat, c)), digits=4) for c in t.cells]] for cat in t.categories]
+    rules = [f"- {cell_label(c)}: {t.decision_rule[c]}" for c in t.cells if t.decision_rule.get(c)]
+    return [
+        "Decision threshold of each run (IoU@thr counts `map >= threshold`; chosen on the val part, never the "
+        "test part):",
+        "",
+        *_md_table(header, rows),
+        "",
+        *rules,
+        "",
+    ]
+
+
 def _gap_table(t: Table) -> list[str]:
     header = ["category"]
     for model in t.gap_models:
@@ -171,16 +195,35 @@ def _gap_table(t: Table) -> list[str]:
     rows = []
     for cat in t.categories:
         row = [cat]
-        for model in t.gap_models:
+        for pair, model in zip(t.gap_pairs, t.gap_models, strict=True):
+            mark = NOT_A_REFERENCE if t.unlearned_reference(cat, pair) else ""
             for m in GAP_MD_METRICS:
                 g = t.gap(cat, model, m)
-                row.append(GAP if g is None else f"{g:+.3f}")
+                row.append(GAP if g is None else f"{g:+.3f}{mark}")
         rows.append(row)
     mean_row = ["**mean**"]
     for model in t.gap_models:
         mean_row += [_fmt(t.mean_gap(model, m), signed=True, mean_row=True) for m in GAP_MD_METRICS]
     rows.append(mean_row)
     return _md_table(header, rows)
+
+
+def _unlearned_note(t: Table) -> list[str]:
+    """One line per (category, model) whose GT cell is no reference, saying why."""
+    found = [
+        f"{cat} / {model}: {why}"
+        for cat in t.categories
+        for pair, model in zip(t.gap_pairs, t.gap_models, strict=True)
+        if (why := t.unlearned_reference(cat, pair))
+    ]
+    if not found:
+        return []
+    floors = " and ".join(f"{m} >= {v}" for m, v in REFERENCE_FLOOR.items())
+    return [
+        f"{NOT_A_REFERENCE} GT is not learned there (its cell misses {floors}), so the difference says nothing "
+        "about the pseudo masks; left out of the mean: " + "; ".join(found) + ".",
+        "",
+    ]
 
 
 def _quality_table(t: Table) -> list[str]:
@@ -296,6 +339,8 @@ def markdown(
         lines += [f"### {REPORT_METRICS[m]}", "", *_metric_table(t, m), ""]
         if m in plots:
             lines += [f"![{REPORT_METRICS[m]} per category]({link(plots[m])})", ""]
+        if m == IOU_AT_THRESHOLD:
+            lines += _decision_table(t)
     if _uses_undefined(t):
         lines += [
             f"{UNDEFINED} The run exists but the metric was undefined (NaN, `null` in summary.json; e.g. no "
@@ -311,6 +356,7 @@ def markdown(
             "",
             *_gap_table(t),
             "",
+            *_unlearned_note(t),
         ]
     else:
         lines += ["No segmenter has both a `gt` and a `pseudo` run.", ""]
