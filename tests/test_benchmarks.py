@@ -214,8 +214,8 @@ def test_quality_section_leaves_out_a_category_whose_reference_is_not_learned() 
     ]
     assert set(quality.unlearned_reference(rows, ["a", "b", "c"])) == {"b", "c"}
     lines = quality.section(rows).splitlines()
-    assert "### b (reference not learned: U-Net GT pixel_AUPRO 0.500)" in lines
-    assert "### c (reference not learned: U-Net GT image_AUROC 0.700)" in lines
+    assert "### b (reference not learned: U-Net GT pixel_AUPRO 0.500 < 0.6)" in lines
+    assert "### c (reference not learned: U-Net GT image_AUROC 0.700 < 0.8)" in lines
     assert "| ps | +0.300 | +0.000 | 0.75 | +0.100 | +0.000 | – | -0.100 | +0.000 | – |" in lines
     mean = lines[lines.index(next(x for x in lines if x.startswith("### Mean over"))) :]
     assert mean[0].startswith("### Mean over a ") and "| ps | 0.900 | 0.500 | 0.100 | 0.600 | 0.000 |" in mean
