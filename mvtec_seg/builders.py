@@ -22,7 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from mvtec_seg.callbacks import EpochProgress, ResumeCheckpoint, RngState, Throughput
 from mvtec_seg.data.datamodule import MVTecDataModule
-from mvtec_seg.data.layouts import CATEGORIES, DATASET_NAMES, DEFAULT_LAYOUT, check_layout
+from mvtec_seg.data.layouts import (
+    CATEGORIES,
+    DATASET_NAMES,
+    DEFAULT_LAYOUT,
+    check_layout,
+    official_train_has_defects,
+)
+from mvtec_seg.data.visa import DEFAULT_VISA_SPLIT, VISA_SPLITS
 from mvtec_seg.errors import UserError
 from mvtec_seg.interrupt import stage
 from mvtec_seg.models.base import AnomalyModule
@@ -66,11 +73,15 @@ def build_datamodule(
     d = cfg.data
     protocol = d.get("protocol", "split")
     data_layout = layout(cfg)
-    if protocol == "official" and train_subset == "all" and cfg.model.get("source") == "fit":
+    visa_split = str(d.get("visa_split", DEFAULT_VISA_SPLIT))
+    segmenter = train_subset == "all" and cfg.model.get("source") == "fit"
+    if protocol == "official" and segmenter and not official_train_has_defects(data_layout, visa_split):
+        labelled = [s for s, has in VISA_SPLITS.items() if has]
+        also = f"; for VisA, data.visa_split={' or '.join(labelled)}" if data_layout == "visa" else ""
         raise UserError(
             f"data.protocol=official: the train part holds normal images only, so model={cfg.model.name} with "
             f"mask={cfg.mask.name} would have no defective training images (and no defective val image) — "
-            "use data.protocol=split for segmenters; the official protocol is for model=transfusion"
+            f"use data.protocol=split for segmenters{also}; the official protocol is for model=transfusion"
         )
     return MVTecDataModule(
         category_dir=category_dir(cfg),
@@ -90,6 +101,7 @@ def build_datamodule(
         shard_evaluation=not cfg.trainer.get("use_distributed_sampler", True),
         protocol=protocol,
         layout=data_layout,
+        visa_split=visa_split,
     )
 
 

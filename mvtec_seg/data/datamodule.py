@@ -13,6 +13,7 @@ from mvtec_seg.data.cache import decoded_arrays, decoding_key, manifest_files
 from mvtec_seg.data.files import data_record, file_state
 from mvtec_seg.data.sources import known_normal_rows
 from mvtec_seg.data.split import load_or_create_manifest, part_counts
+from mvtec_seg.data.visa import DEFAULT_VISA_SPLIT
 
 TRAIN_SUBSETS: tuple[str, ...] = ("all", "known_normal")
 
@@ -160,6 +161,7 @@ class MVTecDataModule(pl.LightningDataModule):
         shard_evaluation: bool = False,
         protocol: str = "split",
         layout: str = "mvtec",
+        visa_split: str = DEFAULT_VISA_SPLIT,
     ) -> None:
         super().__init__()
         self.category_dir, self.cache_dir = Path(category_dir), Path(cache_dir)
@@ -174,6 +176,7 @@ class MVTecDataModule(pl.LightningDataModule):
         self.shard_evaluation = shard_evaluation
         self.protocol = protocol  # "split" (seeded 7:1:2) or "official" (the dataset's own parts)
         self.layout = layout  # the folder layout of the category (`data.layouts.LAYOUTS`)
+        self.visa_split = visa_split  # VisA's split file behind the official parts (`data.visa.VISA_SPLITS`)
         self.target_masks: np.ndarray | None = None
         self.known_normal: np.ndarray | None = None  # bool per manifest row; None: the strict rule
         self.target_weights: np.ndarray | None = None
@@ -195,6 +198,7 @@ class MVTecDataModule(pl.LightningDataModule):
                 self.split_ratios,
                 self.protocol,
                 self.layout,
+                self.visa_split,
             )
             self.file_state = file_state(self.category_dir, manifest_files(self.manifest))
             self.images, self.gt_masks = decoded_arrays(

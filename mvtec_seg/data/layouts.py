@@ -30,7 +30,7 @@ from mvtec_seg.data.mvtec import (
     scan_category,
 )
 from mvtec_seg.data.mvtec_ad2 import scan_mvtec_ad2
-from mvtec_seg.data.visa import scan_visa
+from mvtec_seg.data.visa import DEFAULT_VISA_SPLIT, check_visa_split, labelled_train, scan_visa
 from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import check_name
 
@@ -59,7 +59,7 @@ _READERS: dict[str, Callable[[Path | str], list[Sample]]] = {
     "mvtec_ad2": scan_mvtec_ad2,
 }
 OFFICIAL_PARTS: dict[str, str] = {
-    "train": "train",  # MVTec AD train/good, VisA's CSV split=train, MVTec AD 2 train/good
+    "train": "train",  # MVTec AD train/good, VisA's CSV split=train (2cls: 1/8 to val), MVTec AD 2 train/good
     "validation": "val",  # MVTec AD 2 validation/good: normal only
     "test": "test",  # MVTec AD test/, VisA's CSV split=test
     "test_public": "test",  # MVTec AD 2 test_public/ (test_private* are never scanned)
@@ -76,11 +76,36 @@ def check_layout(layout: str) -> str:
     return layout
 
 
-def scan(category_dir: Path | str, layout: str = DEFAULT_LAYOUT) -> list[Sample]:
+def check_visa_split_applies(layout: str, protocol: str, visa_split: str) -> None:
+    """`data.visa_split` picks the file behind VisA's official parts: another than the default is one line
+    under another layout or protocol, where it would change nothing the run reads."""
+    check_visa_split(visa_split)
+    if visa_split != DEFAULT_VISA_SPLIT and (layout != "visa" or protocol != "official"):
+        raise UserError(
+            f"data.visa_split={visa_split} picks the VisA split file of data.protocol=official, but this run has "
+            f"data.layout={layout} and data.protocol={protocol} — use a VisA category (category=visa/<name>) "
+            f"with data.protocol=official, or drop data.visa_split"
+        )
+
+
+def official_train_has_defects(layout: str, visa_split: str = DEFAULT_VISA_SPLIT) -> bool:
+    """Whether the official train part holds anomalous images with masks (VisA under a 2cls split file):
+    only then can a segmenter train, and choose its checkpoint, on the official parts."""
+    return layout == "visa" and labelled_train(visa_split)
+
+
+def scan(
+    category_dir: Path | str, layout: str = DEFAULT_LAYOUT, visa_split: str = DEFAULT_VISA_SPLIT
+) -> list[Sample]:
     """Every scored image of a category in `layout`, validated (bad input is one `UserError` line; a file
-    name that is not valid UTF-8 too: `io_utils.names`)."""
+    name that is not valid UTF-8 too: `io_utils.names`); a VisA category by its split file `visa_split`."""
     check_name(category_dir, "folder name")
-    samples = _READERS[check_layout(layout)](category_dir)
+    if check_layout(layout) == "visa":
+        samples = scan_visa(category_dir, visa_split)
+    else:
+        if visa_split != DEFAULT_VISA_SPLIT:
+            raise ValueError(f"visa_split={visa_split!r} is for data.layout=visa, not {layout}")
+        samples = _READERS[layout](category_dir)
     for s in samples:
         for rel in (s.image, s.gt_mask):
             if rel is not None:

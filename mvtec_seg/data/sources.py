@@ -8,6 +8,9 @@ Known normals are the images a factory would know are good without inspecting th
 holds only good images by construction (`KNOWN_NORMAL_SOURCES`: MVTec AD's and VisA's `train` folder, MVTec
 AD 2's `train` and `validation` folders). Every other image is unlabelled to the pseudo-mask chain, whatever
 its `label`: `test/good` images included, so the chain cannot tell the defective images by elimination.
+Under VisA's 2cls split files (`data.visa_split`) the `train` rows hold labelled anomalous images too: the
+label rule keeps them out, so the known normals stay the normal train rows (there every other train-part image
+is defective, as those files state: the chain never reads their masks, but elimination is not ruled out).
 `mask.image_labels=true` is the weak-supervision variant: every normal image (`label == 0`) counts as known.
 
 | source | knows | targets |

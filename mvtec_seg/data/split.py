@@ -5,8 +5,9 @@ the normal images as one stratum), so every part holds every defect type when th
 
 ``protocol="official"`` (`PROTOCOLS`) instead keeps the dataset's own parts (`layouts.OFFICIAL_PARTS`): for
 MVTec AD ``train/good`` is the train part and the whole ``test/`` folder the test part (no val part), as the
-published results are computed; for VisA the split file's train/test; for MVTec AD 2 ``train/good``,
-``validation/good`` (a normal-only val part) and ``test_public``.
+published results are computed; for VisA the split file's train/test (`data.visa_split`: under a 2cls file,
+whose train rows hold anomalous images too, a seeded 1/8 of the train rows per label is the val part,
+`carve_val`); for MVTec AD 2 ``train/good``, ``validation/good`` (a normal-only val part) and ``test_public``.
 
 Every layout (`data.layouts`) is read into the same records; a manifest of another layout than MVTec AD
 records its `layout` (which decides how its masks are decoded) and has a file name of its own.
@@ -22,8 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from mvtec_seg.data.files import describe_changes
-from mvtec_seg.data.layouts import DEFAULT_LAYOUT, check_layout, official_part, scan
+from mvtec_seg.data.layouts import (
+    DEFAULT_LAYOUT,
+    check_layout,
+    check_visa_split_applies,
+    official_part,
+    official_train_has_defects,
+    scan,
+)
 from mvtec_seg.data.mvtec import Sample
+from mvtec_seg.data.visa import DEFAULT_VISA_SPLIT, split_file
 from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import atomic_write_json, file_lock, format_problem
 
@@ -31,6 +40,8 @@ log = logging.getLogger(__name__)
 
 PARTS: tuple[str, ...] = ("train", "val", "test")
 PROTOCOLS: tuple[str, ...] = ("split", "official")
+VAL_FRACTION = 1 / 8
+"""The share of an official train part that `carve_val` moves to val: train:val 7:1, as in the default ratios."""
 
 
 def allocate(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -74,12 +85,36 @@ def official_split(samples: list[Sample]) -> list[dict]:
     return rows
 
 
-def _fingerprint(samples: list[Sample], with_source: bool = False) -> str:
+def _image(row: dict) -> str:
+    return row["image"]
+
+
+def carve_val(rows: list[dict], seed: int, fraction: float = VAL_FRACTION) -> list[dict]:
+    """Move a seeded `fraction` of the train part to val, per label (at least one of a label with two or
+    more rows, never the last): an official split whose train part holds labelled anomalous images but no
+    val part (VisA's 2cls files) then has defective val images to choose a checkpoint and threshold on, and
+    known normals the teacher never saw to calibrate pseudo masks on. Deterministic in (rows, seed)."""
+    rng = np.random.default_rng(seed)
+    for label in sorted({r["label"] for r in rows}):
+        group = sorted((r for r in rows if r["part"] == "train" and r["label"] == label), key=_image)
+        n = len(group)
+        n_val = min(n - 1, max(1, int(np.floor(n * fraction + 0.5)))) if n > 1 else 0
+        for idx in rng.permutation(n)[:n_val]:
+            group[idx]["part"] = "val"
+    rows.sort(key=lambda r: (PARTS.index(r["part"]), r["image"]))
+    return rows
+
+
+def _fingerprint(samples: list[Sample], with_source: bool = False, split_file: str | None = None) -> str:
     """The files and their labels; `with_source` adds each file's official part, which outside MVTec AD is
-    not a function of its path (VisA's split file says it)."""
+    not a function of its path (VisA's split file says it); `split_file` the name of that file, so two
+    files that place this category's images alike still make two manifests."""
     text = "\n".join(
-        f"{s.image}|{s.gt_mask}|{s.defect_type}" + (f"|{s.source}" if with_source else "")
-        for s in sorted(samples, key=lambda s: s.image)
+        ([f"split_file={split_file}"] if split_file else [])
+        + [
+            f"{s.image}|{s.gt_mask}|{s.defect_type}" + (f"|{s.source}" if with_source else "")
+            for s in sorted(samples, key=lambda s: s.image)
+        ]
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -101,11 +136,18 @@ def describe_file_changes(manifest: dict, samples: list[Sample]) -> str:
 
 
 def manifest_path(
-    cache_dir: Path, category: str, seed: int, protocol: str = "split", layout: str = DEFAULT_LAYOUT
+    cache_dir: Path,
+    category: str,
+    seed: int,
+    protocol: str = "split",
+    layout: str = DEFAULT_LAYOUT,
+    visa_split: str = DEFAULT_VISA_SPLIT,
 ) -> Path:
     name = (
         f"seed{seed}.json" if protocol == "split" else f"{protocol}.json"
     )  # the official parts have no seed
+    if visa_split != DEFAULT_VISA_SPLIT:  # another split file, and a seeded val part
+        name = f"{protocol}_{visa_split}_seed{seed}.json"
     prefix = "" if layout == DEFAULT_LAYOUT else f"{layout}_"  # a custom name may exist in two layouts
     return Path(cache_dir) / "splits" / category / f"{prefix}{name}"
 
@@ -137,18 +179,21 @@ def load_or_create_manifest(
     ratios=(0.7, 0.1, 0.2),
     protocol: str = "split",
     layout: str = DEFAULT_LAYOUT,
+    visa_split: str = DEFAULT_VISA_SPLIT,
 ) -> tuple[Path, dict]:
-    """Return (path, manifest). The manifest is written once per category and seed (and protocol) and reused
-    by every job.
+    """Return (path, manifest). The manifest is written once per category and seed (and protocol, and VisA
+    split file) and reused by every job.
 
     If the category's files changed since the manifest was written, stop: silently re-splitting would make
     earlier results incomparable.
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"data.protocol={protocol!r} must be one of {list(PROTOCOLS)}")
-    samples = scan(category_dir, check_layout(layout))
-    fp = _fingerprint(samples, with_source=layout != DEFAULT_LAYOUT)
-    path = manifest_path(cache_dir, category, seed, protocol, layout)
+    check_visa_split_applies(check_layout(layout), protocol, visa_split)
+    samples = scan(category_dir, layout, visa_split)
+    named = None if visa_split == DEFAULT_VISA_SPLIT else split_file(visa_split).as_posix()
+    fp = _fingerprint(samples, with_source=layout != DEFAULT_LAYOUT, split_file=named)
+    path = manifest_path(cache_dir, category, seed, protocol, layout, visa_split)
     with file_lock(path):
         manifest = _whole_manifest(path)
         if manifest is not None:
@@ -174,6 +219,10 @@ def load_or_create_manifest(
         }
         if protocol != "split":
             manifest["protocol"] = protocol
+        if protocol == "official" and official_train_has_defects(layout, visa_split):
+            carve_val(manifest["samples"], seed)
+        if named:
+            manifest["split_file"] = named
         if layout != DEFAULT_LAYOUT:
             manifest["layout"] = layout
         atomic_write_json(path, manifest)

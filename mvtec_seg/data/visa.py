@@ -1,6 +1,8 @@
 """Reader for VisA as distributed: `<root>/<category>/Data/Images/{Normal,Anomaly}/`, the masks in
-`<root>/<category>/Data/Masks/Anomaly/<image stem>.png`, and the official split file `<root>/split_csv/1cls.csv`
-(columns object, split, label, image, mask; paths relative to `<root>`).
+`<root>/<category>/Data/Masks/Anomaly/<image stem>.png`, and one of its split files `<root>/split_csv/<name>.csv`
+(columns object, split, label, image, mask; paths relative to `<root>`): `1cls.csv` (the one-class split,
+train rows normal only) or, by `data.visa_split`, `2cls_highshot.csv` / `2cls_fewshot.csv`, whose train rows
+also hold anomalous images with their masks (the supervised settings; `VISA_SPLITS`).
 
 The folders and the split file are both read and must agree, so a file the CSV names but the tree lacks (or
 the reverse) stops the run with one line instead of silently dropping an image from one protocol. VisA has
@@ -16,26 +18,57 @@ from pathlib import Path
 from mvtec_seg.data.mvtec import Sample, _dead_link, _images_in, check_one_mask_each
 from mvtec_seg.errors import UserError
 
-SPLIT_CSV = Path("split_csv") / "1cls.csv"
-"""The official one-class split, relative to the folder that holds the categories."""
+SPLIT_DIR = Path("split_csv")
+"""Where VisA's split files lie, relative to the folder that holds the categories."""
+VISA_SPLITS: dict[str, bool] = {"1cls": False, "2cls_highshot": True, "2cls_fewshot": True}
+"""VisA's split files by name (`data.visa_split`; `split_csv/<name>.csv`): whether its train rows hold
+anomalous images with masks beside the normal ones (what lets a segmenter train under the official parts)."""
+DEFAULT_VISA_SPLIT = "1cls"
 CSV_COLUMNS: tuple[str, ...] = ("object", "split", "label", "image", "mask")
 ANOMALY = "anomaly"
 _LABELS = {"normal": "good", "anomaly": ANOMALY}
 _SPLITS = ("train", "test")
 
 
-def split_csv_path(category_dir: Path | str) -> Path:
-    return Path(category_dir).parent / SPLIT_CSV
+def check_visa_split(split: str) -> str:
+    """`data.visa_split` as given, or one line naming the choices."""
+    if split not in VISA_SPLITS:
+        raise UserError(
+            f"data.visa_split={split!r} is not one of {list(VISA_SPLITS)} — set data.visa_split to one of those"
+        )
+    return split
 
 
-def _read_rows(csv_path: Path, name: str) -> dict[str, dict[str, str]]:
+def labelled_train(split: str) -> bool:
+    """Whether the split file's train rows hold anomalous images with masks (a 2cls file)."""
+    return VISA_SPLITS[check_visa_split(split)]
+
+
+def split_file(split: str = DEFAULT_VISA_SPLIT) -> Path:
+    """The split file `split`, relative to the folder that holds the categories."""
+    return SPLIT_DIR / f"{check_visa_split(split)}.csv"
+
+
+def split_csv_path(category_dir: Path | str, split: str = DEFAULT_VISA_SPLIT) -> Path:
+    return Path(category_dir).parent / split_file(split)
+
+
+def _missing_file(csv_path: Path, name: str, split: str) -> UserError:
+    """The one line for a split file that is not there (the 2cls ones say what else to do)."""
+    fix = f"put the split_csv/ folder that comes with VisA into data.root (beside {name}/)"
+    if split != DEFAULT_VISA_SPLIT:
+        fix += (
+            f": data.visa_split={split} reads {csv_path.name} from it — or use data.visa_split="
+            f"{DEFAULT_VISA_SPLIT} (the one-class split)"
+        )
+    return UserError(f"VisA split file {csv_path} not found — {fix}")
+
+
+def _read_rows(csv_path: Path, name: str, split: str = DEFAULT_VISA_SPLIT) -> dict[str, dict[str, str]]:
     """`{image path relative to the category folder: row}` for one object, every value checked."""
     _dead_link(csv_path)
     if not csv_path.is_file():
-        raise UserError(
-            f"VisA split file {csv_path} not found — put the split_csv/ folder that comes with VisA into "
-            f"data.root (beside {name}/)"
-        )
+        raise _missing_file(csv_path, name, split)
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -74,8 +107,8 @@ def _read_rows(csv_path: Path, name: str) -> dict[str, dict[str, str]]:
         rows[rel] = row | {"line": str(line)}
     if not rows:
         raise UserError(
-            f"VisA split file {csv_path} lists no image of {name} (object column) — use the 1cls.csv that comes "
-            f"with VisA, or name the category folder after its object"
+            f"VisA split file {csv_path} lists no image of {name} (object column) — use the {csv_path.name} that "
+            f"comes with VisA, or name the category folder after its object"
         )
     return rows
 
@@ -90,9 +123,11 @@ def _check_masks(anomaly_dir: Path, mask_dir: Path, images: list[Path]) -> None:
     check_one_mask_each(anomaly_dir, images, mask_dir, ".png", "anomaly image")
 
 
-def scan_visa(category_dir: Path | str) -> list[Sample]:
-    """Every image of a VisA category, its mask and its official split (`source`: `train` or `test`)."""
+def scan_visa(category_dir: Path | str, split: str = DEFAULT_VISA_SPLIT) -> list[Sample]:
+    """Every image of a VisA category, its mask and its part in the split file `split` (`source`: `train` or
+    `test`; under a 2cls file `train` holds anomalous images too)."""
     root = Path(category_dir)
+    check_visa_split(split)
     _dead_link(root)
     if not root.is_dir():
         raise UserError(
@@ -115,8 +150,8 @@ def scan_visa(category_dir: Path | str) -> list[Sample]:
             f"their masks in {mask_dir}"
         )
     _check_masks(anomaly_dir, mask_dir, anomalous)
-    csv_path = split_csv_path(root)
-    rows = _read_rows(csv_path, root.name)
+    csv_path = split_csv_path(root, split)
+    rows = _read_rows(csv_path, root.name, split)
     samples: list[Sample] = []
     for label, files in (("normal", normal), (ANOMALY, anomalous)):
         for p in files:

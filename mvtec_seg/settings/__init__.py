@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from mvtec_seg.data.layouts import DEFAULT_LAYOUT, check_visa_split_applies
 from mvtec_seg.data.sources import mask_source
 from mvtec_seg.errors import UserError
 from mvtec_seg.identity import flat_settings
@@ -191,6 +192,10 @@ def _check_relations(s: Flat) -> None:
     if teacher_used(s) and isinstance(mult, list) and mult:
         why = "the TransFusion teacher needs (2**(len(channel_mult)-1)); it is data.image_size"
         _multiple(s, "teacher.params.net.image_size", 2 ** (len(mult) - 1), why)
+    if "data.visa_split" in s:
+        check_visa_split_applies(
+            s.get("data.layout", DEFAULT_LAYOUT), s.get("data.protocol", "split"), s["data.visa_split"]
+        )
     _check_hysteresis(s)
     _check_synthetic_monitor(s)
     _check_synthetic_only(s)

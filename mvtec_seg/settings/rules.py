@@ -4,7 +4,7 @@ One row per setting (`RULES`), built from a few named kinds of value (`COUNT`, `
 so a new setting is one line here rather than another `if`. `mvtec_seg.settings.check_settings` applies it.
 Each setting is declared once: its default (the example a refusal shows) is the composed config's
 (`defaults`), and the choices of a named setting come from the code that implements them (the metrics a
-run logs, the data protocols, Lightning's precisions; the pseudo-mask rules and network options are passed
+run logs, the data protocols, VisA's split files, Lightning's precisions; the pseudo-mask rules and network options are passed
 in by `train.check_config`, which may import them).
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 from mvtec_seg.data.sources import SOURCES, needs_teacher
 from mvtec_seg.data.split import PROTOCOLS
 from mvtec_seg.data.synthetic import KINDS
+from mvtec_seg.data.visa import VISA_SPLITS
 from mvtec_seg.metrics import MONITORS
 from mvtec_seg.summary import RESOLUTIONS
 
@@ -195,6 +196,7 @@ RULES: tuple[Rule, ...] = (
         ("data.decode_workers", COUNT),
         ("data.pin_memory", (one_of("auto", True, False), "auto, true or false")),
         ("data.protocol", choice(*PROTOCOLS)),
+        ("data.visa_split", choice(*VISA_SPLITS)),
         ("data.augment", BOOL),
         ("data.train_crop", optional(POSITIVE, "whole images; so is a crop of the image size or more")),
         ("data.max_image_pixels", optional(POSITIVE, "Pillow's limit")),
