@@ -194,3 +194,17 @@ def test_visa_split_is_checked_before_anything_is_read(tmp_path, overrides, expe
     with pytest.raises(UserError, match=expected) as err:
         check_config(compose_cfg(tmp_path, [*base, *overrides]))
     assert "\n" not in str(err.value)
+
+
+def test_pseudo_under_a_labelled_split_is_reported_with_image_labels() -> None:
+    """Under a 2cls file every train row is labelled, so PSEUDO's unlabelled images are the defective ones:
+    its protocol is `image labels`, whatever `mask.image_labels` says; under 1cls it stays strict."""
+    from mvtec_seg.data.sources import SOURCES
+
+    pseudo, gt = SOURCES["pseudo"], SOURCES["gt"]
+    labelled = {"mask.name": "pseudo", "data.protocol": "official", "data.visa_split": "2cls_fewshot"}
+    assert pseudo.protocol(labelled) == "image labels"
+    assert pseudo.variant(labelled) == "PSEUDO + image labels"
+    assert gt.variant(labelled | {"mask.name": "gt"}) == "GT"
+    assert pseudo.protocol(labelled | {"data.visa_split": "1cls"}) == "known normals"
+    assert pseudo.protocol(labelled | {"data.protocol": "split"}) == "known normals"

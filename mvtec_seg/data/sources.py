@@ -9,8 +9,9 @@ holds only good images by construction (`KNOWN_NORMAL_SOURCES`: MVTec AD's and V
 AD 2's `train` and `validation` folders). Every other image is unlabelled to the pseudo-mask chain, whatever
 its `label`: `test/good` images included, so the chain cannot tell the defective images by elimination.
 Under VisA's 2cls split files (`data.visa_split`) the `train` rows hold labelled anomalous images too: the
-label rule keeps them out, so the known normals stay the normal train rows (there every other train-part image
-is defective, as those files state: the chain never reads their masks, but elimination is not ruled out).
+label rule keeps them out, so the known normals stay the normal train rows. There every other train-part image
+is defective, as those files state: the chain never reads their masks, but it could tell them by elimination,
+so such a run is reported under the `image labels` protocol (`labelled_by_split`).
 `mask.image_labels=true` is the weak-supervision variant: every normal image (`label == 0`) counts as known.
 
 | source | knows | targets |
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from mvtec_seg.data.visa import DEFAULT_VISA_SPLIT, VISA_SPLITS
 
 KNOWN_NORMAL_SOURCES: tuple[str, ...] = ("train", "validation")
 """The folders (`Sample.source`) that hold only good images by the dataset's construction."""
@@ -67,7 +70,7 @@ class MaskSource:
 
     def variant(self, settings: Any) -> str:
         """The variant's name in tables: e.g. `PSEUDO + image labels`, `GT + synthetic`."""
-        if self.image_labels(settings):
+        if self.protocol(settings) == "image labels" and not self.reads_gt:
             return f"{self.label} + image labels"
         if self.name == "gt" and float(_get(settings, "mask.synthetic_fraction", 0.0) or 0.0) > 0:
             return f"{self.label} + synthetic"
@@ -75,7 +78,7 @@ class MaskSource:
 
     def protocol(self, settings: Any) -> str:
         """What the pseudo-mask chain may read: `image labels` or `known normals` (reported per run)."""
-        return "image labels" if self.image_labels(settings) else "known normals"
+        return "image labels" if self.image_labels(settings) or labelled_by_split(settings) else "known normals"
 
 
 SOURCES: dict[str, MaskSource] = {
@@ -111,6 +114,13 @@ def _get(settings: Any, key: str, default: Any = None) -> Any:
         except AttributeError:
             return default
     return default if node is None else node
+
+
+def labelled_by_split(settings: Any) -> bool:
+    """Whether the data's own split labels every train-part image (VisA's 2cls files under
+    `data.protocol=official`): the unlabelled images are then the defective ones."""
+    official = _get(settings, "data.protocol", "split") == "official"
+    return official and VISA_SPLITS.get(str(_get(settings, "data.visa_split", DEFAULT_VISA_SPLIT)), False)
 
 
 def mask_source(settings: Any) -> MaskSource:
