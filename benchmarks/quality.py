@@ -38,6 +38,9 @@ NOT_IN_DIGEST = (
     "trainer.enable_progress_bar",
     "teacher.trainer.enable_progress_bar",
 )
+NEUTRAL_IN_DIGEST: dict[str, object] = {"mask.gt_images": None}
+"""Settings added with a value that changes nothing: at that value they are left out of the digest, so the
+cases measured before the setting existed are found again."""
 QUALITY_KEYS = ("IoU", "precision", "recall", "normal_nonempty")
 
 
@@ -109,12 +112,13 @@ def resolved(cfg: DictConfig, category: str, row: str, seed: int, cache: Path) -
 def digest(run_cfg: DictConfig) -> str:
     """The case's identity: its resolved config without where outputs go and how progress is shown."""
     plain = OmegaConf.to_container(run_cfg, resolve=True)
-    for dotted in NOT_IN_DIGEST:
+    for dotted in (*NOT_IN_DIGEST, *NEUTRAL_IN_DIGEST):
         *parents, leaf = dotted.split(".")
         node = plain
         for p in parents:
             node = node.get(p, {})
-        node.pop(leaf, None)
+        if dotted in NOT_IN_DIGEST or (leaf in node and node[leaf] == NEUTRAL_IN_DIGEST[dotted]):
+            node.pop(leaf, None)
     return content_key(plain)
 
 

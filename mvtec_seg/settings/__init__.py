@@ -50,7 +50,7 @@ def resolved_settings(cfg: DictConfig) -> dict[str, Any]:
     except OmegaConfBaseException as err:
         text = " ".join(str(err).split())
         missing = re.search(r"Missing mandatory value: ?([\w.]+)", text)
-        key = missing.group(1) if missing else (err.full_key or "a setting")
+        key = err.full_key or (missing.group(1) if missing else "a setting")  # full_key: the dotted name
         if missing or isinstance(err, MissingMandatoryValue):
             if key == "category.name":
                 raise UserError(
