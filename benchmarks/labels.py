@@ -27,7 +27,7 @@ from benchmarks.quality import (
     summary_row,
     unlearned_reference,
 )
-from benchmarks.runner import context, number, selected
+from benchmarks.runner import context, measured_rows, number, selected
 from mvtec_seg.config import compose_config
 from mvtec_seg.io_utils import content_key
 
@@ -214,8 +214,8 @@ def _headline(ok: list[dict], category: str, sources: list[str], label: dict, un
 
 
 def section(rows: list[dict[str, str]]) -> str:
-    """RESULTS.md's section for the labels suite, from its CSV rows."""
-    ok = [r for r in rows if r.get("status") == "ok"]
+    """RESULTS.md's section for the labels suite, from its CSV rows (smoke runs left out)."""
+    ok = [r for r in measured_rows(rows) if r.get("status") == "ok"]
     if not ok:
         return "No labels results yet: `python -m benchmarks labels`."
     cats = list(dict.fromkeys(r["category"] for r in ok))
@@ -250,7 +250,7 @@ def figure(rows: list[dict[str, str]], path: Path) -> Path | None:
     from mvtec_seg.viz import figure as new_figure
     from mvtec_seg.viz import save_figure
 
-    ok = [r for r in rows if r.get("status") == "ok"]
+    ok = [r for r in measured_rows(rows) if r.get("status") == "ok"]
     cats = list(dict.fromkeys(r["category"] for r in ok))
     if not cats:
         return None

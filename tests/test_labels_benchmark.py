@@ -35,9 +35,11 @@ def test_labels_tiny_grid_labels_the_same_images_for_both_sources(tmp_path: Path
     assert by["gt", "2"]["n_labelled"] == "2" and int(by["gt", "all"]["n_labelled"]) > 2
     assert by["mixed", "2"]["labelled_digest"] != by["mixed", "all"]["labelled_digest"]
     assert all(0.0 <= float(r["pixel_AUPRO"]) <= 1.0 for r in rows)
-    assert (tmp_path / "res" / "labels.png").stat().st_size > 0
     results = (tmp_path / "RESULTS.md").read_text()
-    assert "## Labels" in results and "](res/labels.png)" in results and "| 2 | 1 |" in results
+    assert "## Labels" in results and "No labels results yet" in results  # smoke rows are not results
+    measured = [r | {"tiny": "False"} for r in rows]
+    assert "| 2 | 1 |" in labels.section(measured)
+    assert labels.figure(measured, tmp_path / "labels.png").stat().st_size > 0
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/summary.json")}
     assert main(["labels", *args]) == 0  # found again by digest: nothing retrained
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/summary.json")} == before
@@ -96,3 +98,14 @@ def test_the_headline_is_the_smallest_k_reaching_a_share_of_learned_full_gt() ->
     assert any(x.startswith("Full GT is not learned here (U-Net GT pixel_AUPRO 0.500)") for x in c)
     assert not any(x.startswith("- 90%") for x in c)
     assert labels.section([]).startswith("No labels results yet")
+
+
+def test_results_md_links_the_plot_drawn_beside_the_csv(tmp_path: Path) -> None:
+    from benchmarks import report
+    from benchmarks.runner import write_rows
+
+    rows = [_row("a", "mixed", "0", 0.6), _row("a", "mixed", "2", 0.75), _row("a", "gt", "all", 0.8)]
+    write_rows(tmp_path / "res" / "labels.csv", rows, labels.KEY)
+    text = report.build(tmp_path / "res").read_text()
+    assert "](res/labels.png)" in text and (tmp_path / "res" / "labels.png").stat().st_size > 0
+    assert "- 90% of full GT: MIXED k = 2; GT only k = all" in text
