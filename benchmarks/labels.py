@@ -80,9 +80,10 @@ def defective_train_images(run_cfg: DictConfig) -> int:
 
 
 def run_case(
-    cfg: DictConfig, category: str, source: str, k: str, seed: int, runs: Path, cache: Path
+    cfg: DictConfig, category: str, source: str, k: str, seed: int, runs: Path, cache: Path, n_defective: int
 ) -> dict[str, Any]:
-    """One case's CSV row: reused when its run folder holds a finished run of the same digest, else trained."""
+    """One case's CSV row: reused when its run folder holds a finished run of the same digest, else trained
+    (`n_defective`: the split's defective train images, what k = all labels)."""
     run_cfg = resolved(cfg, category, source, k, seed, cache)
     key = digest(run_cfg)
     run_dir = runs / key
@@ -106,13 +107,12 @@ def run_case(
     )
     if summary is None:
         return out | {"status": "failed", "error": error}
-    labelled = summary.get("labelled_images") or []
-    return (
-        out
-        | {"status": summary.get("status", "ok"), "error": ""}
-        | {"n_labelled": summary.get("n_labelled"), "labelled_digest": content_key(labelled)}
-        | summary_row(summary)
-    )
+    labelled = summary.get("labelled_images")  # None: full GT, no budget (every defective image's mask)
+    counts = {
+        "n_labelled": n_defective if labelled is None else len(labelled),
+        "labelled_digest": "" if labelled is None else content_key(labelled),
+    }
+    return out | {"status": summary.get("status", "ok"), "error": ""} | counts | summary_row(summary)
 
 
 def run(cfg: DictConfig, runs: Path, cache: Path, emit: Callable[[dict], None]) -> None:
@@ -136,7 +136,7 @@ def run(cfg: DictConfig, runs: Path, cache: Path, emit: Callable[[dict], None]) 
                 for source in selected(cfg, "sources", cfg.sources):
                     if k != ALL and int(k) < int(cfg.sources[source].get("min_k", 0)):
                         continue
-                    row = run_case(cfg, category, source, k, int(seed), runs, cache)
+                    row = run_case(cfg, category, source, k, int(seed), runs, cache, n)
                     emit(row | {"command": command} | context())
 
 

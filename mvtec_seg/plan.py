@@ -82,8 +82,7 @@ def plan_lines(cfg: DictConfig, dm) -> list[str]:
             f"  segmenter: {cfg.model.name}, {max_epochs(cfg)} epochs x {n_fit} images at {size} px"
             + ("" if source.trains_on_unlabelled else " (known normals with synthetic defects)")
         )
-    budget = cfg.model.source == "fit" and cfg.mask.get("gt_images") is not None
-    labelled = source.labelled(cfg, dm.manifest["samples"]) if budget else None
+    labelled = source.labelled(cfg, dm.manifest["samples"]) if cfg.model.source == "fit" else None
     if labelled is not None:
         kept = "the others get pseudo targets" if source.needs_teacher else "the others are left out"
         lines.append(f"  labelled: {len(labelled)} defective train images keep their GT masks; {kept}")

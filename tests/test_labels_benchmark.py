@@ -30,9 +30,9 @@ def test_labels_tiny_grid_labels_the_same_images_for_both_sources(tmp_path: Path
         ("gt", "all", "ok"),
     ]
     by = {(r["source"], r["k"]): r for r in rows}
-    for k in ("2", "all"):  # one choice of labelled images for both sources
-        assert by["mixed", k]["labelled_digest"] == by["gt", k]["labelled_digest"]
+    assert by["mixed", "2"]["labelled_digest"] == by["gt", "2"]["labelled_digest"]  # one choice for both
     assert by["gt", "2"]["n_labelled"] == "2" and int(by["gt", "all"]["n_labelled"]) > 2
+    assert by["gt", "all"]["n_labelled"] == by["mixed", "all"]["n_labelled"]  # every defective train image
     assert by["mixed", "2"]["labelled_digest"] != by["mixed", "all"]["labelled_digest"]
     assert all(0.0 <= float(r["pixel_AUPRO"]) <= 1.0 for r in rows)
     results = (tmp_path / "RESULTS.md").read_text()

@@ -93,8 +93,14 @@ def test_mixed_and_gt_only_label_the_same_images_and_differ_in_the_rest() -> Non
     left = mask_source(gt).left_out(gt, rows)
     assert set(np.flatnonzero(left)) == set(np.flatnonzero(defective_train_rows(rows))) - set(labelled)
     assert not left[[r["label"] == 0 for r in rows]].any()  # normal images (test/good included) stay
-    everything = {"mask.name": "gt", "mask.gt_images": None, "seed": 3}
-    assert not SOURCES["gt"].left_out(everything, rows).any()  # the default: every mask, nothing left out
+    everything = {"mask.name": "gt", "mask.gt_images": None, "seed": 3}  # the default: every mask, no budget
+    assert (
+        SOURCES["gt"].labelled(everything, rows) is None and SOURCES["gt"].left_out(everything, rows) is None
+    )
+    mixed_all = {"mask.name": "mixed", "mask.gt_images": None, "seed": 3}
+    assert sorted(SOURCES["mixed"].labelled(mixed_all, rows)) == list(
+        np.flatnonzero(defective_train_rows(rows))
+    )
     assert SOURCES["pseudo"].labelled({"mask.name": "pseudo"}, rows) is None
     assert mask_source(mixed).variant(mixed) == "MIXED (gt_images=4)"
     assert mask_source(mixed).known_normals(mixed, rows).sum() == 5  # the strict protocol: train/good only
@@ -195,7 +201,7 @@ def test_summary_names_the_same_labelled_images_for_one_seed_and_budget(tmp_path
     assert other_seed["labelled_images"] != gt["labelled_images"]
     assert more["labelled_images"][:4] == gt["labelled_images"]
     assert mixed["mask_variant"] == "MIXED (gt_images=4)" and gt["mask_variant"] == "GT (gt_images=4)"
-    assert _dry_run(tmp_path / "e", ["mask=pseudo"])["labelled_images"] is None
+    assert _dry_run(tmp_path / "e", ["mask=gt"])["labelled_images"] is None  # no budget: nothing to name
 
 
 def test_a_budget_beyond_the_split_stops_the_run_with_one_line(tmp_path: Path) -> None:

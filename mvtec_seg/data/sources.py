@@ -124,10 +124,12 @@ class MaskSource:
 
     def labelled(self, settings: Any, rows: Sequence[Mapping[str, Any]]) -> np.ndarray | None:
         """The defective train-part rows whose GT masks the run reads (`mask.gt_images`, `labelled_rows`),
-        in the order chosen; None for a source without that setting."""
-        if not self.takes_gt_images:
+        in the order chosen; None where there is no budget (a source without the setting, or `gt` at its
+        default null: every mask)."""
+        budget = _get(settings, "mask.gt_images")
+        if not self.takes_gt_images or (budget is None and not self.needs_teacher):
             return None
-        return labelled_rows(rows, _get(settings, "mask.gt_images"), int(_get(settings, "seed", 0)))
+        return labelled_rows(rows, budget, int(_get(settings, "seed", 0)))
 
     def gt_targets(self, settings: Any, rows: Sequence[Mapping[str, Any]]) -> np.ndarray | None:
         """Rows whose pseudo targets are replaced by their GT masks (`mixed`: the labelled images); None when
@@ -135,9 +137,9 @@ class MaskSource:
         return self.labelled(settings, rows) if self.needs_teacher else None
 
     def left_out(self, settings: Any, rows: Sequence[Mapping[str, Any]]) -> np.ndarray | None:
-        """Bool per row: left out of training. `gt` with `mask.gt_images`: the defective train-part images
-        without a label (a GT run knows every image's label, so the normal images stay, with empty masks);
-        None: nothing is."""
+        """Bool per row: left out of training. `gt` with a budget (`mask.gt_images`): the defective
+        train-part images without a label (a GT run knows every image's label, so the normal images stay,
+        with empty masks); None: nothing is."""
         labelled = self.labelled(settings, rows)
         if labelled is None or self.needs_teacher:
             return None

@@ -50,7 +50,9 @@ def resolved_settings(cfg: DictConfig) -> dict[str, Any]:
     except OmegaConfBaseException as err:
         text = " ".join(str(err).split())
         missing = re.search(r"Missing mandatory value: ?([\w.]+)", text)
-        key = err.full_key or (missing.group(1) if missing else "a setting")  # full_key: the dotted name
+        key = missing.group(1) if missing else (err.full_key or "a setting")
+        if missing and err.full_key and err.full_key.endswith(f".{key}"):  # a nested value: its dotted name
+            key = err.full_key
         if missing or isinstance(err, MissingMandatoryValue):
             if key == "category.name":
                 raise UserError(
