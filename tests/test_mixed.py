@@ -21,6 +21,7 @@ from mvtec_seg.data.sources import (
     mask_source,
 )
 from mvtec_seg.errors import UserError
+from mvtec_seg.summary import RunSummary
 
 
 def _rows() -> list[dict]:
@@ -197,6 +198,7 @@ def test_summary_names_the_same_labelled_images_for_one_seed_and_budget(tmp_path
     more = _dry_run(tmp_path / "d", ["mask=gt", "mask.gt_images=6"])
     assert mixed["n_labelled"] == 4 and len(mixed["labelled_images"]) == 4
     assert mixed["labelled_images"] == gt["labelled_images"]
+    assert RunSummary.from_dict(mixed).labelled_images == mixed["labelled_images"]  # read back whole
     assert all(p.startswith("test/") and "good" not in p for p in gt["labelled_images"])
     assert other_seed["labelled_images"] != gt["labelled_images"]
     assert more["labelled_images"][:4] == gt["labelled_images"]
