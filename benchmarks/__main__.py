@@ -1,4 +1,4 @@
-"""`python -m benchmarks <quality|demo|speed|metrics|all|results> [key=value ...]`.
+"""`python -m benchmarks <quality|labels|demo|speed|metrics|all|results> [key=value ...]`.
 
 Overrides go to the suite's grid (`benchmarks/suites/<suite>.yaml`), e.g. `select.categories=[bottle]`,
 `select.rows=[unet_gt]`, `select.seeds=[0]`, `tiny=true` (a smoke run of seconds), `out=<folder for the
@@ -12,11 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-from benchmarks import demo, metrics, quality, report, speed
+from benchmarks import demo, labels, metrics, quality, report, speed
 from benchmarks.runner import RESULTS_DIR, ROOT, SUITES, load_suite, write_rows
 from mvtec_seg.errors import UserError
 
-RUNNERS = {"quality": quality, "demo": demo, "speed": speed, "metrics": metrics}
+RUNNERS = {"quality": quality, "labels": labels, "demo": demo, "speed": speed, "metrics": metrics}
 
 
 def run_suite(name: str, overrides: list[str]) -> list[dict]:

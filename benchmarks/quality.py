@@ -39,6 +39,9 @@ NOT_IN_DIGEST = (
     "trainer.enable_progress_bar",
     "teacher.trainer.enable_progress_bar",
 )
+NEUTRAL_IN_DIGEST: dict[str, object] = {"mask.gt_images": None}
+"""Settings added with a value that changes nothing: at that value they are left out of the digest, so the
+cases measured before the setting existed are found again."""
 QUALITY_KEYS = ("IoU", "precision", "recall", "normal_nonempty")
 
 
@@ -110,12 +113,13 @@ def resolved(cfg: DictConfig, category: str, row: str, seed: int, cache: Path) -
 def digest(run_cfg: DictConfig) -> str:
     """The case's identity: its resolved config without where outputs go and how progress is shown."""
     plain = OmegaConf.to_container(run_cfg, resolve=True)
-    for dotted in NOT_IN_DIGEST:
+    for dotted in (*NOT_IN_DIGEST, *NEUTRAL_IN_DIGEST):
         *parents, leaf = dotted.split(".")
         node = plain
         for p in parents:
             node = node.get(p, {})
-        node.pop(leaf, None)
+        if dotted in NOT_IN_DIGEST or (leaf in node and node[leaf] == NEUTRAL_IN_DIGEST[dotted]):
+            node.pop(leaf, None)
     return content_key(plain)
 
 
@@ -179,8 +183,6 @@ def candidate_rows(case: dict, summary: dict) -> list[dict]:
 def run_case(cfg: DictConfig, category: str, row: str, seed: int, runs: Path, cache: Path) -> list[dict]:
     """One case (and, for `mask.select=auto`, a row per candidate): reused when its run folder holds a
     finished run of the same digest, else trained."""
-    from mvtec_seg.train import train
-
     run_cfg = resolved(cfg, category, row, seed, cache)
     key = digest(run_cfg)
     run_dir = runs / key
@@ -200,22 +202,30 @@ def run_case(cfg: DictConfig, category: str, row: str, seed: int, runs: Path, ca
         else json.dumps(OmegaConf.to_container(run_cfg.mask, resolve=True), sort_keys=True),
         "deciding": category in (cfg.get("deciding") or []),
     }
-    summary_path = run_dir / SUMMARY_FILE
-    done = summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "ok"
-    if done:
-        log.warning("quality: %s / %s / seed %d reused from %s", category, row, seed, run_dir)
-        summary = json.loads(summary_path.read_text())
-    else:
-        run_cfg.paths.run_dir = str(run_dir)
-        try:
-            summary = train(run_cfg)
-        except UserError as err:
-            return [out | {"status": "failed", "error": str(err)}]
-        except Exception as err:  # a bug in one case must not cost the rest of a grid of hours
-            log.exception("quality: %s / %s / seed %d crashed", category, row, seed)
-            return [out | {"status": "failed", "error": f"{type(err).__name__}: {err}"}]
+    summary, error = finished_or_trained(run_cfg, run_dir, f"quality: {category} / {row} / seed {seed}")
+    if summary is None:
+        return [out | {"status": "failed", "error": error}]
     case = out | {"status": summary.get("status", "ok"), "error": ""} | summary_row(summary)
     return [case, *candidate_rows(out, summary)]
+
+
+def finished_or_trained(run_cfg: DictConfig, run_dir: Path, what: str) -> tuple[dict | None, str]:
+    """(summary, "") of the finished run in `run_dir`, else of training it there now; (None, the one-line
+    reason) when it failed: a bug in one case must not cost the rest of a grid of hours."""
+    from mvtec_seg.train import train
+
+    summary_path = run_dir / SUMMARY_FILE
+    if summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "ok":
+        log.warning("%s reused from %s", what, run_dir)
+        return json.loads(summary_path.read_text()), ""
+    run_cfg.paths.run_dir = str(run_dir)
+    try:
+        return train(run_cfg), ""
+    except UserError as err:
+        return None, str(err)
+    except Exception as err:
+        log.exception("%s crashed", what)
+        return None, f"{type(err).__name__}: {err}"
 
 
 def data_present(cfg: DictConfig, category: str) -> bool:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import demo, metrics, quality, speed
+from benchmarks import demo, labels, metrics, quality, speed
 from benchmarks.runner import RESULTS_DIR, load_suite, read_csv
 from mvtec_seg.io_utils import atomic_write_text
 
 SECTIONS = {
     "quality": quality.section,
+    "labels": labels.section,
     "demo": demo.section,
     "speed": speed.section,
     "metrics": metrics.section,
 }
+FIGURES: dict[str, Callable[[list[dict[str, str]], Path], Path | None]] = {"labels": labels.figure}
+"""Suites whose section has a figure: drawn from the CSV as `<suite>.png` beside it, linked below the section."""
 
 INTRO = """# Benchmark results
 
@@ -26,15 +31,13 @@ measured on.
 
 def build(results: Path = RESULTS_DIR, out: Path | None = None) -> Path:
     """Write RESULTS.md from every suite's CSV in `results` (a suite without one says how to make it)."""
+    out = out or results.parent / "RESULTS.md"
     parts = [INTRO]
     for name, section in SECTIONS.items():
         suite = load_suite(name)
-        parts += [
-            f"## {suite.title}",
-            "",
-            str(suite.description).strip(),
-            "",
-            section(read_csv(results / f"{name}.csv")),
-            "",
-        ]
-    return atomic_write_text(out or results.parent / "RESULTS.md", "\n".join(parts).rstrip() + "\n")
+        rows = read_csv(results / f"{name}.csv")
+        parts += [f"## {suite.title}", "", str(suite.description).strip(), "", section(rows), ""]
+        drawn = FIGURES[name](rows, results / f"{name}.png") if name in FIGURES and rows else None
+        if drawn is not None:
+            parts += [f"![{suite.title}]({os.path.relpath(drawn, out.parent)})", ""]
+    return atomic_write_text(out, "\n".join(parts).rstrip() + "\n")

@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SUITES_DIR = HERE / "suites"
 RESULTS_DIR = HERE / "results"
-SUITES: tuple[str, ...] = ("quality", "demo", "speed", "metrics")
+SUITES: tuple[str, ...] = ("quality", "labels", "demo", "speed", "metrics")
 CONTEXT_COLUMNS: tuple[str, ...] = ("machine", "device", "commit", "date")
 
 

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mvtec_seg.data.files import describe_changes
@@ -99,6 +100,12 @@ class RunOutputs:
         if self.data_record is not None:
             atomic_write_json(self.run_dir / DATA_RECORD_FILE, self.data_record)
         self.summary.write(self.run_dir)
+
+    def set_labelled(self, rows: Sequence[Mapping[str, Any]], labelled: np.ndarray | None) -> None:
+        """Record which defective train images kept their GT masks (`mask.gt_images`; None: not a budget)."""
+        if labelled is not None:
+            self.summary.labelled_images = [str(rows[int(i)]["image"]) for i in labelled]
+            self.summary.n_labelled = len(labelled)
 
     def set_data(self, dm) -> None:
         """Record the data the run read (its digest in the identity); a resumed run must have read the same

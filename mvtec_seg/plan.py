@@ -77,13 +77,15 @@ def plan_lines(cfg: DictConfig, dm) -> list[str]:
             f"{fits} fit(s)"
         )
     elif cfg.model.source == "fit":
-        n_fit = (
-            counts["train"] if source.trains_on_unlabelled else len(dm.indices("train", known_normal=True))
-        )
+        n_fit = len(dm.dataset("train", known_normal=not source.trains_on_unlabelled))
         lines.append(
             f"  segmenter: {cfg.model.name}, {max_epochs(cfg)} epochs x {n_fit} images at {size} px"
             + ("" if source.trains_on_unlabelled else " (known normals with synthetic defects)")
         )
+    labelled = source.labelled(cfg, dm.manifest["samples"]) if cfg.model.source == "fit" else None
+    if labelled is not None:
+        kept = "the others get pseudo targets" if source.needs_teacher else "the others are left out"
+        lines.append(f"  labelled: {len(labelled)} defective train images keep their GT masks; {kept}")
     lines.append(f"  test: {counts['test']} images")
     return lines
 

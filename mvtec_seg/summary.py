@@ -91,6 +91,8 @@ class RunSummary:
     checkpoint_digest: str | None = None
     run_dir: str | None = None
     teacher_overlap: dict[str, int] | None = None  # {val, test}: seen by an authors' checkpoint
+    n_labelled: int | None = None  # `mask.gt_images`: how many defective train images kept their GT masks
+    labelled_images: list[str] | None = None  # which (relative paths, in the order chosen; `data.sources`)
     error: str | None = None
     identity: dict[str, Any] | None = None
 
@@ -135,6 +137,10 @@ class RunSummary:
             run_dir=data.get("run_dir"),
             teacher_overlap=data["teacher_overlap"]
             if isinstance(data.get("teacher_overlap"), dict)
+            else None,
+            n_labelled=_int_or_none(data.get("n_labelled")),
+            labelled_images=[str(p) for p in data["labelled_images"]]
+            if isinstance(data.get("labelled_images"), list)
             else None,
             error=data.get("error") if isinstance(data.get("error"), str) else None,
             identity=data["identity"] if isinstance(data.get("identity"), dict) else None,

@@ -42,7 +42,7 @@ from mvtec_seg.callbacks import TestArtefacts, Throughput
 from mvtec_seg.data.datamodule import MVTecDataModule
 from mvtec_seg.data.files import data_record, describe_changes, file_state
 from mvtec_seg.data.mvtec import pixel_limit, scan_category
-from mvtec_seg.data.sources import mask_source, needs_teacher
+from mvtec_seg.data.sources import makes_pseudo_targets, mask_source, needs_teacher
 from mvtec_seg.errors import UserError
 from mvtec_seg.identity import (
     CHECKPOINT_DIR,
@@ -230,10 +230,14 @@ def _here(best: str | None, run_dir: Path) -> str | None:
 
 def _set_pseudo_targets(cfg: DictConfig, dm: MVTecDataModule) -> dict:
     """Put the pseudo targets (and loss weights) on `dm`: the teacher's, or after `mask.rounds` rounds of
-    self-training; returns their record (thresholds, quality vs GT of every round)."""
+    self-training, with `mask=mixed`'s labelled images on GT; returns their record (thresholds, quality vs GT
+    of every round)."""
     _, info = ensure_pseudo_masks(cfg, dm)
     info = self_train(cfg, dm, info)
     dm.set_target_masks(*load_targets(info))
+    labelled = mask_source(cfg).gt_targets(cfg, dm.manifest["samples"])  # mask=mixed: after the chain
+    if labelled is not None:
+        dm.use_gt_targets(labelled)
     return info
 
 
@@ -283,7 +287,7 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
             "model.params.net.arch": tuple(ARCHITECTURES),
             "model.params.net.encoder_name": encoders(),
         }
-    if settings.get("mask.name") == "pseudo":
+    if makes_pseudo_targets(settings):
         choices |= {
             "mask.threshold.strategy": STRATEGIES,
             "mask.target": TARGETS,
@@ -428,6 +432,8 @@ def _run(cfg: DictConfig, settings: dict[str, Any], mode: str) -> dict[str, Any]
             dm = build_datamodule(cfg, train_subset=fitted_on)
             dm.prepare()  # scans, validates and splits: bad data stops here, before any training
             dm.set_known_normals(source.known_normals(cfg, dm.manifest["samples"]))
+            dm.set_left_out(source.left_out(cfg, dm.manifest["samples"]))
+            out.set_labelled(dm.manifest["samples"], source.labelled(cfg, dm.manifest["samples"]))
         out.set_data(dm)  # a resumed run must have read the same data
         announce(cfg, dm)
         if cfg.dry_run:  # build what the run would use, train nothing

@@ -174,6 +174,7 @@ def test_every_offered_setting_passes_the_check(
 INLINE = re.compile(r"`([a-z_]+(?:\.[a-z_0-9]+)+)=([^`\s]+)`")
 REFUSED_ON_PURPOSE = "robustness.md"  # its table shows the values that are refused, and what each says
 NEEDS = {"mask.select=auto": ["mask.candidates=[{rounds: 0}]"]}  # a setting offered with its companion
+SOURCE_OF = {"mask.gt_images": "mask=mixed"}  # a setting only some mask sources have: checked under one
 REFUSED = {
     "model.max_epochs=0",
     "trainer.max_epochs=0",
@@ -201,13 +202,14 @@ INLINE_SETTINGS = _inline_settings()
 @pytest.mark.parametrize(("where", "override"), INLINE_SETTINGS, ids=[w for w, _ in INLINE_SETTINGS])
 def test_every_setting_offered_in_prose_passes_the_check(tmp_path, where: str, override: str) -> None:
     """`mask.threshold.strategy=otsu` in a sentence is a value a user will type: it must be accepted (with
-    mask=pseudo and TransFusion in use, where every mask and teacher setting applies), or refused where the
-    docs say so."""
+    mask=pseudo and TransFusion in use, where every mask and teacher setting applies; `mask.gt_images` with
+    mask=mixed, which adds it), or refused where the docs say so."""
     from mvtec_seg.errors import UserError
     from mvtec_seg.train import check_config
 
     assert len(INLINE_SETTINGS) > 20
-    cfg = compose_cfg(tmp_path, ["mask=pseudo", override, *NEEDS.get(override, [])])
+    source = SOURCE_OF.get(override.split("=", 1)[0], "mask=pseudo")
+    cfg = compose_cfg(tmp_path, [source, override, *NEEDS.get(override, [])])
     if override in REFUSED:  # the docs say these are refused: hold them to it
         with pytest.raises(UserError, match="tested untrained"):
             check_config(cfg)

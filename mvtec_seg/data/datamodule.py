@@ -179,6 +179,7 @@ class MVTecDataModule(pl.LightningDataModule):
         self.visa_split = visa_split  # VisA's split file behind the official parts (`data.visa.VISA_SPLITS`)
         self.target_masks: np.ndarray | None = None
         self.known_normal: np.ndarray | None = None  # bool per manifest row; None: the strict rule
+        self.left_out: np.ndarray | None = None  # bool per manifest row: not trained on (`set_left_out`)
         self.target_weights: np.ndarray | None = None
         self.soft_targets: np.ndarray | None = None  # the distillation target (calibrated teacher map)
         self.synthetic_val: SyntheticValDataset | None = None
@@ -237,6 +238,30 @@ class MVTecDataModule(pl.LightningDataModule):
                 raise ValueError(f"{name} have shape {arr.shape}, expected {self.gt_masks.shape}")
         self.target_masks, self.target_weights, self.soft_targets = masks, weights, soft
 
+    def use_gt_targets(self, rows: np.ndarray) -> None:
+        """The targets of these manifest rows become their GT masks (loss weight 1, distillation target the
+        mask): the labelled images of `mask=mixed`, put in after the pseudo targets are set."""
+        if self.target_masks is None or len(rows) == 0:
+            return
+        rows = np.asarray(rows, dtype=np.int64)
+        gt = np.asarray(self.gt_masks[rows])
+        self.target_masks = np.array(self.target_masks)  # a copy: the cached set on disk stays pseudo
+        self.target_masks[rows] = gt.astype(self.target_masks.dtype)
+        if self.target_weights is not None:
+            self.target_weights = np.array(self.target_weights)
+            self.target_weights[rows] = 1
+        if self.soft_targets is not None:
+            self.soft_targets = np.array(self.soft_targets)
+            self.soft_targets[rows] = gt.astype(self.soft_targets.dtype)
+
+    def set_left_out(self, left_out: np.ndarray | None) -> None:
+        """Manifest rows the train loader skips (bool per row; None: none): the unlabelled defective images of
+        `mask=gt mask.gt_images=k`."""
+        self.prepare()
+        if left_out is not None and len(left_out) != len(self.manifest["samples"]):
+            raise ValueError(f"left_out has {len(left_out)} rows, expected {len(self.manifest['samples'])}")
+        self.left_out = None if left_out is None else np.asarray(left_out, dtype=bool)
+
     def set_synthetic_val(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
         """Serve the GT-free validation set as a second val dataloader (its metrics: `val/synthetic_*`)."""
         self.synthetic_val = SyntheticValDataset(*arrays) if arrays is not None else None
@@ -283,6 +308,8 @@ class MVTecDataModule(pl.LightningDataModule):
         weight = self.target_weights if part in ("train", "val") else None
         soft = self.soft_targets if part == "train" else None
         idx = self.indices(part, normal_only, known_normal)
+        if part == "train" and self.left_out is not None:
+            idx = idx[~self.left_out[idx]]
         return ManifestDataset(
             self.images, self.gt_masks, target, rows, idx, augment, crop, weight, soft, self.known_normals()
         )

@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 PARTS = ("train", "val", "test")
 
 
-NOT_RULES: tuple[str, ...] = ("name", "rounds", "select", "candidates", "synthetic_fraction")
+NOT_RULES: tuple[str, ...] = ("name", "rounds", "select", "candidates", "synthetic_fraction", "gt_images")
 """`mask.*` settings that do not change a set of targets (how many rounds, how a run picks among sets,
-what the student adds to them)."""
+what the student adds to them, which GT masks `mask=mixed` puts in afterwards): `mixed` shares `pseudo`'s sets."""
 
 
 def mask_settings(cfg: DictConfig) -> dict:

@@ -52,6 +52,8 @@ def resolved_settings(cfg: DictConfig) -> dict[str, Any]:
         text = " ".join(str(err).split())
         missing = re.search(r"Missing mandatory value: ?([\w.]+)", text)
         key = missing.group(1) if missing else (err.full_key or "a setting")
+        if missing and err.full_key and err.full_key.endswith(f".{key}"):  # a nested value: its dotted name
+            key = err.full_key
         if missing or isinstance(err, MissingMandatoryValue):
             if key == "category.name":
                 raise UserError(

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mvtec_seg.data.sources import SOURCES, needs_teacher
+from mvtec_seg.data.sources import SOURCES, makes_pseudo_targets, needs_teacher
 from mvtec_seg.data.split import PROTOCOLS
 from mvtec_seg.data.synthetic import KINDS
 from mvtec_seg.data.visa import VISA_SPLITS
@@ -91,6 +91,10 @@ FRACTION: Spec = (number(0.0, 1.0), "a fraction between 0 and 1")
 NON_NEGATIVE: Spec = (number(0.0), "a number >= 0")
 RATE: Spec = (number(0.0, open_lo=True), "a positive number")
 BATCHES: Spec = (batches, "null, a whole number >= 0 or a fraction")
+GT_IMAGES: Spec = (
+    lambda v: v is None or whole(0)(v) or number(0.0, 1.0, open_lo=True, open_hi=True)(v),
+    "null (every defective train-part image), a whole number >= 0 or a fraction in (0, 1)",
+)
 
 
 def choice(*options: Any) -> Spec:
@@ -156,7 +160,14 @@ def teacher_used(s: Flat) -> bool:
 
 
 def pseudo(s: Flat) -> bool:
-    return s.get("mask.name") == "pseudo"
+    """The mask source runs the pseudo-mask chain (`pseudo`, `mixed`): the `mask.*` rules apply."""
+    return makes_pseudo_targets(s)
+
+
+def labels_budget(s: Flat) -> bool:
+    """A fitted model on a source that takes `mask.gt_images` (`gt`, `mixed`)."""
+    source = SOURCES.get(str(s.get("mask.name")))
+    return fit(s) and source is not None and source.takes_gt_images
 
 
 def monitored(s: Flat) -> bool:
@@ -278,6 +289,7 @@ RULES: tuple[Rule, ...] = (
         ("mask.threshold.mebin.erode", COUNT),
     ),
     *rules(fit, ("mask.synthetic_fraction", optional(FRACTION, "off"))),
+    *rules(labels_budget, ("mask.gt_images", GT_IMAGES, "5")),
     *rules(
         lambda s: pseudo(s) and s.get("mask.select") == "auto",
         (
