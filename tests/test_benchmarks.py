@@ -184,6 +184,49 @@ def test_quality_section_puts_each_pseudo_row_against_teacher_and_gt() -> None:
     assert "earlier protocol" not in text  # every row records its protocol
 
 
+def test_quality_section_keeps_image_sizes_apart_and_counts_only_differences_beyond_the_seed_spread() -> None:
+    """Rows of 64 and 128 px never average together (a row without a size is 64 px); each cell shows the
+    seeds' spread; PSEUDO - synthetic only is marked `*` only where it exceeds the larger spread."""
+    base = {
+        "status": "ok",
+        "deciding": "True",
+        "synthetic_val_AUPRO": "",
+        "mask_IoU": "",
+        "mask_precision": "",
+    }
+    base |= {
+        "command": "c",
+        "image_AUROC": "0.9",
+        "IoU": "0",
+        "pixel_AUROC": "0.5",
+        "protocol": "known normals",
+    }
+    pseudo = '{"name": "pseudo", "threshold": {}}'
+
+    def row(name: str, mask: str, seed: int, aupro: float, ap: float, size: str = "128") -> dict:
+        model = "transfusion" if name == "tf" else "unet"
+        settings = pseudo if mask == "m" else ""
+        return base | {"category": "a", "row": name, "label": name, "model": model, "mask": mask} | {
+            "seed": str(seed), "pixel_AUPRO": str(aupro), "pixel_AP": str(ap), "image_size": size,
+            "mask_settings": settings,
+        }  # fmt: skip
+
+    rows = [row("tf", "none", s, 0.5, 0.1) for s in (0, 1)]
+    rows += [row("gt", "gt", 0, 0.9, 0.5), row("gt", "gt", 1, 0.8, 0.5)]
+    rows += [row("ps", "m", 0, 0.70, 0.30), row("ps", "m", 1, 0.66, 0.20)]
+    rows += [row("syn", "synthetic_only", 0, 0.50, 0.26), row("syn", "synthetic_only", 1, 0.52, 0.22)]
+    rows += [{**row("ps", "m", 0, 0.1, 0.1), "image_size": ""}]  # an older 64 px row
+    lines = quality.section(rows).splitlines()
+    assert lines.index("### 128 px") < lines.index("### 64 px")
+    assert (
+        "| ps | 0, 1 | 0.900 ±0.000 | 0.500 ±0.000 | 0.250 ±0.100 | 0.680 ±0.040 | 0.000 ±0.000 | – | – | – |"
+        in lines
+    )
+    assert "| ps | 0 | 0.900 | 0.500 | 0.100 | 0.100 | 0.000 | – | – | – |" in lines  # 64 px, alone
+    # AUPRO: 0.68 - 0.51 = +0.17 beyond the spread 0.04; AP: 0.25 - 0.24 = +0.01 within the spread 0.1
+    assert "| ps | +0.170* (±0.040) | +0.010 (±0.100) |" in lines
+
+
 def test_quality_section_leaves_out_a_category_whose_reference_is_not_learned() -> None:
     """U-Net GT below the floor (AUPRO 0.5 < 0.6 in b; image AUROC 0.7 < 0.8 in c): the category is marked,
     its PSEUDO / GT ratio is `–` and the deciding mean is over the other categories only."""
@@ -214,11 +257,13 @@ def test_quality_section_leaves_out_a_category_whose_reference_is_not_learned() 
     ]
     assert set(quality.unlearned_reference(rows, ["a", "b", "c"])) == {"b", "c"}
     lines = quality.section(rows).splitlines()
-    assert "### b (reference not learned: U-Net GT pixel_AUPRO 0.500 < 0.6)" in lines
-    assert "### c (reference not learned: U-Net GT image_AUROC 0.700 < 0.8)" in lines
+    assert "#### b (reference not learned: U-Net GT pixel_AUPRO 0.500 < 0.6)" in lines
+    assert "#### c (reference not learned: U-Net GT image_AUROC 0.700 < 0.8)" in lines
     assert "| ps | +0.300 | +0.000 | 0.75 | +0.100 | +0.000 | – | -0.100 | +0.000 | – |" in lines
-    mean = lines[lines.index(next(x for x in lines if x.startswith("### Mean over"))) :]
-    assert mean[0].startswith("### Mean over a ") and "| ps | 0.900 | 0.500 | 0.100 | 0.600 | 0.000 |" in mean
+    mean = lines[lines.index(next(x for x in lines if x.startswith("#### Mean over"))) :]
+    assert (
+        mean[0].startswith("#### Mean over a ") and "| ps | 0.900 | 0.500 | 0.100 | 0.600 | 0.000 |" in mean
+    )
     assert any("earlier protocol" in x for x in lines)  # these rows record no protocol
 
 
