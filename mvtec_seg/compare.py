@@ -25,9 +25,10 @@ from mvtec_seg.config import compose_config
 from mvtec_seg.errors import UserError
 from mvtec_seg.metrics import METRIC_NAMES
 from mvtec_seg.metrics.reference import REFERENCE_FLOOR, unlearned
+from mvtec_seg.preflight import check_config
 from mvtec_seg.report.build import build_report
 from mvtec_seg.summary import IOU_AT_THRESHOLD
-from mvtec_seg.train import check_config, train
+from mvtec_seg.train import train
 
 log = logging.getLogger(__name__)
 LABELS = {"image_AUROC": "image AUROC", "pixel_AUROC": "pixel AUROC", "pixel_AP": "pixel AP",

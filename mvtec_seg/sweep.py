@@ -2,7 +2,7 @@
 writes into it, and the end of a multirun: a table of the jobs that failed, and a non-zero exit.
 
 `RunFolderGuard`: Hydra creates the run folder and writes `.hydra/` into it before the job starts, so the
-checks that a job may use its folder (`train.preflight`: every setting, then a folder holding another run's
+checks that a job may use its folder (`preflight.preflight`: every setting, then a folder holding another run's
 results, or `resume=true` with other settings) run here first, and a refused job touches nothing. A multirun
 into a sweep folder that already holds runs is refused unless `resume=true`.
 
@@ -199,8 +199,8 @@ class RunFolderGuard(Callback):
     def _check_run(config: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from mvtec_seg.preflight import RUN_FOLDER_IN_USE, preflight
         from mvtec_seg.settings import resolved_settings
-        from mvtec_seg.train import RUN_FOLDER_IN_USE, preflight
 
         HydraConfig.instance().set_config(config)  # `${hydra:...}` in the run folder's name resolves
         try:

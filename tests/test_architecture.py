@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "pseudo": 8,
     "inference": 8,
     "plan": 9,
+    "preflight": 9,
     "train": 10,
     "predict": 10,
     "export": 10,

@@ -192,7 +192,7 @@ def test_every_rule_shows_a_default_or_example_that_passes_its_own_check():
 
 def test_a_refusal_names_the_default(tmp_path):
     from mvtec_seg.errors import UserError
-    from mvtec_seg.train import check_config
+    from mvtec_seg.preflight import check_config
 
     with pytest.raises(
         UserError, match=r"mask.gate.quantile=1.5 must be .* e.g. mask.gate.quantile=0.99 \(the default\)"
@@ -205,7 +205,7 @@ def test_monitors_are_the_metrics_a_run_logs(tmp_path):
     where no such set is built (mask=gt, synthetic_val auto), and a name no run logs is refused."""
     from mvtec_seg.errors import UserError
     from mvtec_seg.metrics import MONITORS
-    from mvtec_seg.train import check_config
+    from mvtec_seg.preflight import check_config
 
     assert "val/synthetic_pixel_AUPRO" in MONITORS and "val/pixel_AP" in MONITORS
     settings = check_config(compose_cfg(tmp_path, ["mask=pseudo", "mask.monitor=val/synthetic_pixel_AUPRO"]))
@@ -229,7 +229,7 @@ def test_choices_come_from_the_code_that_implements_them(tmp_path, override, reg
     import importlib
 
     from mvtec_seg.errors import UserError
-    from mvtec_seg.train import check_config
+    from mvtec_seg.preflight import check_config
 
     module, name = registry.split(":")
     choices = list(getattr(importlib.import_module(module), name))

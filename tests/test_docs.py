@@ -152,8 +152,8 @@ def test_every_offered_setting_passes_the_check(
     """Each command composes and its settings pass the check a run starts with (on a CPU: a GPU trainer is
     checked with the CPU accelerator)."""
     from mvtec_seg import export, predict
+    from mvtec_seg.preflight import check_config
     from mvtec_seg.report import build
-    from mvtec_seg.train import check_config
 
     command = module.rpartition(".")[2]
     if command in ("predict", "export", "report"):
@@ -205,7 +205,7 @@ def test_every_setting_offered_in_prose_passes_the_check(tmp_path, where: str, o
     mask=pseudo and TransFusion in use, where every mask and teacher setting applies; `mask.gt_images` with
     mask=mixed, which adds it), or refused where the docs say so."""
     from mvtec_seg.errors import UserError
-    from mvtec_seg.train import check_config
+    from mvtec_seg.preflight import check_config
 
     assert len(INLINE_SETTINGS) > 20
     source = SOURCE_OF.get(override.split("=", 1)[0], "mask=pseudo")
@@ -280,6 +280,6 @@ def test_the_conf_comments_offer_values() -> None:
 def test_every_value_a_conf_comment_offers_passes_the_check(tmp_path, where: str, override: str) -> None:
     """A value a config file's comment offers is one a user will type: it passes the settings check (with
     mask=pseudo and TransFusion in use, where every mask and teacher setting applies)."""
-    from mvtec_seg.train import check_config
+    from mvtec_seg.preflight import check_config
 
     check_config(compose_cfg(tmp_path, ["mask=pseudo", override, *NEEDS.get(override, [])]))

@@ -160,7 +160,7 @@ def test_each_source_owns_its_decisions() -> None:
 def test_synthetic_only_without_synthetic_defects_is_refused(tmp_path: Path) -> None:
     from conftest import compose_cfg
 
-    from mvtec_seg.train import check_config
+    from mvtec_seg.preflight import check_config
 
     cfg = compose_cfg(tmp_path, ["mask=synthetic_only", "mask.synthetic_fraction=0"])
     with pytest.raises(UserError, match="mask.synthetic_fraction=0.5"):

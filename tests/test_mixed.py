@@ -118,14 +118,14 @@ def test_mixed_and_gt_only_label_the_same_images_and_differ_in_the_rest() -> Non
     ],
 )
 def test_a_bad_budget_is_one_line(tmp_path: Path, overrides: list[str], message: str) -> None:
-    from mvtec_seg.train import check_config
+    from mvtec_seg.preflight import check_config
 
     with pytest.raises(UserError, match=message):
         check_config(compose_cfg(tmp_path, overrides))
 
 
 def test_good_budgets_pass_the_settings_check(tmp_path: Path) -> None:
-    from mvtec_seg.train import check_config
+    from mvtec_seg.preflight import check_config
 
     for overrides in (["mask=mixed", "mask.gt_images=0.25"], ["mask=mixed", "mask.gt_images=null"],
                       ["mask=gt", "mask.gt_images=3"], ["mask=mixed", "mask.gt_images=2", "mask.rounds=1"]):  # fmt: skip

@@ -21,7 +21,8 @@ from mvtec_seg.errors import UserError
 from mvtec_seg.identity import RESUME_MUTABLE
 from mvtec_seg.inference import load_trained
 from mvtec_seg.io_utils import file_digest
-from mvtec_seg.train import preflight, train
+from mvtec_seg.preflight import preflight
+from mvtec_seg.train import train
 
 TINY = SEGMENTER_RUN  # the session's run (conftest.segmenter_run) is one of these runs
 

@@ -20,8 +20,9 @@ from mvtec_seg.data.split import load_or_create_manifest, part_counts
 from mvtec_seg.errors import UserError
 from mvtec_seg.identity import data_digest
 from mvtec_seg.plan import plan_lines
+from mvtec_seg.preflight import check_config
 from mvtec_seg.teacher import teacher_data
-from mvtec_seg.train import check_config, train
+from mvtec_seg.train import train
 
 N_NORMAL, N_ANOMALY, N_TEST_NORMAL = 24, 12, 6
 TRAIN_NORMAL, TRAIN_ANOMALY = 16, 8  # the 2cls file's train rows: normals 0-15, anomalies 0-7

@@ -5,7 +5,7 @@ so a new setting is one line here rather than another `if`. `mvtec_seg.settings.
 Each setting is declared once: its default (the example a refusal shows) is the composed config's
 (`defaults`), and the choices of a named setting come from the code that implements them (the metrics a
 run logs, the data protocols, VisA's split files, Lightning's precisions; the pseudo-mask rules and network options are passed
-in by `train.check_config`, which may import them).
+in by `preflight.check_config`, which may import them).
 """
 
 from __future__ import annotations
