@@ -123,9 +123,8 @@ def main() -> None:
     for r in results:
         name = "in memory" if r["path"] == "memory" else f"out of core (chunk {r['chunk']})"
         per_px = r["above_start_mib"] * MIB / pixels
-        print(
-            f"| {name} | {r['peak_mib']:.0f} | {r['above_start_mib']:.0f} | {per_px:.2f} | {r['seconds']:.1f} |"
-        )
+        peak, above = f"{r['peak_mib']:.0f}", f"{r['above_start_mib']:.0f}"
+        print(f"| {name} | {peak} | {above} | {per_px:.2f} | {r['seconds']:.1f} |")
     va, vb = results[0]["values"], results[1]["values"]
     print("largest difference of a metric:", max(abs(va[k] - vb[k]) for k in va))
     print("metrics:", {k: round(v, 6) for k, v in vb.items()})
