@@ -88,6 +88,26 @@ def ref_pro_points(preds: np.ndarray, target: np.ndarray) -> list[tuple[float, f
     return points
 
 
+def ref_pro_points_images(maps: list[np.ndarray], masks: list[np.ndarray]) -> list[tuple[float, float]]:
+    """`ref_pro_points` for images of different sizes: (FPR, PRO) at every distinct threshold, regions per
+    image, FPR over the normal pixels of all images."""
+    regions = []
+    for i, mask in enumerate(masks):
+        for comp in ref_components(mask.astype(bool)):
+            m = np.zeros(mask.shape, bool)
+            for y, x in comp:
+                m[y, x] = True
+            regions.append((i, m))
+    n_normal = sum(int((m == 0).sum()) for m in masks)
+    points = [(0.0, 0.0)]
+    for t in sorted({float(v) for a in maps for v in a.ravel()}, reverse=True):
+        fp = sum(int(((a >= t) & (m == 0)).sum()) for a, m in zip(maps, masks, strict=True))
+        pro = [float(((maps[i] >= t) & r).sum()) / float(r.sum()) for i, r in regions]
+        points.append((fp / n_normal, sum(pro) / len(pro)))
+    points.append((1.0, 1.0))
+    return points
+
+
 def ref_aupro_from_points(points: list[tuple[float, float]], limit: float) -> float:
     """Cut the curve at exactly ``limit`` (linear interpolation), trapezoid area, / limit."""
     xs, ys = [], []

@@ -11,34 +11,16 @@ import numpy as np
 import pytest
 from conftest import _save, compose_cfg, make_fake_mvtec
 from PIL import Image
-from references import ref_ap, ref_aupro_from_points, ref_auroc, ref_components
+from references import ref_ap, ref_aupro_from_points, ref_auroc, ref_pro_points_images
 
 from mvtec_seg.data.layouts import decode_mask_native
 from mvtec_seg.data.mvtec import resize_map
+from mvtec_seg.metrics.out_of_core import CHUNK_PIXELS
 from mvtec_seg.native_metrics import native_test_metrics
 from mvtec_seg.summary import PREDICTIONS_FILE
 
 SIZES = [(9, 13), (12, 8), (7, 7), (10, 11), (8, 12)]  # (H, W): every image its own size
 MODEL = 6
-
-
-def _ref_pro_points(maps: list[np.ndarray], masks: list[np.ndarray]) -> list[tuple[float, float]]:
-    """(FPR, PRO) at every distinct threshold over images of different sizes, regions per image."""
-    regions = []
-    for i, mask in enumerate(masks):
-        for comp in ref_components(mask.astype(bool)):
-            m = np.zeros(mask.shape, bool)
-            for y, x in comp:
-                m[y, x] = True
-            regions.append((i, m))
-    n_normal = sum(int((m == 0).sum()) for m in masks)
-    points = [(0.0, 0.0)]
-    for t in sorted({float(v) for a in maps for v in a.ravel()}, reverse=True):
-        fp = sum(int(((a >= t) & (m == 0)).sum()) for a, m in zip(maps, masks, strict=True))
-        pro = [float(((maps[i] >= t) & r).sum()) / float(r.sum()) for i, r in regions]
-        points.append((fp / n_normal, sum(pro) / len(pro)))
-    points.append((1.0, 1.0))
-    return points
 
 
 def _fake_run(
@@ -83,15 +65,17 @@ def _fake_run(
     return dm, run, native_maps, native_masks
 
 
-def test_native_metrics_match_brute_force_on_images_of_different_sizes(tmp_path):
+@pytest.mark.parametrize("chunk", [3, CHUNK_PIXELS])  # 3: many sorted runs and blocks, ties across them
+def test_native_metrics_match_brute_force_on_images_of_different_sizes(tmp_path, chunk):
     dm, run, maps, masks = _fake_run(tmp_path, "mvtec_ad2")
     assert [m.shape for m in masks] == SIZES and int(masks[4].sum()) == 6  # the 0/1 mask read as defect
     got = native_test_metrics(
-        dm, run, iou_threshold=0.5, fpr_limit=0.3, seg_threshold=0.6, decision_threshold=0.55
+        dm, run, iou_threshold=0.5, fpr_limit=0.3, seg_threshold=0.6, decision_threshold=0.55, chunk=chunk
     )
+    assert sorted(p.name for p in run.iterdir()) == [PREDICTIONS_FILE]  # the spilled pixels are deleted
     scores = np.concatenate([m.ravel() for m in maps]).astype(np.float64)
     labels = np.concatenate([m.ravel() for m in masks]).astype(bool)
-    points = _ref_pro_points(maps, masks)
+    points = ref_pro_points_images(maps, masks)
     pred, gt = scores >= 0.5, labels
     seg = scores >= 0.6
     expected = {
