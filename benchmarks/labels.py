@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-import shlex
 import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,13 +19,12 @@ from omegaconf import DictConfig
 
 from benchmarks.quality import (
     REFERENCE_FLOOR,
-    data_present,
     digest,
     finished_or_trained,
     summary_row,
     unlearned_reference,
 )
-from benchmarks.runner import context, measured_rows, number, selected
+from benchmarks.runner import category_seeds, context, measured_rows, number, selected
 from mvtec_seg.config import compose_config
 from mvtec_seg.io_utils import content_key
 
@@ -117,27 +114,20 @@ def run_case(
 
 def run(cfg: DictConfig, runs: Path, cache: Path, emit: Callable[[dict], None]) -> None:
     """Every selected case, in the order category, seed, k, source (a category's teacher is trained once)."""
-    kept = [a for a in sys.argv[1:] if a.split("=", 1)[0] not in ("out", "runs", "cache")]
-    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in kept)
-    available = list(cfg.tiny_categories) if cfg.get("tiny") else list(cfg.categories)
-    for category in selected(cfg, "categories", available):
-        if not data_present(cfg, category):
-            log.warning("labels: %s skipped: its data.root is not on this machine", category)
-            continue
-        for seed in selected(cfg, "seeds", [str(s) for s in cfg.seeds]):
-            first = resolved(cfg, category, next(iter(cfg.sources)), ALL, int(seed), cache)
-            n = defective_train_images(first)
-            for k in selected(cfg, "k", budgets(cfg)):
-                if k != ALL and int(k) > n:
-                    log.warning(
-                        "labels: %s seed %s: k=%s skipped (%d defective train images)", category, seed, k, n
-                    )
+    for category, seed, command in category_seeds(cfg):
+        first = resolved(cfg, category, next(iter(cfg.sources)), ALL, seed, cache)
+        n = defective_train_images(first)
+        for k in selected(cfg, "k", budgets(cfg)):
+            if k != ALL and int(k) > n:
+                log.warning(
+                    "labels: %s seed %s: k=%s skipped (%d defective train images)", category, seed, k, n
+                )
+                continue
+            for source in selected(cfg, "sources", cfg.sources):
+                if k != ALL and int(k) < int(cfg.sources[source].get("min_k", 0)):
                     continue
-                for source in selected(cfg, "sources", cfg.sources):
-                    if k != ALL and int(k) < int(cfg.sources[source].get("min_k", 0)):
-                        continue
-                    row = run_case(cfg, category, source, k, int(seed), runs, cache, n)
-                    emit(row | {"command": command} | context())
+                row = run_case(cfg, category, source, k, seed, runs, cache, n)
+                emit(row | {"command": command} | context())
 
 
 # ------------------------------------------------------------------------------------------- the section

@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shlex
 import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.quality_section import section, spearman, unlearned_reference
-from benchmarks.runner import context, number, selected
+from benchmarks.runner import category_seeds, context, number, selected
 from mvtec_seg.config import compose_config
 from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import content_key
@@ -229,26 +227,12 @@ def finished_or_trained(run_cfg: DictConfig, run_dir: Path, what: str) -> tuple[
         return None, f"{type(err).__name__}: {err}"
 
 
-def data_present(cfg: DictConfig, category: str) -> bool:
-    """A category whose `data.root` does not exist is skipped (the shared data is not on every machine)."""
-    roots = [o.split("=", 1)[1] for o in cfg.categories[category] if o.startswith("data.root=")]
-    return all(Path(r).is_dir() for r in roots)
-
-
 def run(cfg: DictConfig, runs: Path, cache: Path, emit: Callable[[dict], None]) -> None:
     """Every selected case, in the order category, seed, row (a category's teacher is trained once)."""
-    # what was measured, not where it was written: out=, runs= and cache= are left out
-    kept = [a for a in sys.argv[1:] if a.split("=", 1)[0] not in ("out", "runs", "cache")]
-    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in kept)
-    available = list(cfg.tiny_categories) if cfg.get("tiny") else list(cfg.categories)
-    for category in selected(cfg, "categories", available):
-        if not data_present(cfg, category):
-            log.warning("quality: %s skipped: its data.root is not on this machine", category)
-            continue
-        for seed in selected(cfg, "seeds", [str(s) for s in cfg.seeds]):
-            for row in selected(cfg, "rows", cfg.rows):
-                for result in run_case(cfg, category, row, int(seed), runs, cache):
-                    emit(result | {"command": command} | context())
+    for category, seed, command in category_seeds(cfg):
+        for row in selected(cfg, "rows", cfg.rows):
+            for result in run_case(cfg, category, row, seed, runs, cache):
+                emit(result | {"command": command} | context())
 
 
 __all__ = ["KEY", "REFERENCE_FLOOR", "run", "section", "spearman", "unlearned_reference"]

@@ -12,10 +12,13 @@ import contextlib
 import csv
 import datetime as dt
 import io
+import logging
 import os
 import platform
+import shlex
 import subprocess
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,29 @@ def selected(cfg: DictConfig, kind: str, available: Iterable[str]) -> list[str]:
     if unknown:
         raise UserError(f"select.{kind}: unknown {unknown} — the suite has {names}")
     return [n for n in names if n in want]
+
+
+def data_present(cfg: DictConfig, category: str) -> bool:
+    """A category whose `data.root` does not exist is skipped (the shared data is not on every machine)."""
+    roots = [o.split("=", 1)[1] for o in cfg.categories[category] if o.startswith("data.root=")]
+    return all(Path(r).is_dir() for r in roots)
+
+
+def category_seeds(cfg: DictConfig) -> Iterator[tuple[str, int, str]]:
+    """`(category, seed, command)` of a grid, category first (a category's teacher is trained once per
+    seed): the selected categories whose data is here, the selected seeds, and the command that measures
+    them (what was measured, not where it was written: out=, runs= and cache= are left out)."""
+    kept = [a for a in sys.argv[1:] if a.split("=", 1)[0] not in ("out", "runs", "cache")]
+    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in kept)
+    available = list(cfg.tiny_categories) if cfg.get("tiny") else list(cfg.categories)
+    for category in selected(cfg, "categories", available):
+        if not data_present(cfg, category):
+            logging.getLogger(__name__).warning(
+                "%s: %s skipped: its data.root is not on this machine", cfg.suite, category
+            )
+            continue
+        for seed in selected(cfg, "seeds", [str(s) for s in cfg.seeds]):
+            yield category, int(seed), command
 
 
 def cpu_name() -> str:
