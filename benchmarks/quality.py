@@ -27,7 +27,7 @@ from mvtec_seg.errors import UserError
 from mvtec_seg.io_utils import content_key
 from mvtec_seg.metrics import METRIC_NAMES
 from mvtec_seg.metrics.reference import REFERENCE_FLOOR
-from mvtec_seg.summary import SUMMARY_FILE
+from mvtec_seg.summary import IOU_AT_THRESHOLD, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 KEY = ("category", "row", "seed", "image_size")
@@ -129,10 +129,12 @@ def _mean(values: list[float]) -> float:
 
 
 def summary_row(summary: dict) -> dict[str, Any]:
-    """The CSV columns of one finished run: the five test metrics, the pseudo masks' train-part quality,
+    """The CSV columns of one finished run: the five test metrics and the IoU at the run's decision threshold
+    (with the threshold), the pseudo masks' train-part quality,
     the GT-free synthetic-validation score and the selection, the costs."""
     metrics = summary.get("metrics") or {}
-    row: dict[str, Any] = {m: number(metrics.get(f"test/{m}")) for m in METRIC_NAMES}
+    row: dict[str, Any] = {m: number(metrics.get(f"test/{m}")) for m in (*METRIC_NAMES, IOU_AT_THRESHOLD)}
+    row["decision_threshold"] = number((summary.get("decision_threshold") or {}).get("value"))
     pseudo = summary.get("pseudo") or {}
     train_q = ((pseudo.get("quality") or {}).get("train")) or {}
     row |= {f"mask_{k}": number(train_q.get(k)) for k in QUALITY_KEYS}

@@ -14,7 +14,10 @@ import statistics
 from benchmarks.runner import number
 from mvtec_seg.metrics.reference import REFERENCE_FLOOR, unlearned
 
-COLUMNS = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU")
+COLUMNS = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "IoU", "IoU_at_threshold")
+HEADS = {"IoU": "IoU@0.5", "IoU_at_threshold": "IoU@thr"}
+"""Column titles where they differ from the CSV column (IoU@thr: at the run's decision threshold, chosen on
+the val part)."""
 EARLIER_PROTOCOL = (
     "Rows without a `protocol` value in the CSV were measured under the earlier protocol (image labels: the "
     "pseudo-mask chain treated every normal image as known, and the teacher trained on every normal image of "
@@ -36,6 +39,10 @@ def _spread(values: list[float]) -> float:
 
 def _f(v: float, digits: int = 3) -> str:
     return "–" if not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _signed(v: float) -> str:
+    return "–" if not math.isfinite(v) else f"{v:+.3f}"
 
 
 def _cell(values: list[float]) -> str:
@@ -116,7 +123,11 @@ def _size_part(ok: list[dict]) -> list[str]:
     by: dict[tuple[str, str], list[dict]] = {}
     for r in ok:
         by.setdefault((r["category"], r["row"]), []).append(r)
-    header = "| row | seeds | " + " | ".join(COLUMNS) + " | mask IoU | mask precision | synthetic-val AUPRO |"
+    header = (
+        "| row | seeds | "
+        + " | ".join(HEADS.get(c, c) for c in COLUMNS)
+        + " | mask IoU | mask precision | synthetic-val AUPRO |"
+    )
     not_learned = unlearned_reference(ok, cats)
     for cat in cats:
         deciding = any(r["deciding"] == "True" for r in ok if r["category"] == cat)
@@ -127,8 +138,8 @@ def _size_part(ok: list[dict]) -> list[str]:
             cases = by.get((cat, name))
             if not cases:
                 continue
-            cells = [_cell([number(c[m]) for c in cases]) for m in COLUMNS]
-            extra = [_f(_mean([number(c[k]) for c in cases])) for k in ("mask_IoU", "mask_precision")]
+            cells = [_cell([number(c.get(m)) for c in cases]) for m in COLUMNS]
+            extra = [_f(_mean([number(c.get(k)) for c in cases])) for k in ("mask_IoU", "mask_precision")]
             synth = _f(_mean([number(c["synthetic_val_AUPRO"]) for c in cases]))
             earlier = " (earlier protocol)" if not any(r.get("protocol") for r in cases) else ""
             seeds = ", ".join(sorted({str(c["seed"]) for c in cases}))
@@ -160,7 +171,7 @@ def _size_part(ok: list[dict]) -> list[str]:
 
 
 def _values(by: dict, cat: str, name: str, metric: str) -> list[float]:
-    return [number(r[metric]) for r in by.get((cat, name), [])]
+    return [number(r.get(metric)) for r in by.get((cat, name), [])]
 
 
 def _seed_mean(by: dict, cat: str, name: str, metric: str) -> float:
@@ -180,7 +191,7 @@ def _deciding_mean(cats: list[str], names: list[str], label: dict, by: dict) -> 
     lines = [
         f"#### Mean over {', '.join(cats)} (the categories that decide defaults)",
         "",
-        "| row | " + " | ".join(COLUMNS) + " |",
+        "| row | " + " | ".join(HEADS.get(c, c) for c in COLUMNS) + " |",
         "|" + "---|" * (len(COLUMNS) + 1),
     ]
     for name in names:
@@ -225,14 +236,14 @@ def _against_teacher_and_gt(
         "|" + "---|" * (3 * len(cats) + 1),
     ]
     for name in names:
-        if kind[name] in ("teacher", "gt") or not all((c, name) in by for c in cats):
+        if kind[name] in ("teacher", "gt") or not any((c, name) in by for c in cats):
             continue
         cells = []
         for c in cats:
             aupro, gt_aupro = _seed_mean(by, c, name, "pixel_AUPRO"), _seed_mean(by, c, gt, "pixel_AUPRO")
             cells += [
-                f"{aupro - _seed_mean(by, c, teacher, 'pixel_AUPRO'):+.3f}",
-                f"{_seed_mean(by, c, name, 'pixel_AP') - _seed_mean(by, c, teacher, 'pixel_AP'):+.3f}",
+                _signed(aupro - _seed_mean(by, c, teacher, "pixel_AUPRO")),
+                _signed(_seed_mean(by, c, name, "pixel_AP") - _seed_mean(by, c, teacher, "pixel_AP")),
                 _f(aupro / gt_aupro if gt_aupro > 0 and c not in not_learned else math.nan, 2),
             ]
         lines.append(f"| {label[name]} | " + " | ".join(cells) + " |")
@@ -245,8 +256,8 @@ def _what_the_teacher_adds(
     """Each PSEUDO row minus `synthetic only` (the same synthetic defects, no teacher), per deciding category:
     AUPRO and pixel AP, `*` where the difference is larger than the seed spread of either row."""
     control = next((n for n in names if _kinds(ok)[n] == "synthetic_only"), None)
-    pseudo = [n for n in _pseudo_rows(ok, names) if all((c, n) in by for c in cats)]
-    if control is None or not pseudo or not all((c, control) in by for c in cats):
+    pseudo = [n for n in _pseudo_rows(ok, names) if any((c, n) in by and (c, control) in by for c in cats)]
+    if control is None or not pseudo:
         return []
     head = " | ".join(f"{c}: AUPRO | {c}: AP" for c in cats)
     lines = [
@@ -263,7 +274,7 @@ def _what_the_teacher_adds(
             for metric in ("pixel_AUPRO", "pixel_AP"):
                 diff, spread, counts = _counts(by, c, name, control, metric)
                 shown = "" if not math.isfinite(spread) else f" (±{spread:.3f})"
-                cells.append(f"{diff:+.3f}{'*' if counts else ''}{shown}")
+                cells.append(f"{_signed(diff)}{'*' if counts else ''}{shown if math.isfinite(diff) else ''}")
         lines.append(f"| {label[name]} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 

@@ -219,10 +219,10 @@ def test_quality_section_keeps_image_sizes_apart_and_counts_only_differences_bey
     lines = quality.section(rows).splitlines()
     assert lines.index("### 128 px") < lines.index("### 64 px")
     assert (
-        "| ps | 0, 1 | 0.900 ±0.000 | 0.500 ±0.000 | 0.250 ±0.100 | 0.680 ±0.040 | 0.000 ±0.000 | – | – | – |"
+        "| ps | 0, 1 | 0.900 ±0.000 | 0.500 ±0.000 | 0.250 ±0.100 | 0.680 ±0.040 | 0.000 ±0.000 | – | – | – | – |"
         in lines
     )
-    assert "| ps | 0 | 0.900 | 0.500 | 0.100 | 0.100 | 0.000 | – | – | – |" in lines  # 64 px, alone
+    assert "| ps | 0 | 0.900 | 0.500 | 0.100 | 0.100 | 0.000 | – | – | – | – |" in lines  # 64 px, alone
     # AUPRO: 0.68 - 0.51 = +0.17 beyond the spread 0.04; AP: 0.25 - 0.24 = +0.01 within the spread 0.1
     assert "| ps | +0.170* (±0.040) | +0.010 (±0.100) |" in lines
 
@@ -262,7 +262,8 @@ def test_quality_section_leaves_out_a_category_whose_reference_is_not_learned() 
     assert "| ps | +0.300 | +0.000 | 0.75 | +0.100 | +0.000 | – | -0.100 | +0.000 | – |" in lines
     mean = lines[lines.index(next(x for x in lines if x.startswith("#### Mean over"))) :]
     assert (
-        mean[0].startswith("#### Mean over a ") and "| ps | 0.900 | 0.500 | 0.100 | 0.600 | 0.000 |" in mean
+        mean[0].startswith("#### Mean over a ")
+        and "| ps | 0.900 | 0.500 | 0.100 | 0.600 | 0.000 | – |" in mean
     )
     assert any("earlier protocol" in x for x in lines)  # these rows record no protocol
 
@@ -338,3 +339,9 @@ def test_speed_rounds_keep_each_rate_at_its_best() -> None:
     second = {"train_images_per_s": 4.0, "infer_images_per_s": 1.5, "params": 7}
     assert _best(None, first) == first
     assert _best(first, second) == {"train_images_per_s": 5.0, "infer_images_per_s": 1.5, "params": 7}
+
+
+def test_a_quality_row_records_the_iou_at_the_runs_decision_threshold() -> None:
+    summary = {"metrics": {"test/IoU": 0.0, "test/IoU_at_threshold": 0.4}, "decision_threshold": {"value": 7.5}}
+    row = quality.summary_row(summary)
+    assert row["IoU_at_threshold"] == 0.4 and row["decision_threshold"] == 7.5 and row["IoU"] == 0.0
