@@ -342,6 +342,9 @@ def test_speed_rounds_keep_each_rate_at_its_best() -> None:
 
 
 def test_a_quality_row_records_the_iou_at_the_runs_decision_threshold() -> None:
-    summary = {"metrics": {"test/IoU": 0.0, "test/IoU_at_threshold": 0.4}, "decision_threshold": {"value": 7.5}}
+    summary = {
+        "metrics": {"test/IoU": 0.0, "test/IoU_at_threshold": 0.4},
+        "decision_threshold": {"value": 7.5},
+    }
     row = quality.summary_row(summary)
     assert row["IoU_at_threshold"] == 0.4 and row["decision_threshold"] == 7.5 and row["IoU"] == 0.0
