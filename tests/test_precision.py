@@ -51,8 +51,15 @@ def test_the_check_reads_the_cpu_when_not_overridden(monkeypatch):
 
 
 class _Data:
+    """The part of a DataModule the plan reads: part sizes, the train images a fit sees, the manifest."""
+
+    manifest = {"samples": []}
+
     def counts(self) -> dict[str, int]:
         return {"train": 7, "val": 1, "test": 2}
+
+    def dataset(self, part: str, known_normal: bool = False) -> list:
+        return [None] * self.counts()[part]
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from mvtec_seg.io_utils import png_bytes
 from mvtec_seg.metrics import precision_recall_iou
 from mvtec_seg.models.transfusion.lightning_model import TransFusion
 from mvtec_seg.models.transfusion.loss import TransFusionLoss
-from mvtec_seg.pseudo.masks import ensure_pseudo_masks
+from mvtec_seg.pseudo.masks import chain_sets, ensure_pseudo_masks
 from mvtec_seg.pseudo.thresholds import mask_threshold
 from mvtec_seg.teacher import teacher_dir
 from mvtec_seg.train import train
@@ -56,11 +56,13 @@ def test_pseudo_run_builds_teacher_masks_and_reports_quality(pseudo_run):
     q = precision_recall_iou(masks[idx], np.asarray(dm.gt_masks[idx]))
     for k, v in q.items():
         assert info["quality"]["train"][k] == pytest.approx(v, nan_ok=True)
-    # the threshold is the configured quantile of the maps on the train part's normal images
+    # the threshold is the configured quantile of the maps on the calibration images: the val part's
+    # train/good images, never a test/good one (no image labels)
     maps = np.load(info["maps"])
-    expected = mask_threshold(
-        maps, idx, dm.indices("train", normal_only=True), "quantile", cfg.mask.threshold.quantile
-    )
+    _, _, calibration = chain_sets(dm, {"image_labels": False})
+    rows = dm.manifest["samples"]
+    assert all(rows[i]["part"] == "val" and rows[i]["source"] == "train" for i in calibration)
+    expected = mask_threshold(maps, idx, calibration, "quantile", cfg.mask.threshold.quantile)
     assert info["threshold"] == pytest.approx(expected)
     saved = json.loads((Path(cfg.paths.run_dir) / "summary.json").read_text())
     assert saved["pseudo"]["threshold"] == pytest.approx(info["threshold"])
