@@ -78,6 +78,15 @@ def test_a_row_that_does_not_pin_every_mask_setting_is_refused(tmp_path: Path) -
         quality.resolved(cfg, "synthetic", "unet_hga", 0, tmp_path)
 
 
+def test_every_shipped_quality_row_pins_its_mask(tmp_path: Path) -> None:
+    """A mask setting added to a package must be written out in every quality entry that pins that source:
+    each row of the shipped suite resolves (composition only, nothing runs)."""
+    cfg = load_suite("quality")
+    for row in cfg.rows:
+        run_cfg = quality.resolved(cfg, "bottle", row, 0, tmp_path)
+        assert run_cfg.model.name == cfg.rows[row].model, row
+
+
 def test_metrics_and_speed_tiny_grids(tmp_path: Path) -> None:
     assert main(["metrics", *_args(tmp_path)]) == 0
     rows = read_csv(tmp_path / "res" / "metrics.csv")
