@@ -86,17 +86,28 @@ def test_the_headline_is_the_smallest_k_reaching_a_share_of_learned_full_gt() ->
     rows += [_row("a", "mixed", "0", 0.62, seed="1")]
     rows += [_row("b", "mixed", "0", 0.74), _row("b", "gt", "all", 0.8)]  # 95 % (0.76) never reached
     rows += [_row("c", "mixed", "0", 0.4), _row("c", "gt", "all", 0.5)]  # full GT not learned (< 0.6)
+    rows += [_row("d", s, k, v) for s in ("mixed", "gt") for k, v in (("2", 0.5), ("5", 0.75), ("all", 0.8))]
     lines = labels.section(rows).splitlines()
     a = lines[lines.index("### a") :]
     assert "| 0 (PSEUDO) | 2 | 0.610 ± 0.014 | – | 0.100 ± 0.000 | – |" in a
     assert "| all (20) | 1 | – | 0.800 | – | 0.100 |" in a
     assert "- 90% of full GT: MIXED k = 2; GT only k = 5" in a
     assert "- 95% of full GT: MIXED k = 5; GT only k = all" in a
+    assert (
+        "- MIXED at 90% of full GT with at most half the labels GT only needs: yes: 2 labelled images against 5"
+        in a
+    )
     b = lines[lines.index("### b") :]
     assert "- 95% of full GT: MIXED not reached within the grid; GT only k = all" in b
-    c = lines[lines.index("### c") :]
+    assert "half the labels GT only needs: yes: 0 labelled images against 20" in "\n".join(b)
+    c = lines[lines.index("### c") : lines.index("### d")]
     assert any(x.startswith("Full GT is not learned here (U-Net GT pixel_AUPRO 0.500 < 0.6)") for x in c)
     assert not any(x.startswith("- 90%") for x in c)
+    d = lines[lines.index("### d") :]
+    assert (
+        "- MIXED at 90% of full GT with at most half the labels GT only needs: no: 5 labelled images against 5"
+        in d
+    )
     assert labels.section([]).startswith("No labels results yet")
 
 
