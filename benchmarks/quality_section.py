@@ -276,7 +276,29 @@ def _what_the_teacher_adds(
                 shown = "" if not math.isfinite(spread) else f" (±{spread:.3f})"
                 cells.append(f"{_signed(diff)}{'*' if counts else ''}{shown if math.isfinite(diff) else ''}")
         lines.append(f"| {label[name]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    candidates = {r["row"] for r in ok if r.get("candidate_of")}  # in the table, not in the sentences
+    for c in cats:
+        for name in pseudo:
+            if (c, name) in by and (c, control) in by and name not in candidates:
+                lines.append(f"- {c}, {label[name]}: {_teacher_verdict(by, c, name, control)}")
     return [*lines, ""]
+
+
+def _teacher_verdict(by: dict, cat: str, pseudo: str, control: str) -> str:
+    """One plain sentence: does the teacher add to `pseudo` over `control` on both AUPRO and pixel AP?"""
+    (d_pro, _, c_pro), (d_ap, _, c_ap) = (
+        _counts(by, cat, pseudo, control, m) for m in ("pixel_AUPRO", "pixel_AP")
+    )
+    seeds = min(len(_values(by, cat, n, "pixel_AUPRO")) for n in (pseudo, control))
+    figures = f"AUPRO {_signed(d_pro)}, AP {_signed(d_ap)}, {seeds} seed{'s' if seeds > 1 else ''}"
+    if d_pro <= 0 and d_ap <= 0:
+        return f"the teacher adds nothing: PSEUDO is at or below synthetic only ({figures})"
+    if d_pro > 0 and d_ap > 0 and c_pro and c_ap:
+        return f"the teacher adds to both, beyond the seed spread ({figures})"
+    if c_pro or c_ap:
+        return f"the teacher's gain is not on both metrics beyond the seed spread ({figures})"
+    return f"no difference beyond the seed spread, or one seed only ({figures})"
 
 
 def _rank_correlation(ok: list[dict]) -> list[str]:

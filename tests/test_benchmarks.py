@@ -234,6 +234,19 @@ def test_quality_section_keeps_image_sizes_apart_and_counts_only_differences_bey
     assert "| ps | 0 | 0.900 | 0.500 | 0.100 | 0.100 | 0.000 | – | – | – | – |" in lines  # 64 px, alone
     # AUPRO: 0.68 - 0.51 = +0.17 beyond the spread 0.04; AP: 0.25 - 0.24 = +0.01 within the spread 0.1
     assert "| ps | +0.170* (±0.040) | +0.010 (±0.100) |" in lines
+    verdict = "- a, ps: the teacher's gain is not on both metrics beyond the seed spread (AUPRO +0.170, AP +0.010, 2 seeds)"
+    assert verdict in lines
+    worse = [r | {"pixel_AP": "0.2"} if r["row"] == "ps" else r for r in rows]
+    worse = [r | {"pixel_AUPRO": "0.4"} if r["row"] == "ps" else r for r in worse]
+    assert (
+        "- a, ps: the teacher adds nothing: PSEUDO is at or below synthetic only (AUPRO -0.110, AP -0.040, 2 seeds)"
+        in (quality.section(worse).splitlines())
+    )
+    better = [r | {"pixel_AP": "0.5"} if r["row"] == "ps" else r for r in rows]
+    assert any(
+        x.startswith("- a, ps: the teacher adds to both, beyond the seed spread (AUPRO +0.170")
+        for x in (quality.section(better).splitlines())
+    )
 
 
 def test_quality_section_leaves_out_a_category_whose_reference_is_not_learned() -> None:
