@@ -211,14 +211,19 @@ def run_case(cfg: DictConfig, category: str, row: str, seed: int, runs: Path, ca
 
 
 def finished_or_trained(run_cfg: DictConfig, run_dir: Path, what: str) -> tuple[dict | None, str]:
-    """(summary, "") of the finished run in `run_dir`, else of training it there now; (None, the one-line
-    reason) when it failed: a bug in one case must not cost the rest of a grid of hours."""
+    """(summary, "") of the finished run in `run_dir`, else of training it there now (continuing the run an
+    interrupted grid left there: same digest, so the same settings); (None, the one-line reason) when it
+    failed: a bug in one case must not cost the rest of a grid of hours."""
     from mvtec_seg.train import train
 
     summary_path = run_dir / SUMMARY_FILE
-    if summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "ok":
-        log.warning("%s reused from %s", what, run_dir)
-        return json.loads(summary_path.read_text()), ""
+    if summary_path.is_file():
+        status = json.loads(summary_path.read_text()).get("status")
+        if status == "ok":
+            log.warning("%s reused from %s", what, run_dir)
+            return json.loads(summary_path.read_text()), ""
+        log.warning("%s: continuing the %s run in %s", what, status, run_dir)
+        run_cfg.resume = True
     run_cfg.paths.run_dir = str(run_dir)
     try:
         return train(run_cfg), ""

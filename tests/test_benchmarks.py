@@ -370,3 +370,25 @@ def test_a_quality_row_records_the_iou_at_the_runs_decision_threshold() -> None:
     }
     row = quality.summary_row(summary)
     assert row["IoU_at_threshold"] == 0.4 and row["decision_threshold"] == 7.5 and row["IoU"] == 0.0
+
+
+def test_a_case_left_unfinished_by_an_interrupted_grid_is_continued(tmp_path: Path, monkeypatch) -> None:
+    """The case's folder holds a failed (e.g. killed) run of the same digest: the grid resumes it instead of
+    failing the row; a finished one is reused; an empty one trains afresh."""
+    import json
+
+    import mvtec_seg.train
+
+    calls: list[bool] = []
+    monkeypatch.setattr(
+        mvtec_seg.train, "train", lambda cfg: calls.append(bool(cfg.get("resume"))) or {"ok": 1}
+    )
+    run_cfg = quality.resolved(load_suite("quality", ["tiny=true"]), "synthetic", "unet_gt", 0, tmp_path)
+    run_dir = tmp_path / "case"
+    assert quality.finished_or_trained(run_cfg.copy(), run_dir, "fresh") == ({"ok": 1}, "")
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"status": "failed", "error": "SIGTERMException"}))
+    assert quality.finished_or_trained(run_cfg.copy(), run_dir, "killed") == ({"ok": 1}, "")
+    (run_dir / "summary.json").write_text(json.dumps({"status": "ok", "x": 2}))
+    assert quality.finished_or_trained(run_cfg.copy(), run_dir, "done")[0] == {"status": "ok", "x": 2}
+    assert calls == [False, True]
