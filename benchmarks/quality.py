@@ -152,9 +152,21 @@ def summary_row(summary: dict) -> dict[str, Any]:
     return row
 
 
+def _candidate_protocol(summary: dict, candidate: dict) -> str:
+    """What a candidate's chain read. Runs record it per candidate; for a run recorded before that, a
+    candidate asking for image labels read them, one that did not read what the case read when the case
+    read known normals only, and is unknown ("") otherwise (the data's split may have labelled it)."""
+    if "protocol" in candidate:
+        return candidate["protocol"]
+    if (candidate.get("settings") or {}).get("image_labels"):
+        return "image labels"
+    return "known normals" if summary.get("protocol") == "known normals" else ""
+
+
 def candidate_rows(case: dict, summary: dict) -> list[dict]:
     """A `mask.select=auto` case's candidates as rows of their own (`candidate_of` the case): their test
-    metrics, recorded by the run after its choice, and their synthetic-val scores, the criterion."""
+    metrics, recorded by the run after its choice, their synthetic-val scores (the criterion) and what
+    their chain read."""
     selection = (summary.get("pseudo") or {}).get("selection") or {}
     rows = []
     for c in selection.get("candidates") or []:
@@ -176,6 +188,7 @@ def candidate_rows(case: dict, summary: dict) -> list[dict]:
                 "synthetic_val_AUPRO": number(synthetic.get("pixel_AUPRO")),
                 "synthetic_val_AP": number(synthetic.get("pixel_AP")),
                 "train_s": number(c.get("train_s")),
+                "protocol": _candidate_protocol(summary, c),
             }
         )
     return rows

@@ -174,6 +174,7 @@ def _fit_candidate(cfg: DictConfig, index: int, dm: MVTecDataModule, run_dir: Pa
         "quality": info.get("quality"),
         "dir": info.get("dir"),
         "train_s": train_s,
+        "protocol": mask_source(cfg).protocol(cfg),  # a candidate may set mask.image_labels of its own
         "test_metrics": dict(model.computed_metrics["test"]),  # recorded after the choice is fixed
     }
 

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from benchmarks import quality
 from benchmarks.__main__ import main
+from benchmarks.quality_section import _rank_correlation
 from benchmarks.runner import CONTEXT_COLUMNS, load_suite, read_csv, write_rows
 from mvtec_seg.errors import UserError
 
@@ -133,6 +134,32 @@ def test_spearman_against_a_brute_force_rank_correlation() -> None:
         expected = np.corrcoef(rx, ry)[0, 1] if rx.std() > 0 else math.nan
         got = quality.spearman(x, y)
         assert (math.isnan(expected) and math.isnan(got)) or abs(got - expected) < 1e-12
+
+
+def test_rank_section_says_what_choosing_by_the_criterion_cost() -> None:
+    def row(seed: str, synthetic: float, aupro: float, chosen: bool) -> dict:
+        return {
+            "category": "a",
+            "seed": seed,
+            "synthetic_val_AUPRO": str(synthetic),
+            "pixel_AUPRO": str(aupro),
+            "selected": "",
+            "candidate_of": "auto",
+            "chosen": str(chosen),
+        }
+
+    rows = [row("0", 0.1, 0.9, False), row("0", 0.2, 0.5, False), row("0", 0.3, 0.6, True)]
+    rows += [row("1", 0.1, 0.5, False), row("1", 0.2, 0.6, False), row("1", 0.3, 0.7, True)]
+    text = "\n".join(_rank_correlation(rows))
+    # seed 0: ranks (1, 2, 3) against (3, 1, 2), Spearman 1 - 6 * 6 / (3 * 8) = -0.5; chosen 0.6, best 0.9
+    assert (
+        "a, seed 0: Spearman -0.500 over 3 candidate rows; the chosen one's test AUPRO is 0.300 below" in text
+    )
+    assert (
+        "a, seed 1: Spearman 1.000 over 3 candidate rows; the chosen one's test AUPRO is 0.000 below" in text
+    )
+    assert "- mean: Spearman 0.250; choosing by the criterion cost 0.150 AUPRO" in text
+    assert _rank_correlation([r | {"candidate_of": ""} for r in rows]) == []
 
 
 def test_bad_benchmark_arguments_are_one_line(capsys) -> None:
@@ -370,6 +397,23 @@ def test_a_quality_row_records_the_iou_at_the_runs_decision_threshold() -> None:
     }
     row = quality.summary_row(summary)
     assert row["IoU_at_threshold"] == 0.4 and row["decision_threshold"] == 7.5 and row["IoU"] == 0.0
+
+
+def test_a_candidate_row_says_what_its_chain_read() -> None:
+    def rows(protocol: str, candidates: list[dict]) -> list[str]:
+        selection = {
+            "chosen": 0,
+            "candidates": [{"index": i, "label": str(i)} | c for i, c in enumerate(candidates)],
+        }
+        summary = {"protocol": protocol, "pseudo": {"selection": selection}}
+        return [r["protocol"] for r in quality.candidate_rows({"row": "auto"}, summary)]
+
+    recorded = [{"protocol": "image labels"}, {"protocol": "known normals"}]
+    assert rows("known normals", recorded) == ["image labels", "known normals"]
+    older = [{"settings": {"image_labels": False}}, {"settings": {"image_labels": True}}]
+    assert rows("known normals", older) == ["known normals", "image labels"]
+    assert rows("image labels", older) == ["", "image labels"]  # the split may have labelled the case
+    assert rows("", older[:1]) == [""]  # a run from before the protocol was recorded
 
 
 def test_a_case_left_unfinished_by_an_interrupted_grid_is_continued(tmp_path: Path, monkeypatch) -> None:

@@ -187,6 +187,7 @@ def test_select_auto_trains_each_candidate_and_tests_the_chosen_one(
     assert summary["metrics"]["test/pixel_AUPRO"] == pytest.approx(chosen["test_metrics"]["test/pixel_AUPRO"])
     assert records[0]["settings"]["synthetic_fraction"] == 0.5
     assert records[1]["settings"]["threshold"]["strategy"] == "mebin"
+    assert [r["protocol"] for r in records] == ["known normals", "known normals"]
     saved = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
     assert saved["pseudo"]["selection"]["label"] == chosen["label"]
 
