@@ -269,6 +269,8 @@ def figure(rows: list[dict[str, str]], path: Path) -> Path | None:
     if not cats:
         return None
     unlearned = unlearned_reference([r for c in cats for r in full_gt(ok, c)], cats)
+    sources = list(dict.fromkeys(r["source"] for r in ok))
+    colour = {source: f"C{i}" for i, source in enumerate(sources)}  # one colour per source in every panel
     fig = new_figure((4.0 * len(cats), 3.2))
     axes = fig.subplots(1, len(cats), squeeze=False)[0]
     for ax, cat in zip(axes, cats, strict=True):
@@ -282,6 +284,7 @@ def figure(rows: list[dict[str, str]], path: Path) -> Path | None:
                 yerr=[0.0 if not math.isfinite(s) else s for _, s in stats],
                 marker="o",
                 capsize=3,
+                color=colour[source],
                 label=next(r["label"] for r in ok if r["source"] == source),
             )
         reference = _stats([number(r["pixel_AUPRO"]) for r in full_gt(ok, cat)])[0]
@@ -291,7 +294,7 @@ def figure(rows: list[dict[str, str]], path: Path) -> Path | None:
             ax.axhline(0.9 * reference, color="grey", linestyle="--", linewidth=0.8, label="90 % of full GT")
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlim(left=-0.3)
-        ax.set_title(cat)
+        ax.set_title(cat + (" (full GT not learned)" if cat in unlearned else ""))
         ax.set_xlabel("k (labelled defective train images)")
         ax.set_ylabel("test AUPRO")
         ax.legend(fontsize=7)

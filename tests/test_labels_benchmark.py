@@ -120,3 +120,19 @@ def test_results_md_links_the_plot_drawn_beside_the_csv(tmp_path: Path) -> None:
     text = report.build(tmp_path / "res").read_text()
     assert "](res/labels.png)" in text and (tmp_path / "res" / "labels.png").stat().st_size > 0
     assert "- 90% of full GT: MIXED k = 2; GT only k = all" in text
+
+
+def test_the_plot_gives_each_source_one_colour_and_marks_an_unlearned_reference(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import mvtec_seg.viz as viz
+
+    drawn = []
+    monkeypatch.setattr(viz, "save_figure", lambda fig, path: drawn.append(fig) or path)
+    rows = [_row("a", "mixed", "2", 0.7), _row("a", "gt", "2", 0.6), _row("a", "gt", "all", 0.8)]
+    rows += [_row("b", "gt", "all", 0.3)]  # GT only drawn first in its panel, still in GT only's colour
+    labels.figure(rows, tmp_path / "labels.png")
+    panels = drawn[0].axes
+    colour = [{c.get_label(): c.lines[0].get_color() for c in ax.containers} for ax in panels]
+    assert colour[0]["GT only"] == colour[1]["GT only"] != colour[0]["MIXED"]
+    assert panels[0].get_title() == "a" and panels[1].get_title() == "b (full GT not learned)"
