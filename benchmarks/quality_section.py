@@ -301,10 +301,6 @@ def _teacher_verdict(by: dict, cat: str, pseudo: str, control: str) -> str:
     return f"no difference beyond the seed spread, or one seed only ({figures})"
 
 
-def _chosen(r: dict) -> bool:
-    return str(r.get("chosen")).lower() == "true"
-
-
 def _rank_correlation(ok: list[dict]) -> list[str]:
     """Spearman between each pseudo row's synthetic-val AUPRO and its test AUPRO, per category and seed, and
     what choosing by it cost: the chosen candidate's test AUPRO against the best candidate's (a best known
@@ -324,7 +320,7 @@ def _rank_correlation(ok: list[dict]) -> list[str]:
         rho = spearman([number(r["synthetic_val_AUPRO"]) for r in rs], aupro)
         values.append(rho)
         line = f"- {cat}, seed {seed}: Spearman {_f(rho)} over {len(rs)} candidate rows"
-        chosen = [a for r, a in zip(rs, aupro, strict=True) if _chosen(r)]
+        chosen = [a for r, a in zip(rs, aupro, strict=True) if r.get("chosen") == "True"]
         if chosen:
             costs.append(max(aupro) - chosen[0])
             line += f"; the chosen one's test AUPRO is {_f(costs[-1])} below the best candidate's"
