@@ -139,6 +139,9 @@ def summary_row(summary: dict) -> dict[str, Any]:
     train_q = ((pseudo.get("quality") or {}).get("train")) or {}
     row |= {f"mask_{k}": number(train_q.get(k)) for k in QUALITY_KEYS}
     row["mask_label"] = pseudo.get("label", "")
+    evidence = pseudo.get("evidence") or {}
+    row["teacher_flagged"] = number(evidence.get("flagged", math.nan) / max(evidence.get("unlabelled", 1), 1))
+    row["teacher_evidence_p"] = number(evidence.get("p_value"))
     synthetic = pseudo.get("synthetic_val") or {}
     row["synthetic_val_AUPRO"] = number(synthetic.get("pixel_AUPRO"))
     row["synthetic_val_AP"] = number(synthetic.get("pixel_AP"))

@@ -399,6 +399,13 @@ def test_a_quality_row_records_the_iou_at_the_runs_decision_threshold() -> None:
     assert row["IoU_at_threshold"] == 0.4 and row["decision_threshold"] == 7.5 and row["IoU"] == 0.0
 
 
+def test_a_quality_row_records_how_much_the_teacher_flagged() -> None:
+    evidence = {"unlabelled": 400, "flagged": 8, "expected_if_normal": 10.0, "p_value": 0.8}
+    row = quality.summary_row({"pseudo": {"evidence": evidence}})
+    assert row["teacher_flagged"] == 0.02 and row["teacher_evidence_p"] == 0.8
+    assert math.isnan(quality.summary_row({})["teacher_flagged"])  # GT runs and older rows: no evidence
+
+
 def test_a_candidate_row_says_what_its_chain_read() -> None:
     def rows(protocol: str, candidates: list[dict]) -> list[str]:
         selection = {

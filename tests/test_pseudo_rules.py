@@ -3,6 +3,7 @@ to end (self-training round included) in `debug=fast`."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from mvtec_seg.pseudo.rules import (
     gate_level,
     hysteresis_masks,
     strategy_label,
+    teacher_evidence,
 )
 from mvtec_seg.train import train
 
@@ -188,3 +190,34 @@ def test_new_options_end_to_end_with_a_self_training_round(tmp_path, teacher_cac
     again = train(compose_cfg(tmp_path, over + [f"paths.run_dir={tmp_path / 'again'}"]))
     assert [r["dir"] for r in again["pseudo"]["rounds"]] == [r["dir"] for r in info["rounds"]]
     assert (last.parent.parent / "maps.npy").stat().st_mtime_ns == mtime
+
+
+def test_teacher_evidence_counts_flagged_unlabelled_images_against_the_normal_rate():
+    calibration = np.array([0.1, 0.2, 0.3, 0.4])  # one of four above 0.35: rate (1 + 1) / (4 + 1)
+    unlabelled = np.array([0.05, 0.36, 0.5, 0.9, 0.2])
+    e = teacher_evidence(calibration, unlabelled, level=0.35)
+    assert e["unlabelled"] == 5 and e["flagged"] == 3
+    assert e["expected_if_normal"] == pytest.approx(5 * 0.4)
+    # the binomial tail P(X >= 3), X ~ B(5, 0.4), summed by hand
+    tail = sum(math.comb(5, k) * 0.4**k * 0.6 ** (5 - k) for k in range(3, 6))
+    assert e["p_value"] == pytest.approx(tail)
+
+
+def test_teacher_evidence_separates_a_blind_teacher_from_one_that_sees():
+    rng = np.random.default_rng(0)
+    calibration = rng.normal(0.0, 1.0, 80)
+    level = float(np.quantile(calibration, 0.99))
+    blind = teacher_evidence(calibration, rng.normal(0.0, 1.0, 400), level)
+    seeing = teacher_evidence(
+        calibration, np.concatenate([rng.normal(0, 1, 300), rng.normal(4, 1, 100)]), level
+    )
+    assert blind["p_value"] > 0.01 > 1e-6 > seeing["p_value"]
+    assert seeing["flagged"] >= 90
+
+
+def test_derive_targets_records_the_teachers_evidence_only_with_a_gate():
+    maps = _maps()
+    normal = np.array([0, 1])
+    gated = derive_targets(maps, np.arange(4), normal, _settings(gate={"quantile": 1.0}))
+    assert gated.record["evidence"]["unlabelled"] == 2 and gated.record["evidence"]["flagged"] == 2
+    assert "evidence" not in derive_targets(maps, np.arange(4), normal, _settings()).record

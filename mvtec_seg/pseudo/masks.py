@@ -102,6 +102,26 @@ def chain_sets(dm, settings: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return train_idx, known_idx, calibration_idx
 
 
+EVIDENCE_P = 0.01
+"""A teacher whose gate flags the unlabelled images no more often than known normals (binomial p above
+this, `rules.teacher_evidence`) gets a warning: its masks carry little."""
+
+
+def warn_without_evidence(evidence: dict | None, category: str) -> None:
+    """One line when the teacher's maps of the unlabelled train images look like its maps of known normals."""
+    if evidence and evidence["p_value"] > EVIDENCE_P:
+        log.warning(
+            "pseudo masks of %s: the gate flags %d of %d unlabelled train images, about as many as it would "
+            "were they all normal (%.1f, p = %.2g): the teacher finds little there and its masks add little "
+            "beyond the synthetic defects — compare with mask=synthetic_only",
+            category,
+            evidence["flagged"],
+            evidence["unlabelled"],
+            evidence["expected_if_normal"],
+            evidence["p_value"],
+        )
+
+
 @stage("pseudo masks")
 def write_pseudo_masks(out: Path, maps: np.ndarray, dm, settings: dict, category: str, source: Path) -> None:
     """Derive the targets of `maps` ([N,H,W], manifest order) under `settings` and write them into the new
@@ -110,6 +130,7 @@ def write_pseudo_masks(out: Path, maps: np.ndarray, dm, settings: dict, category
     log.warning("building pseudo masks for %s (%s) in %s", category, settings, out)
     train_idx, known_idx, calibration_idx = chain_sets(dm, settings)
     t = derive_targets(maps, train_idx, known_idx, settings, calibration_idx)
+    warn_without_evidence(t.record.get("evidence"), category)
     out.mkdir(parents=True)
     np.save(out / "masks.npy", t.mask)
     np.save(out / "target.npy", t.target)

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import binomtest
 from skimage.filters import apply_hysteresis_threshold
 from skimage.morphology import remove_small_holes, remove_small_objects
 
@@ -136,6 +137,25 @@ def gate_level(
     return float(np.quantile(normal_scores, 0.99 if q is None else float(q)))
 
 
+def teacher_evidence(calibration: np.ndarray, unlabelled: np.ndarray, level: float) -> dict:
+    """Whether the teacher finds anything in the unlabelled pile, without GT: how many unlabelled train images
+    score above the gate `level`, against how many would were they all normal. A normal image exceeds the
+    level with probability at most (calibration images above it + 1) / (calibration images + 1) (the
+    calibration images are exchangeable with unseen normals); `p_value` is the one-sided binomial test of
+    the count against that rate. A large one says the teacher's maps of the unlabelled images look like its
+    maps of known normals: its masks carry little beyond the synthetic defects."""
+    n_cal, n = len(calibration), len(unlabelled)
+    rate = (int((calibration > level).sum()) + 1) / (n_cal + 1)
+    flagged = int((unlabelled > level).sum())
+    p_value = binomtest(flagged, n, rate, alternative="greater").pvalue if n else 1.0
+    return {
+        "unlabelled": n,
+        "flagged": flagged,
+        "expected_if_normal": rate * n,
+        "p_value": float(p_value),
+    }
+
+
 def hysteresis_masks(maps: np.ndarray, low: float, high: float) -> np.ndarray:
     """Per image: pixels above `low` connected to a pixel above `high`."""
     return np.stack(
@@ -206,7 +226,8 @@ def derive_targets(
     regions = settings.get("regions") or {}
     masks = clean_regions(masks, int(regions.get("min_area", 0)), int(regions.get("fill_holes", 0)))
     level = gate_level(maps, train_idx, known_idx, settings.get("gate") or {}, calibration)
-    gated = image_scores(maps) <= level if level is not None else np.zeros(len(maps), dtype=bool)
+    scores = image_scores(maps)
+    gated = scores <= level if level is not None else np.zeros(len(maps), dtype=bool)
     known_normal = np.zeros(len(maps), dtype=bool)
     if settings.get("normal_empty"):
         known_normal[known_idx] = True
@@ -228,4 +249,7 @@ def derive_targets(
         soft = calibrate(maps, low, high).astype(np.float16)
         soft[gated] = 0
     record |= {"gate_level": level, "n_gated": int(gated.sum())}
+    if level is not None:
+        unlabelled = np.setdiff1d(train_idx, known_idx)
+        record["evidence"] = teacher_evidence(scores[calibration], scores[unlabelled], level)
     return Targets(masks, target, weight, record, soft)
