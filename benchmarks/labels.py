@@ -50,6 +50,7 @@ def resolved(cfg: DictConfig, category: str, source: str, k: str, seed: int, cac
         f"model={cfg.model}",
         f"mask={spec.mask}",
         f"mask.gt_images={'null' if k == ALL else k}",
+        *spec.get("overrides", []),
         f"seed={seed}",
         *(list(cfg.tiny_overrides) if cfg.get("tiny") else []),
         "trainer.enable_progress_bar=false",
