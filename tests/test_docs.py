@@ -173,7 +173,10 @@ def test_every_offered_setting_passes_the_check(
 
 INLINE = re.compile(r"`([a-z_]+(?:\.[a-z_0-9]+)+)=([^`\s]+)`")
 REFUSED_ON_PURPOSE = "robustness.md"  # its table shows the values that are refused, and what each says
-NEEDS = {"mask.select=auto": ["mask.candidates=[{rounds: 0}]"]}  # a setting offered with its companion
+NEEDS = {  # a setting offered with its companion
+    "mask.select=auto": ["mask.candidates=[{rounds: 0}]"],
+    "synthetic_val.enabled=false": ["mask.monitor=val/pixel_AP"],  # PSEUDO's checkpoint is chosen on it
+}
 SOURCE_OF = {"mask.gt_images": "mask=mixed"}  # a setting only some mask sources have: checked under one
 REFUSED = {
     "model.max_epochs=0",
