@@ -221,3 +221,18 @@ def test_derive_targets_records_the_teachers_evidence_only_with_a_gate():
     gated = derive_targets(maps, np.arange(4), normal, _settings(gate={"quantile": 1.0}))
     assert gated.record["evidence"]["unlabelled"] == 2 and gated.record["evidence"]["flagged"] == 2
     assert "evidence" not in derive_targets(maps, np.arange(4), normal, _settings()).record
+
+
+def test_an_image_weighted_zero_everywhere_is_not_loaded_for_training(tmp_path):
+    dm = build_datamodule(compose_cfg(tmp_path, ["debug=fast"]))
+    dm.prepare()
+    shape, train, val = dm.gt_masks.shape, dm.indices("train"), dm.indices("val")
+    weight = np.ones(shape, dtype=np.uint8)
+    weight[train[:3]] = 0  # gated and ignored: nothing to learn from
+    weight[train[3], 0, 0] = 0  # partly ignored: still trained on
+    weight[val[:2]] = 0
+    dm.set_target_masks(np.zeros(shape, dtype=np.uint8), weight)
+    assert sorted(dm.dataset("train").indices.tolist()) == sorted(train[3:].tolist())
+    assert sorted(dm.dataset("val").indices.tolist()) == sorted(val.tolist())
+    dm.use_gt_targets(train[:1])  # a labelled image (mask=mixed) is trained on again
+    assert sorted(dm.dataset("train").indices.tolist()) == sorted([train[0], *train[3:]])
