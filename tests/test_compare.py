@@ -53,9 +53,8 @@ def test_compare_runs_every_job_into_one_folder_and_reports(tmp_path: Path, teac
         for cell, metric in zip(diff.split()[-len(HEADLINE_METRICS) :], HEADLINE_METRICS, strict=True):
             va, vb = a.get(f"test/{metric}"), b.get(f"test/{metric}")
             want = (math.nan if va is None else float(va)) - (math.nan if vb is None else float(vb))
-            assert cell == ("–" if math.isnan(want) else f"{want:+.3f}"), (
-                metric
-            )  # a half-way case rounds alike
+            shown = "–" if math.isnan(want) else f"{want:+.3f}"  # a half-way case rounds alike
+            assert cell == shown, metric
     assert runs["unet_synthetic"]["mask_variant"] == "synthetic only"
     assert runs["unet_gt_synthetic"]["mask_variant"] == "GT + synthetic"
     assert runs["unet_pseudo"]["protocol"] == "known normals"
