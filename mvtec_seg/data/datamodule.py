@@ -310,10 +310,8 @@ class MVTecDataModule(pl.LightningDataModule):
         idx = self.indices(part, normal_only, known_normal)
         if part == "train" and self.left_out is not None:
             idx = idx[~self.left_out[idx]]
-        if (
-            part == "train" and weight is not None
-        ):  # an image weighted 0 everywhere teaches nothing: not loaded
-            idx = idx[np.asarray(weight[idx]).any(axis=(1, 2))]
+        if part == "train" and weight is not None:
+            idx = idx[np.asarray(weight[idx]).any(axis=(1, 2))]  # weighted 0 everywhere: teaches nothing
         return ManifestDataset(
             self.images, self.gt_masks, target, rows, idx, augment, crop, weight, soft, self.known_normals()
         )
