@@ -236,3 +236,15 @@ def test_an_image_weighted_zero_everywhere_is_not_loaded_for_training(tmp_path):
     assert sorted(dm.dataset("val").indices.tolist()) == sorted(val.tolist())
     dm.use_gt_targets(train[:1])  # a labelled image (mask=mixed) is trained on again
     assert sorted(dm.dataset("train").indices.tolist()) == sorted([train[0], *train[3:]])
+
+
+def test_a_teacher_without_evidence_is_named_in_one_line(caplog):
+    from mvtec_seg.pseudo.masks import warn_without_evidence
+
+    blind = {"unlabelled": 398, "flagged": 7, "expected_if_normal": 12.1, "p_value": 0.96}
+    with caplog.at_level("WARNING", logger="mvtec_seg.pseudo.masks"):
+        warn_without_evidence(blind, "tiles")
+        warn_without_evidence(blind | {"flagged": 49, "p_value": 1e-40}, "tiles")
+        warn_without_evidence(None, "tiles")  # no gate: nothing to say
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "7 of 398" in lines[0] and "mask=synthetic_only" in lines[0]

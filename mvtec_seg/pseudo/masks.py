@@ -108,7 +108,8 @@ this, `rules.teacher_evidence`) gets a warning: its masks carry little."""
 
 
 def warn_without_evidence(evidence: dict | None, category: str) -> None:
-    """One line when the teacher's maps of the unlabelled train images look like its maps of known normals."""
+    """One line when the teacher's maps of the unlabelled train images look like its maps of known normals
+    (said for the teacher's set only: a self-training round's set derives from the student's maps)."""
     if evidence and evidence["p_value"] > EVIDENCE_P:
         log.warning(
             "pseudo masks of %s: the gate flags %d of %d unlabelled train images, about as many as it would "
@@ -130,7 +131,6 @@ def write_pseudo_masks(out: Path, maps: np.ndarray, dm, settings: dict, category
     log.warning("building pseudo masks for %s (%s) in %s", category, settings, out)
     train_idx, known_idx, calibration_idx = chain_sets(dm, settings)
     t = derive_targets(maps, train_idx, known_idx, settings, calibration_idx)
-    warn_without_evidence(t.record.get("evidence"), category)
     out.mkdir(parents=True)
     np.save(out / "masks.npy", t.mask)
     np.save(out / "target.npy", t.target)
@@ -214,5 +214,6 @@ def ensure_pseudo_masks(cfg: DictConfig, dm) -> tuple[np.ndarray, dict]:
     teacher = ensure_teacher(cfg, dm)
     maps = teacher_maps(cfg, dm, teacher)
     masks, info = ensure_masks_from(maps, teacher.dir, cfg, dm, home=maps_dir(dm, teacher))
+    warn_without_evidence(info.get("evidence"), cfg.category.name)  # the teacher's set, built or reused
     info["maps"] = str(maps_dir(dm, teacher) / "maps.npy")
     return masks, info
