@@ -38,7 +38,7 @@ NOT_IN_DIGEST = (
     "trainer.enable_progress_bar",
     "teacher.trainer.enable_progress_bar",
 )
-NEUTRAL_IN_DIGEST: dict[str, object] = {"mask.gt_images": None}
+NEUTRAL_IN_DIGEST: dict[str, object] = {"mask.gt_images": None, "mask.evidence": None}
 """Settings added with a value that changes nothing: at that value they are left out of the digest, so the
 cases measured before the setting existed are found again."""
 QUALITY_KEYS = ("IoU", "precision", "recall", "normal_nonempty")

@@ -223,6 +223,36 @@ def test_derive_targets_records_the_teachers_evidence_only_with_a_gate():
     assert "evidence" not in derive_targets(maps, np.arange(4), normal, _settings()).record
 
 
+def _blind_and_seeing_maps() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(maps, known normals, calibration images) of 60 images: 0-9 known normals, 10-19 calibration,
+    20-59 unlabelled; each map noise in [0, 0.4] with a random 4x4 bump of height 0.3-0.5."""
+    rng = np.random.default_rng(1)
+    maps = rng.uniform(0.0, 0.4, (60, 16, 16)).astype(np.float32)
+    for i, (y, x) in enumerate(rng.integers(0, 12, (60, 2))):
+        maps[i, y : y + 4, x : x + 4] += rng.uniform(0.3, 0.5)
+    return maps, np.arange(10), np.arange(10, 20)
+
+
+@pytest.mark.parametrize("gated", ["ignore", "empty"])
+def test_without_evidence_the_maps_masks_are_not_used(gated):
+    maps, known, calibration = _blind_and_seeing_maps()
+    train = np.concatenate([known, np.arange(20, 60)])
+    settings = _settings(gate={"quantile": 0.9}, normal_empty=False, gated=gated, evidence=0.01)
+    blind = derive_targets(maps, train, known, settings, calibration)
+    assert blind.record["evidence"]["p_value"] > 0.01 and not blind.record["evidence"]["maps_used"]
+    assert blind.mask.sum() == 0  # nothing from the maps, known normals taught defect-free
+    weight = np.ones(len(maps)) if blind.weight is None else blind.weight.reshape(60, -1).min(1)
+    assert weight[known].all() and (weight[20:] == (gated == "empty")).all()
+    always = derive_targets(maps, train, known, settings | {"evidence": None}, calibration)
+    assert always.record["evidence"]["maps_used"] and always.mask[20:].sum() > 0
+
+    seeing = maps.copy()
+    seeing[20:40, 6:10, 6:10] = 2.0  # half the unlabelled pile holds a defect the teacher sees
+    used = derive_targets(seeing, train, known, settings, calibration)
+    assert used.record["evidence"]["p_value"] < 1e-6 and used.record["evidence"]["maps_used"]
+    assert used.mask[20:40, 6:10, 6:10].all()
+
+
 def test_an_image_weighted_zero_everywhere_is_not_loaded_for_training(tmp_path):
     dm = build_datamodule(compose_cfg(tmp_path, ["debug=fast"]))
     dm.prepare()
@@ -246,5 +276,7 @@ def test_a_teacher_without_evidence_is_named_in_one_line(caplog):
         warn_without_evidence(blind, "tiles")
         warn_without_evidence(blind | {"flagged": 49, "p_value": 1e-40}, "tiles")
         warn_without_evidence(None, "tiles")  # no gate: nothing to say
+        warn_without_evidence(blind | {"maps_used": False}, "tiles")
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "7 of 398" in lines[0] and "mask=synthetic_only" in lines[0]
+    assert len(lines) == 2 and "7 of 398" in lines[0] and "compare with mask=synthetic_only" in lines[0]
+    assert "not used (mask.evidence)" in lines[1]

@@ -104,23 +104,29 @@ def chain_sets(dm, settings: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 EVIDENCE_P = 0.01
 """A teacher whose gate flags the unlabelled images no more often than known normals (binomial p above
-this, `rules.teacher_evidence`) gets a warning: its masks carry little."""
+this, `rules.teacher_evidence`) gets a warning: its masks carry little (the default of `mask.evidence`)."""
 
 
 def warn_without_evidence(evidence: dict | None, category: str) -> None:
     """One line when the teacher's maps of the unlabelled train images look like its maps of known normals
     (said for the teacher's set only: a self-training round's set derives from the student's maps)."""
-    if evidence and evidence["p_value"] > EVIDENCE_P:
-        log.warning(
-            "pseudo masks of %s: the gate flags %d of %d unlabelled train images, about as many as it would "
-            "were they all normal (%.1f, p = %.2g): the teacher finds little there and its masks add little "
-            "beyond the synthetic defects — compare with mask=synthetic_only",
-            category,
-            evidence["flagged"],
-            evidence["unlabelled"],
-            evidence["expected_if_normal"],
-            evidence["p_value"],
-        )
+    if not evidence or evidence["p_value"] <= EVIDENCE_P and evidence.get("maps_used", True):
+        return
+    what = (
+        "its masks add little beyond the synthetic defects — compare with mask=synthetic_only"
+        if evidence.get("maps_used", True)
+        else "its masks are not used (mask.evidence): the run trains like mask=synthetic_only"
+    )
+    log.warning(
+        "pseudo masks of %s: the gate flags %d of %d unlabelled train images, about as many as it would "
+        "were they all normal (%.1f, p = %.2g): the teacher finds little there and %s",
+        category,
+        evidence["flagged"],
+        evidence["unlabelled"],
+        evidence["expected_if_normal"],
+        evidence["p_value"],
+        what,
+    )
 
 
 @stage("pseudo masks")

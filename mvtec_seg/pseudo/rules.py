@@ -89,6 +89,8 @@ def strategy_label(settings: dict, rounds: int = 0) -> str:
         parts.append(settings["target"])
     if settings.get("synthetic_fraction"):
         parts.append(f"synthetic {settings['synthetic_fraction']}")
+    if settings.get("evidence") is not None:
+        parts.append(f"evidence {settings['evidence']}")
     if (settings.get("distill") or {}).get("weight"):
         parts.append(f"distill {settings['distill']['weight']}")
     if rounds:
@@ -154,6 +156,14 @@ def teacher_evidence(calibration: np.ndarray, unlabelled: np.ndarray, level: flo
         "expected_if_normal": rate * n,
         "p_value": float(p_value),
     }
+
+
+def maps_used(evidence: dict, level: float | None) -> bool:
+    """Whether the maps' masks are used (`mask.evidence`): only where the evidence's p-value is at most
+    `level` (None: always). Above it the gate flags the unlabelled images about as often as known normals,
+    so the few it flags are as likely false alarms as defects: every image then gets an empty mask, the
+    train part's known normals are taught defect-free and the rest weigh as gated images do (`gated`)."""
+    return level is None or evidence["p_value"] <= float(level)
 
 
 def hysteresis_masks(maps: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -231,6 +241,13 @@ def derive_targets(
     known_normal = np.zeros(len(maps), dtype=bool)
     if settings.get("normal_empty"):
         known_normal[known_idx] = True
+    if level is not None:
+        unlabelled = np.setdiff1d(train_idx, known_idx)
+        record["evidence"] = teacher_evidence(scores[calibration], scores[unlabelled], level)
+        record["evidence"]["maps_used"] = maps_used(record["evidence"], settings.get("evidence"))
+        if not record["evidence"]["maps_used"]:  # what synthetic only trains on: known normals, nothing else
+            gated[:] = True
+            known_normal[known_idx] = True
     gated |= known_normal
     masks[gated] = 0
     weight = None
@@ -249,7 +266,4 @@ def derive_targets(
         soft = calibrate(maps, low, high).astype(np.float16)
         soft[gated] = 0
     record |= {"gate_level": level, "n_gated": int(gated.sum())}
-    if level is not None:
-        unlabelled = np.setdiff1d(train_idx, known_idx)
-        record["evidence"] = teacher_evidence(scores[calibration], scores[unlabelled], level)
     return Targets(masks, target, weight, record, soft)

@@ -280,6 +280,7 @@ RULES: tuple[Rule, ...] = (
         ("mask.threshold.low_quantile", FRACTION),
         ("mask.threshold.fixed", FRACTION),
         ("mask.gate.quantile", optional(FRACTION, "off")),
+        ("mask.evidence", optional(FRACTION, "off")),
         *((f"mask.{k}", COUNT) for k in ("regions.min_area", "regions.fill_holes", "rounds")),
         ("mask.normal_empty", BOOL),
         ("mask.image_labels", BOOL),
