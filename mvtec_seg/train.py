@@ -294,6 +294,16 @@ def threshold_set(cfg: DictConfig, dm: MVTecDataModule):
     return dm.dataset("val")
 
 
+def decision_threshold(cfg: DictConfig, dm: MVTecDataModule, model, device) -> dict[str, Any]:
+    """The tested weights' decision threshold, chosen on `threshold_set`; where those targets mark no pixel
+    (a PSEUDO run whose teacher's masks are not used, `mask.evidence`) on the synthetic validation set, as
+    for `mask=synthetic_only`. Never on the test part."""
+    chosen = choose_threshold(model, threshold_set(cfg, dm), dm.eval_batch_size, targets_name(cfg), device)
+    if chosen["value"] is None and dm.synthetic_val is not None and chosen["targets"] != "synthetic_val":
+        chosen = choose_threshold(model, dm.synthetic_val, dm.eval_batch_size, "synthetic_val", device)
+    return chosen
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job and return its summary (also written to `<run_dir>/summary.json`)."""
     settings, mode = preflight(cfg)
@@ -347,12 +357,8 @@ def _run(cfg: DictConfig, settings: dict[str, Any], mode: str) -> dict[str, Any]
                     model, dm, ev.fpr_limit, ev.iou_threshold
                 )
             if trainer.is_global_zero:  # the tested weights' decision threshold, for `mvtec_seg.predict`
-                out.summary.decision_threshold = choose_threshold(
-                    model,
-                    threshold_set(cfg, dm),
-                    dm.eval_batch_size,
-                    targets_name(cfg),
-                    trainer.strategy.root_device,
+                out.summary.decision_threshold = decision_threshold(
+                    cfg, dm, model, trainer.strategy.root_device
                 )
                 out.summary.metrics.update(
                     iou_at_decision(run_dir / PREDICTIONS_FILE, out.summary.decision_threshold["value"])

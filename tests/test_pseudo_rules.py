@@ -159,6 +159,7 @@ def test_new_options_end_to_end_with_a_self_training_round(tmp_path, teacher_cac
         "mask.regions.min_area=4",
         "mask.target=ignore",
         "mask.rounds=1",
+        "mask.evidence=null",  # the tiny teacher's masks, whatever its evidence
     ]
     cfg = compose_cfg(tmp_path, over)
     summary = train(cfg)
@@ -190,6 +191,28 @@ def test_new_options_end_to_end_with_a_self_training_round(tmp_path, teacher_cac
     again = train(compose_cfg(tmp_path, over + [f"paths.run_dir={tmp_path / 'again'}"]))
     assert [r["dir"] for r in again["pseudo"]["rounds"]] == [r["dir"] for r in info["rounds"]]
     assert (last.parent.parent / "maps.npy").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_a_run_whose_teacher_shows_no_evidence_trains_like_synthetic_only(tmp_path, teacher_cache):
+    from mvtec_seg.pseudo.masks import chain_sets
+
+    with_teacher(teacher_cache, tmp_path)
+    cfg = compose_cfg(tmp_path, ["mask=pseudo", *FAST, "mask.evidence=0"])  # no p-value is at most 0
+    summary = train(cfg)
+    info = summary["pseudo"]
+    assert summary["status"] == "ok" and info["evidence"]["maps_used"] is False
+    target, weight, _ = load_targets(info)
+    assert target.sum() == 0 and weight is not None
+    dm = build_datamodule(cfg)
+    dm.prepare()
+    dm.set_target_masks(target, weight)
+    known = chain_sets(dm, info["settings"])[1]
+    assert sorted(dm.dataset("train").indices.tolist()) == sorted(known.tolist())  # the known normals only
+    # the val part's targets mark nothing: the decision threshold is chosen on the synthetic validation set
+    chosen = summary["decision_threshold"]
+    assert chosen["targets"] == "synthetic_val" and math.isfinite(chosen["value"])
+    assert math.isfinite(summary["metrics"]["test/IoU_at_threshold"])
 
 
 def test_teacher_evidence_counts_flagged_unlabelled_images_against_the_normal_rate():
