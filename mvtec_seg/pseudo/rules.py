@@ -15,6 +15,10 @@ normal images' distribution in other ways:
   from the unlabelled train images' (`separation`: the level that maximises the gap between the two
   empirical distribution functions, as in a two-sample Kolmogorov-Smirnov test; it adapts to how well the
   teacher separates them, and needs no label of the unlabelled images);
+- `evidence`: the maps' masks are used only where the gate flags more unlabelled train images than known
+  normals would give (`teacher_evidence`, a binomial p-value at most this level); else none is and every
+  image that is not a known normal counts as gated: with `gated=ignore` the run trains on the known normals
+  alone, as `mask=synthetic_only` does;
 - `normal_empty`: the known normals of the train part (the images the teacher trains on) get empty targets;
 - `gated`: what a gated image that is not a known normal teaches: `empty` (no defect), or `ignore` (loss
   weight 0 on the whole image): a low score does not tell whether the teacher missed a defect, so the image
