@@ -110,11 +110,12 @@ this, `rules.teacher_evidence`) gets a warning: its masks carry little (the defa
 def warn_without_evidence(evidence: dict | None, category: str) -> None:
     """One line when the teacher's maps of the unlabelled train images look like its maps of known normals
     (said for the teacher's set only: a self-training round's set derives from the student's maps)."""
-    if not evidence or (evidence["p_value"] <= EVIDENCE_P and evidence.get("maps_used", True)):
+    used = bool(evidence and evidence.get("maps_used", True))
+    if not evidence or (used and evidence["p_value"] <= EVIDENCE_P):
         return
     what = (
         "its masks add little beyond the synthetic defects — compare with mask=synthetic_only"
-        if evidence.get("maps_used", True)
+        if used
         else "its masks are not used (mask.evidence): the run trains like mask=synthetic_only"
     )
     log.warning(

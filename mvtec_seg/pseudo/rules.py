@@ -242,16 +242,16 @@ def derive_targets(
     level = gate_level(maps, train_idx, known_idx, settings.get("gate") or {}, calibration)
     scores = image_scores(maps)
     gated = scores <= level if level is not None else np.zeros(len(maps), dtype=bool)
-    known_normal = np.zeros(len(maps), dtype=bool)
-    if settings.get("normal_empty"):
-        known_normal[known_idx] = True
+    used = True
     if level is not None:
         unlabelled = np.setdiff1d(train_idx, known_idx)
         record["evidence"] = teacher_evidence(scores[calibration], scores[unlabelled], level)
-        record["evidence"]["maps_used"] = maps_used(record["evidence"], settings.get("evidence"))
-        if not record["evidence"]["maps_used"]:  # what synthetic only trains on: known normals, nothing else
-            gated[:] = True
-            known_normal[known_idx] = True
+        used = record["evidence"]["maps_used"] = maps_used(record["evidence"], settings.get("evidence"))
+    if not used:  # what synthetic only trains on: the known normals, nothing else
+        gated[:] = True
+    known_normal = np.zeros(len(maps), dtype=bool)
+    if settings.get("normal_empty") or not used:
+        known_normal[known_idx] = True
     gated |= known_normal
     masks[gated] = 0
     weight = None
